@@ -49,12 +49,14 @@ def generate(gen_dir: Path, descriptor_set: Path) -> None:
         shutil.rmtree(gen_dir)
     gen_dir.mkdir(parents=True)
     descriptor_set.parent.mkdir(parents=True, exist_ok=True)
-    _protoc([
-        f"--python_out={gen_dir}",
-        f"--grpc_python_out={gen_dir}",
-        f"--mypy_out={gen_dir}",
-        f"--mypy_grpc_out={gen_dir}",
-    ])
+    _protoc(
+        [
+            f"--python_out={gen_dir}",
+            f"--grpc_python_out={gen_dir}",
+            f"--mypy_out={gen_dir}",
+            f"--mypy_grpc_out={gen_dir}",
+        ]
+    )
     _protoc(["--include_imports", f"--descriptor_set_out={descriptor_set}"])
     package = gen_dir / "pythonon"
     for directory in [package, *sorted(p for p in package.rglob("*") if p.is_dir())]:

@@ -1,0 +1,63 @@
+"""The auth service process: `python -m services.auth`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from pythonon.auth.v1 import auth_pb2, auth_pb2_grpc
+
+from services.auth import settings as auth_settings
+from services.auth.accounts import Accounts
+from services.auth.api_keys import ApiKeys
+from services.auth.edge_check import EdgeCheck
+from services.auth.rate_limits import TokenBuckets
+from services.auth.servicer import AuthServicer, EdgeAuthorizationServicer
+from services.auth.settings import AuthSettings
+from services.auth.tokens import AccessTokens
+from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer, run
+from services.platform.db import Database
+from services.platform.identity import IdentitySigner
+from services.platform.settings import ServerSettings
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+async def build(server: ServerSettings, settings: AuthSettings) -> ServiceParts:
+    """Wire the auth service's parts from its settings (tests call this too)."""
+    db = Database(settings.database_url)
+    db.migrate(MIGRATIONS, version_table="alembic_version_auth")
+    accounts = Accounts(
+        db,
+        ApiKeys(settings.secret_key),
+        AccessTokens(settings.access_token_private_key, settings.access_token_ttl_seconds),
+        settings.refresh_token_ttl_seconds,
+    )
+    check = EdgeCheck(
+        accounts, TokenBuckets(settings.user_rate_limit), TokenBuckets(settings.client_ip_rate_limit)
+    )
+
+    async def close() -> None:
+        db.dispose()
+
+    return ServiceParts(
+        servicers=[
+            Servicer(
+                auth_pb2_grpc.add_AuthServiceServicer_to_server,
+                AuthServicer(accounts),
+                auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
+            ),
+            Servicer(
+                external_auth_pb2_grpc.add_AuthorizationServicer_to_server,
+                EdgeAuthorizationServicer(check, IdentitySigner(settings.identity_private_key)),
+                external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+            ),
+        ],
+        on_stop=[close],
+    )
+
+
+DEFINITION = ServiceDefinition(name="auth", load_settings=auth_settings.load, build=build)
+
+if __name__ == "__main__":
+    run(DEFINITION)

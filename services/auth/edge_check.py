@@ -1,0 +1,64 @@
+"""The decision behind Envoy's ext_authz check: who is calling, and may they, right now."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.auth.accounts import Accounts
+from services.auth.rate_limits import TokenBuckets
+from services.platform.access import is_limited_by_client_ip, is_public
+from services.platform.identity import Identity
+
+BEARER = "bearer "
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Allowed (with the identity to assert, if any) or refused with an HTTP status and message."""
+
+    allowed: bool
+    identity: Identity | None = None
+    http_status: int = 200
+    message: str = ""
+    retry_after: int = 0
+
+
+class EdgeCheck:
+    def __init__(self, accounts: Accounts, user_limits: TokenBuckets, client_ip_limits: TokenBuckets) -> None:
+        self._accounts = accounts
+        self._user_limits = user_limits
+        self._client_ip_limits = client_ip_limits
+
+    async def decide(self, path: str, headers: dict[str, str], client_ip: str) -> Decision:
+        if is_limited_by_client_ip(path):
+            wait = self._client_ip_limits.take(f"{client_ip}|{path}")
+            if wait:
+                return Decision(
+                    False, http_status=429, message="too many requests; retry later", retry_after=wait
+                )
+        if is_public(path):
+            return Decision(True)
+        identity = await self._identify(headers)
+        if identity is None:
+            has_credential = "x-api-key" in headers or "authorization" in headers
+            message = (
+                "invalid credentials"
+                if has_credential
+                else "missing credentials: send x-api-key or Authorization: Bearer"
+            )
+            return Decision(False, http_status=401, message=message)
+        wait = self._user_limits.take(identity.user_id)
+        if wait:
+            return Decision(
+                False, http_status=429, message="rate limit exceeded; retry later", retry_after=wait
+            )
+        return Decision(True, identity=identity)
+
+    async def _identify(self, headers: dict[str, str]) -> Identity | None:
+        api_key = headers.get("x-api-key", "").strip()
+        if api_key:
+            return await self._accounts.identify_api_key(api_key)
+        authorization = headers.get("authorization", "")
+        if authorization[: len(BEARER)].lower() == BEARER:
+            return await self._accounts.identify_access_token(authorization[len(BEARER) :].strip())
+        return None

@@ -1,0 +1,62 @@
+"""The auth service's settings, read once at start-up."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from services.platform.settings import Environment, ServerSettings, SettingsError, database_url
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: `burst` requests at once, refilled at `per_minute` a minute."""
+
+    burst: int
+    per_minute: int
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    database_url: str
+    identity_private_key: bytes
+    access_token_private_key: bytes
+    secret_key: bytes
+    access_token_ttl_seconds: int
+    refresh_token_ttl_seconds: int
+    user_rate_limit: RateLimit
+    client_ip_rate_limit: RateLimit
+
+    @classmethod
+    def load(cls, env: Environment) -> AuthSettings:
+        secret_file = env.existing_file("PYTHONON_AUTH_SECRET_KEY_FILE")
+        try:
+            secret = base64.b64decode(secret_file.read_bytes().strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise SettingsError("PYTHONON_AUTH_SECRET_KEY_FILE must hold base64 bytes") from None
+        if len(secret) < 32:
+            raise SettingsError("PYTHONON_AUTH_SECRET_KEY_FILE must hold at least 32 random bytes")
+        return cls(
+            database_url=database_url(env, "auth"),
+            identity_private_key=env.existing_file("PYTHONON_AUTH_IDENTITY_KEY_FILE").read_bytes(),
+            access_token_private_key=env.existing_file("PYTHONON_AUTH_ACCESS_TOKEN_KEY_FILE").read_bytes(),
+            secret_key=secret,
+            access_token_ttl_seconds=env.integer("PYTHONON_AUTH_ACCESS_TOKEN_TTL_SECONDS", 900, minimum=1),
+            refresh_token_ttl_seconds=env.integer(
+                "PYTHONON_AUTH_REFRESH_TOKEN_TTL_SECONDS", 30 * 24 * 3600, minimum=1
+            ),
+            user_rate_limit=RateLimit(
+                burst=env.integer("PYTHONON_AUTH_USER_RATE_BURST", 200, minimum=1),
+                per_minute=env.integer("PYTHONON_AUTH_USER_RATE_PER_MINUTE", 3000, minimum=1),
+            ),
+            client_ip_rate_limit=RateLimit(
+                burst=env.integer("PYTHONON_AUTH_CLIENT_IP_RATE_BURST", 20, minimum=1),
+                per_minute=env.integer("PYTHONON_AUTH_CLIENT_IP_RATE_PER_MINUTE", 20, minimum=1),
+            ),
+        )
+
+
+def load() -> tuple[ServerSettings, AuthSettings]:
+    env = Environment()
+    return ServerSettings.load("auth", env), AuthSettings.load(env)

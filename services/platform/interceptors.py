@@ -1,0 +1,91 @@
+"""The request interceptor every service runs: it verifies the caller's identity assertion, sets the
+request scope, and maps domain errors to gRPC status codes in one place."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from edge.config import CLIENT_IP_HEADER, IDENTITY_HEADER
+from services.platform.access import AccessPolicy
+from services.platform.errors import DomainError, ResourceExhausted
+from services.platform.identity import (
+    IdentityVerifier,
+    InvalidIdentity,
+    RequestScope,
+    current_request,
+)
+
+log = logging.getLogger("pythonon.requests")
+
+
+class RequestInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every unary handler of the server; see the module docstring."""
+
+    def __init__(self, verifier: IdentityVerifier, policy: AccessPolicy) -> None:
+        self._verifier = verifier
+        self._policy = policy
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        needs_identity = self._policy.needs_identity(method)
+        behavior = handler.unary_unary
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metadata = {key: value for key, value in context.invocation_metadata() or ()}
+            identity = None
+            if needs_identity:
+                try:
+                    identity = self._verifier.verify(str(metadata.get(IDENTITY_HEADER, "")))
+                except InvalidIdentity as error:
+                    log.info("identity refused", extra={"method": method, "reason": str(error)})
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid identity")
+            scope = RequestScope(
+                identity=identity,
+                request_id=str(metadata.get("x-request-id", "")),
+                client_ip=str(metadata.get(CLIENT_IP_HEADER, "")),
+            )
+            token = current_request.set(scope)
+            started = time.perf_counter()
+            outcome = "OK"
+            try:
+                return await behavior(request, context)
+            except DomainError as error:
+                outcome = error.code.name
+                if isinstance(error, ResourceExhausted):
+                    await context.send_initial_metadata((("retry-after", str(error.retry_after)),))
+                await context.abort(error.code, error.message)
+            except grpc.aio.AbortError:
+                outcome = "ABORTED"
+                raise
+            except Exception:
+                outcome = "INTERNAL"
+                log.exception("unhandled error", extra={"method": method})
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                log.info(
+                    "rpc",
+                    extra={
+                        "method": method,
+                        "outcome": outcome,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    },
+                )
+                current_request.reset(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
