@@ -1,0 +1,1 @@
+"""The system service: aggregated health, deployment facts, and the answer for unbuilt sections."""

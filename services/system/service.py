@@ -1,0 +1,43 @@
+"""How the system service is put together from its settings."""
+
+from __future__ import annotations
+
+from pythonon.system.v1 import system_pb2, system_pb2_grpc
+
+from edge.config import SECTIONS
+from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer
+from services.platform.settings import ServerSettings
+from services.system.health import HealthChecker
+from services.system.info import deployment_info, package_version
+from services.system.servicer import SystemServicer
+from services.system.settings import SystemSettings, load_settings
+from services.system.unbuilt import UnbuiltSectionHandler
+
+
+async def build(server_settings: ServerSettings, settings: SystemSettings) -> ServiceParts:
+    """The servicer, the handler for unbuilt sections, and the health checker's clean-up."""
+    version = package_version()
+    built = {section for section in SECTIONS if settings.is_built(section)}
+    health = HealthChecker(
+        sections=SECTIONS,
+        services=settings.services,
+        database_urls=settings.database_urls,
+        version=version,
+    )
+    servicer = SystemServicer(health, deployment_info(built, version))
+    return ServiceParts(
+        servicers=[
+            Servicer(
+                add_to_server=system_pb2_grpc.add_SystemServiceServicer_to_server,
+                instance=servicer,
+                service_name=system_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
+            )
+        ],
+        generic_handlers=[UnbuiltSectionHandler(SECTIONS, settings.is_built)],
+        on_stop=[health.close],
+    )
+
+
+DEFINITION: ServiceDefinition[SystemSettings] = ServiceDefinition(
+    name="system", load_settings=load_settings, build=build
+)

@@ -1,0 +1,79 @@
+"""The system service's settings: which services are built and where, and which databases to check."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from edge.config import SECTIONS
+from services.platform.settings import Environment, ServerSettings, SettingsError
+
+SERVICES_VARIABLE = "PYTHONON_SYSTEM_SERVICES"
+DATABASE_URLS_VARIABLE = "PYTHONON_SYSTEM_DATABASE_URLS"
+_DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")
+
+
+@dataclass(frozen=True)
+class SystemSettings:
+    """`services`: section name → "host:port" of its gRPC server, for every built section.
+    `database_urls`: the SQLAlchemy URLs the services use (the "database" dependency)."""
+
+    services: Mapping[str, str] = field(default_factory=dict)
+    database_urls: tuple[str, ...] = ()
+
+    @classmethod
+    def load(cls, env: Environment) -> SystemSettings:
+        return cls(
+            services=parse_services(env.optional(SERVICES_VARIABLE) or ""),
+            database_urls=parse_database_urls(env.optional(DATABASE_URLS_VARIABLE) or ""),
+        )
+
+    def is_built(self, section: str) -> bool:
+        """A section is built when it has a server; the system service itself always is."""
+        return section == "system" or section in self.services
+
+
+def parse_services(raw: str) -> dict[str, str]:
+    """Parse `auth=127.0.0.1:5001,system=127.0.0.1:5002` into {"auth": "127.0.0.1:5001", ...}."""
+    services: dict[str, str] = {}
+    for entry in (part.strip() for part in raw.split(",")):
+        if not entry:
+            continue
+        name, equals, address = (piece.strip() for piece in entry.partition("="))
+        if not equals or not name or not address:
+            raise SettingsError(f"{SERVICES_VARIABLE}: expected name=host:port, got {entry!r}")
+        if name not in SECTIONS:
+            raise SettingsError(
+                f"{SERVICES_VARIABLE}: unknown service {name!r} (known: {', '.join(SECTIONS)})"
+            )
+        if name in services:
+            raise SettingsError(f"{SERVICES_VARIABLE}: service {name!r} is listed twice")
+        host, colon, port = address.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise SettingsError(
+                f"{SERVICES_VARIABLE}: {name} needs host:port with a port 1-65535, got {address!r}"
+            )
+        services[name] = address
+    return services
+
+
+def parse_database_urls(raw: str) -> tuple[str, ...]:
+    """Comma-separated SQLAlchemy URLs, duplicates dropped, order kept."""
+    urls: list[str] = []
+    for position, url in enumerate((part.strip() for part in raw.split(",")), start=1):
+        if not url:
+            continue
+        if not url.startswith(_DATABASE_SCHEMES):
+            # The URL itself is not echoed: it may carry a password.
+            raise SettingsError(
+                f"{DATABASE_URLS_VARIABLE}: entry {position} is not a sqlite:// or postgresql:// URL"
+            )
+        if url not in urls:
+            urls.append(url)
+    return tuple(urls)
+
+
+def load_settings() -> tuple[ServerSettings, SystemSettings]:
+    """Read and validate everything the system service needs from the process environment."""
+    env = Environment()
+    return ServerSettings.load("system", env), SystemSettings.load(env)
