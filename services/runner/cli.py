@@ -1,0 +1,92 @@
+"""The `pyth-on` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from services.runner.mesh import Mesh, MeshConfig, MeshError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyth-on", description="Pyth-On, a self-hostable code-execution API."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="start the whole mesh on this machine and keep it running")
+    up.add_argument(
+        "--port", type=int, default=8080, help="the edge's port (default 8080; 0 picks a free one)"
+    )
+    up.add_argument(
+        "--data-dir", type=Path, default=Path(".data"), help="keys, databases, logs (default .data)"
+    )
+    up.add_argument(
+        "--database-url",
+        default=os.environ.get("PYTHONON_DATABASE_URL"),
+        help="one SQLAlchemy URL for every service (default: SQLite files in the data directory; "
+        "PYTHONON_DATABASE_URL also sets it, and keeps a password out of the process list)",
+    )
+    up.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def up(config: MeshConfig) -> int:
+    """Run the mesh until Ctrl-C or SIGTERM (exit 0) or until a process dies (exit 1)."""
+    stopping = False
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        # The first signal interrupts whatever is running (start-up included); later ones must not
+        # interrupt the orderly stop that follows.
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+
+    mesh = Mesh(config)
+    try:
+        print(f"Starting Pyth-On (data in {mesh.layout.root}) ...", flush=True)
+        mesh.start()
+        print(f"Pyth-On is up at {mesh.url}", flush=True)
+        print(f"Logs are in {mesh.layout.logs}. Press Ctrl-C to stop.", flush=True)
+        ended = mesh.wait()
+        stopping = True
+        _name, description = ended or ("", "a process ended")
+        print(f"pyth-on: {description}\nStopping the rest.", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        stopping = True
+        print("\nStopping Pyth-On ...", flush=True)
+        return 0
+    except MeshError as error:
+        stopping = True
+        print(f"pyth-on: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        stopping = True
+        mesh.stop()
+        print("Stopped.", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pyth-on` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        config = MeshConfig(
+            port=args.port, data_dir=args.data_dir, database_url=args.database_url, log_level=args.log_level
+        )
+    except MeshError as error:
+        print(f"pyth-on: {error}", file=sys.stderr)
+        return 2
+    return up(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

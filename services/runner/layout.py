@@ -1,0 +1,121 @@
+"""The data directory of a local mesh: where keys, databases, logs and the edge config live, and
+the keys created on first start. Everything here survives restarts; nothing is ever deleted."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.platform.identity import generate_private_key_pem, public_key_pem
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+AUTH_SECRET_BYTES = 32
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Paths inside the data directory (`root` is absolute)."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, data_dir: Path | str) -> DataLayout:
+        return cls(Path(data_dir).expanduser().resolve())
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "db"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def identity_key(self) -> Path:
+        """Ed25519 private key that signs identity assertions (the auth service's)."""
+        return self.keys / "identity.key"
+
+    @property
+    def identity_public_key(self) -> Path:
+        """Its public key, which every service verifies assertions with."""
+        return self.keys / "identity.pub"
+
+    @property
+    def access_token_key(self) -> Path:
+        """Ed25519 private key that signs users' access JWTs."""
+        return self.keys / "access-token.key"
+
+    @property
+    def auth_secret_key(self) -> Path:
+        """32 random bytes, base64: the auth service's key for API-key digests and encryption."""
+        return self.keys / "auth-secret.key"
+
+    @property
+    def envoy_config(self) -> Path:
+        return self.root / "envoy.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "mesh.lock"
+
+    def log(self, process: str) -> Path:
+        return self.logs / f"{process}.log"
+
+    def sqlite_url(self, service: str) -> str:
+        return f"sqlite:///{self.db / f'{service}.db'}"
+
+    def prepare(self) -> list[Path]:
+        """Create the directories (0700) and any missing key (0600); return the files created.
+
+        Idempotent: existing keys are kept (and their modes tightened), so tokens and API keys
+        issued before a restart stay valid after it."""
+        for directory in (self.root, self.keys, self.db, self.logs):
+            directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+            # mkdir's mode is filtered by the umask and ignored for a directory that exists.
+            directory.chmod(PRIVATE_DIR_MODE)
+
+        created = []
+        for path, make in (
+            (self.identity_key, generate_private_key_pem),
+            (self.access_token_key, generate_private_key_pem),
+            (self.auth_secret_key, lambda: base64.b64encode(secrets.token_bytes(AUTH_SECRET_BYTES)) + b"\n"),
+        ):
+            if path.exists():
+                path.chmod(PRIVATE_FILE_MODE)
+            else:
+                write_private_file(path, make())
+                created.append(path)
+
+        # Derived, so always rewritten from the private key when it is missing or stale.
+        public = public_key_pem(self.identity_key.read_bytes())
+        if not self.identity_public_key.exists() or self.identity_public_key.read_bytes() != public:
+            write_private_file(self.identity_public_key, public)
+            created.append(self.identity_public_key)
+        else:
+            self.identity_public_key.chmod(PRIVATE_FILE_MODE)
+        return created
+
+
+def write_private_file(path: Path, content: bytes) -> None:
+    """Write `content` to `path` with mode 0600 from the first byte on, replacing it atomically so a
+    crash never leaves a half-written key behind."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, PRIVATE_FILE_MODE)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

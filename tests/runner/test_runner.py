@@ -1,0 +1,263 @@
+"""The runner: the data directory and its keys, ports, and the supervision of a real mesh (the
+services and Envoy as processes, exactly as `pyth-on up` starts them)."""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.platform.identity import Identity, IdentitySigner, IdentityVerifier, public_key_pem
+from services.runner.cli import main
+from services.runner.layout import DataLayout
+from services.runner.mesh import SERVICES, Mesh, MeshConfig, MeshError
+
+BUILT = [spec.name for spec in SERVICES]
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture()
+def taken_port() -> Iterator[int]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        yield listener.getsockname()[1]
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone in every way that matters, but only its parent can reap it.
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "\nState:\tZ" in status.read_text())
+
+
+def wait_gone(pids: list[int], timeout: float = 20) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (alive := [pid for pid in pids if process_exists(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+# -- The data directory ---------------------------------------------------------------------------
+
+
+def test_first_start_creates_private_keys_and_later_starts_keep_them(tmp_path: Path) -> None:
+    layout = DataLayout.at(tmp_path / "data")
+    created = layout.prepare()
+
+    keys = [layout.identity_key, layout.identity_public_key, layout.access_token_key, layout.auth_secret_key]
+    assert sorted(created) == sorted(keys)
+    for directory in (layout.root, layout.keys, layout.db, layout.logs):
+        assert mode(directory) == 0o700, directory
+    for key in keys:
+        assert mode(key) == 0o600, key
+    assert layout.identity_public_key.read_bytes() == public_key_pem(layout.identity_key.read_bytes())
+    assert len(base64.b64decode(layout.auth_secret_key.read_bytes().strip(), validate=True)) == 32
+    assert layout.identity_key.read_bytes() != layout.access_token_key.read_bytes()
+    # The identity pair works as a pair.
+    token = IdentitySigner(layout.identity_key.read_bytes()).sign(Identity("u", "e"))
+    assert IdentityVerifier(layout.identity_public_key.read_bytes()).verify(token).user_id == "u"
+
+    before = {key: key.read_bytes() for key in keys}
+    assert layout.prepare() == []
+    assert {key: key.read_bytes() for key in keys} == before
+
+
+def test_loosened_modes_are_tightened_and_a_lost_public_key_is_derived_again(tmp_path: Path) -> None:
+    layout = DataLayout.at(tmp_path / "data")
+    layout.prepare()
+    layout.root.chmod(0o755)
+    layout.auth_secret_key.chmod(0o644)
+    original_public = layout.identity_public_key.read_bytes()
+    layout.identity_public_key.unlink()
+
+    assert layout.prepare() == [layout.identity_public_key]
+    assert mode(layout.root) == 0o700
+    assert mode(layout.auth_secret_key) == 0o600
+    assert layout.identity_public_key.read_bytes() == original_public
+    assert mode(layout.identity_public_key) == 0o600
+
+
+def test_a_new_data_directory_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o000)
+    try:
+        DataLayout.at(tmp_path / "a" / "b").prepare()
+    finally:
+        os.umask(previous)
+    assert mode(tmp_path / "a" / "b") == 0o700
+    assert mode(tmp_path / "a" / "b" / "keys" / "identity.key") == 0o600
+
+
+# -- Ports ----------------------------------------------------------------------------------------
+
+
+def test_port_zero_picks_distinct_free_ports_for_everything(tmp_path: Path) -> None:
+    ports = MeshConfig(port=0, data_dir=tmp_path).pick_ports()
+    every = [ports.edge, ports.admin, *ports.services.values()]
+    assert sorted(ports.services) == sorted(BUILT)
+    assert all(port > 0 for port in every)
+    assert len(set(every)) == len(every)
+    for port in every:  # free right after being picked
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))
+
+
+def test_a_given_free_port_is_kept(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    assert MeshConfig(port=free, data_dir=tmp_path).pick_ports().edge == free
+
+
+def test_a_taken_port_is_refused_clearly(tmp_path: Path, taken_port: int) -> None:
+    with pytest.raises(MeshError, match=rf"port {taken_port} on 127\.0\.0\.1 is already in use.*--port"):
+        MeshConfig(port=taken_port, data_dir=tmp_path).pick_ports()
+
+
+def test_pyth_on_up_on_a_taken_port_exits_with_a_clear_message_and_starts_nothing(
+    tmp_path: Path, taken_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["up", "--port", str(taken_port), "--data-dir", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err
+    assert f"port {taken_port} on 127.0.0.1 is already in use" in err
+    assert not any((tmp_path / "data" / "logs").iterdir())  # no process was started
+
+
+def test_bad_arguments_are_refused_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["up", "--port", "70000", "--data-dir", str(tmp_path)]) == 2
+    assert "--port must be 0-65535" in capsys.readouterr().err
+    assert main(["up", "--database-url", "mysql://root:hunter2@db/x", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--database-url must be a sqlite:// or postgresql:// URL" in err
+    assert "hunter2" not in err
+    with pytest.raises(MeshError, match="not built"):
+        MeshConfig(service_env={"nosuch": {}})
+
+
+def test_a_data_directory_in_use_is_refused(tmp_path: Path) -> None:
+    DataLayout.at(tmp_path).prepare()
+    with open(tmp_path / "mesh.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(MeshError, match=r"in use by another pyth-on \(pid 4242\)"):
+            Mesh(MeshConfig(port=0, data_dir=tmp_path)).start()
+
+
+# -- A real mesh ----------------------------------------------------------------------------------
+
+
+def test_a_mesh_starts_serves_and_stops_every_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONON_RUNNER_CANARY", "must-not-leak")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "passed-through")
+    config = MeshConfig(
+        port=0, data_dir=tmp_path / "data", service_env={"auth": {"PYTHONON_AUTH_USER_RATE_BURST": "7"}}
+    )
+    with Mesh(config) as mesh:
+        pids = mesh.pids
+        assert sorted(pids) == sorted([*BUILT, "envoy"])
+        health = httpx.get(f"{mesh.url}/health", timeout=10)
+        assert health.status_code == 200, health.text
+        assert {name: health.json()["services"][name] for name in BUILT} == dict.fromkeys(BUILT, "ok")
+        assert health.json()["services"]["database"] == "ok"
+
+        environments = {name: _environ(pid) for name, pid in pids.items()}
+        for name, env in environments.items():
+            assert "PYTHONON_RUNNER_CANARY" not in env, name
+            assert env["HOME"] == str(mesh.layout.root)
+            assert env["OTEL_SERVICE_NAME"] == "passed-through"
+        auth, system = environments["auth"], environments["system"]
+        assert auth["PYTHONON_PORT"] == str(mesh.ports.services["auth"])
+        assert auth["PYTHONON_IDENTITY_PUBLIC_KEY_FILE"] == str(mesh.identity_public_key_path)
+        assert auth["PYTHONON_AUTH_IDENTITY_KEY_FILE"] == str(mesh.identity_key_path)
+        assert auth["PYTHONON_AUTH_DATABASE_URL"] == f"sqlite:///{mesh.layout.db / 'auth.db'}"
+        assert auth["PYTHONON_AUTH_USER_RATE_BURST"] == "7"
+        assert system["PYTHONON_SYSTEM_SERVICES"] == ",".join(
+            f"{name}={mesh.service_address(name)}" for name in BUILT
+        )
+        assert system["PYTHONON_SYSTEM_DATABASE_URLS"] == auth["PYTHONON_AUTH_DATABASE_URL"]
+        assert mode(mesh.layout.db / "auth.db") == 0o600
+        assert mesh.exited() is None
+
+    assert wait_gone(list(pids.values())) == []
+    assert (tmp_path / "data" / "db" / "auth.db").exists()  # state is kept
+    assert (tmp_path / "data" / "mesh.lock").exists()
+
+
+def test_a_service_that_dies_is_named(tmp_path: Path) -> None:
+    with Mesh(MeshConfig(port=0, data_dir=tmp_path / "data")) as mesh:
+        os.kill(mesh.pids["system"], signal.SIGKILL)
+        ended = mesh.wait(timeout=10)
+        assert ended is not None
+        name, description = ended
+        assert name == "system"
+        assert description.startswith("system was killed by signal 9; last lines of ")
+        assert '"msg": "serving"' in description
+        pids = list(mesh.pids.values())
+    assert wait_gone(pids) == []
+
+
+def test_pyth_on_up_prints_the_url_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "services.runner.cli", "up", "--port", "0", "--data-dir", str(tmp_path / "d")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert runner.stdout is not None
+        for line in runner.stdout:
+            if line.startswith("Pyth-On is up at "):
+                url = line.removeprefix("Pyth-On is up at ").strip()
+                break
+        else:
+            pytest.fail(f"the runner ended without coming up (status {runner.wait()})")
+        assert httpx.get(f"{url}/api/info", timeout=10).json()["name"] == "Pyth-On"
+        children = _children_of(runner.pid)
+        assert len(children) == len(BUILT) + 1
+
+        runner.send_signal(signal.SIGINT)
+        assert runner.wait(timeout=30) == 0
+        assert "Stopped." in runner.stdout.read()
+        assert wait_gone(children) == []
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(entry.split("=", 1) for entry in raw.decode().split("\0") if "=" in entry)
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"\nPPid:\t{pid}\n" in status.read_text():
+                found.append(int(status.parent.name))
+        except OSError:
+            continue
+    return found
