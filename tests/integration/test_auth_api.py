@@ -1,0 +1,209 @@
+"""Every auth path and refusal, through Envoy with plain HTTP, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import statistics
+import time
+from datetime import datetime
+
+import httpx
+import jwt
+import pytest
+
+from services.auth.tokens import AccessTokens
+from services.platform.identity import Identity, IdentitySigner, generate_private_key_pem
+from tests.integration.conftest import PASSWORD, data_dir_of, new_email
+
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+def _error(response: httpx.Response, status: int, code: int) -> str:
+    """Assert a google.rpc.Status JSON error with this HTTP status and gRPC code; return its message."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["code"] == code and body["details"] == []
+    assert "Traceback" not in response.text
+    return body["message"]
+
+
+# --- register -------------------------------------------------------------------------------------
+
+
+def test_register_answers_201_with_credentials(client: httpx.Client) -> None:
+    email = new_email("Reg").replace("reg", "Reg")
+    response = client.post("/api/register", json={"email": email, "password": PASSWORD})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert set(body) == {"token", "refreshToken", "apiKey", "expiresIn", "user"}
+    assert body["apiKey"].startswith("po_") and body["refreshToken"].startswith("rt_")
+    assert body["expiresIn"] == 900
+    assert body["user"]["email"] == email.lower()
+    assert RFC3339.match(body["user"]["createdAt"])
+    assert jwt.get_unverified_header(body["token"])["alg"] == "EdDSA"
+
+
+def test_register_refuses_a_taken_email_whatever_its_case(client: httpx.Client, user: dict) -> None:
+    response = client.post(
+        "/api/register", json={"email": user["user"]["email"].upper(), "password": PASSWORD}
+    )
+    assert _error(response, 409, 6) == "a user with this email already exists"
+
+
+@pytest.mark.parametrize("email", ["not-an-email", "a@b", "", "two@@example.com", "spa ce@example.com"])
+def test_register_refuses_a_malformed_email(client: httpx.Client, email: str) -> None:
+    response = client.post("/api/register", json={"email": email, "password": PASSWORD})
+    assert "valid address" in _error(response, 400, 3)
+
+
+@pytest.mark.parametrize(
+    ("password", "reason"),
+    [("short", "at least 10"), ("password123", "too common"), ("zzzzzzzzzzzz", "different characters")],
+)
+def test_register_refuses_a_weak_password(client: httpx.Client, password: str, reason: str) -> None:
+    email = new_email()
+    response = client.post("/api/register", json={"email": email, "password": password})
+    assert reason in _error(response, 400, 3)
+    # Nothing was created: the same email registers fine with a good password.
+    assert client.post("/api/register", json={"email": email, "password": PASSWORD}).status_code == 201
+
+
+def test_register_refuses_json_that_is_not_the_schema(client: httpx.Client) -> None:
+    response = client.post(
+        "/api/register", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert "Traceback" not in response.text
+
+
+# --- login ----------------------------------------------------------------------------------------
+
+
+def test_login_returns_the_same_api_key_and_new_tokens(client: httpx.Client, user: dict) -> None:
+    response = client.post("/api/login", json={"email": user["user"]["email"].upper(), "password": PASSWORD})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["apiKey"] == user["apiKey"]
+    assert body["user"] == user["user"]
+    assert body["refreshToken"] != user["refreshToken"]
+
+
+def test_login_refusals_are_identical_for_wrong_password_and_unknown_email(
+    client: httpx.Client, user: dict
+) -> None:
+    def attempt(email: str) -> tuple[str, float]:
+        started = time.perf_counter()
+        response = client.post("/api/login", json={"email": email, "password": "wrong horse battery"})
+        elapsed = time.perf_counter() - started
+        return _error(response, 401, 16), elapsed
+
+    wrong_password = [attempt(user["user"]["email"]) for _ in range(3)]
+    unknown_email = [attempt(new_email("nobody")) for _ in range(3)]
+    assert {m for m, _ in wrong_password} == {m for m, _ in unknown_email} == {"invalid email or password"}
+    known = statistics.median(t for _, t in wrong_password)
+    unknown = statistics.median(t for _, t in unknown_email)
+    # Both pay for one Argon2id verification; without the dummy hash the unknown email would be ~10x faster.
+    assert 0.5 < unknown / known < 2.0, (known, unknown)
+
+
+# --- verify ---------------------------------------------------------------------------------------
+
+
+def test_verify_by_api_key_and_by_bearer_token(client: httpx.Client, user: dict) -> None:
+    expected = {"valid": True, **user["user"]}
+    by_key = client.post("/api/verify", headers={"x-api-key": user["apiKey"]}, json={})
+    by_token = client.post("/api/verify", headers={"authorization": f"Bearer {user['token']}"}, json={})
+    assert by_key.status_code == by_token.status_code == 200
+    assert by_key.json() == by_token.json() == expected
+
+
+def test_verify_without_credentials_is_401(client: httpx.Client) -> None:
+    assert "missing credentials" in _error(client.post("/api/verify", json={}), 401, 16)
+
+
+def test_verify_with_an_unknown_api_key_is_401(client: httpx.Client) -> None:
+    response = client.post("/api/verify", headers={"x-api-key": "po_not-a-real-key"}, json={})
+    assert _error(response, 401, 16) == "invalid credentials"
+
+
+def _b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def _forgeries(user: dict, mesh_access_key: bytes) -> dict[str, str]:
+    header, payload, signature = user["token"].split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    other_claims = {**claims, "sub": "00000000-0000-0000-0000-000000000000"}
+    return {
+        "alg none": f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{payload}.",
+        "another key": AccessTokens(generate_private_key_pem(), 900).issue(claims["sub"], claims["email"]),
+        "changed payload": f"{header}.{_b64(other_claims)}.{signature}",
+        "expired": AccessTokens(mesh_access_key, 900).issue(
+            claims["sub"], claims["email"], now=time.time() - 3600
+        ),
+        "HS256": jwt.encode(claims, "a-guessable-shared-secret-long-enough", algorithm="HS256"),
+        "garbage": "not.a.jwt",
+    }
+
+
+def test_forged_and_expired_access_tokens_are_refused(client: httpx.Client, user: dict, mesh) -> None:
+    access_key = (data_dir_of(mesh) / "keys" / "access-token.key").read_bytes()
+    for name, token in _forgeries(user, access_key).items():
+        response = client.post("/api/verify", headers={"authorization": f"Bearer {token}"}, json={})
+        assert response.status_code == 401, (name, response.text)
+        assert response.json()["message"] == "invalid credentials", name
+
+
+def test_a_client_supplied_identity_assertion_is_ignored(client: httpx.Client, user: dict, mesh) -> None:
+    # Even one signed with the mesh's real identity key: the edge strips it and asserts its own.
+    real_key = (data_dir_of(mesh) / "keys" / "identity.key").read_bytes()
+    other = IdentitySigner(real_key).sign(Identity("someone-else", "else@example.com"))
+    forged = IdentitySigner(generate_private_key_pem()).sign(
+        Identity(user["user"]["id"], user["user"]["email"])
+    )
+    alone = client.post("/api/verify", headers={"x-pythonon-identity": forged}, json={})
+    assert _error(alone, 401, 16).startswith("missing credentials")
+    mixed = client.post(
+        "/api/verify", headers={"x-pythonon-identity": other, "x-api-key": user["apiKey"]}, json={}
+    )
+    assert mixed.status_code == 200 and mixed.json()["id"] == user["user"]["id"]
+
+
+# --- refresh --------------------------------------------------------------------------------------
+
+
+def test_refresh_rotates_and_reuse_revokes_the_family(client: httpx.Client, user: dict) -> None:
+    first = user["refreshToken"]
+    rotated = client.post("/api/refresh", json={"refreshToken": first})
+    assert rotated.status_code == 200, rotated.text
+    second = rotated.json()["refreshToken"]
+    assert second != first and rotated.json()["apiKey"] == user["apiKey"]
+    verify = client.post(
+        "/api/verify", headers={"authorization": f"Bearer {rotated.json()['token']}"}, json={}
+    )
+    assert verify.status_code == 200
+
+    # Another session (a separate login) is a separate family and must survive the revocation.
+    other_session = client.post(
+        "/api/login", json={"email": user["user"]["email"], "password": PASSWORD}
+    ).json()
+
+    replay = client.post("/api/refresh", json={"refreshToken": first})
+    assert "already used" in _error(replay, 401, 16)
+    # The replay revoked the family: the legitimately rotated token no longer works either.
+    assert _error(client.post("/api/refresh", json={"refreshToken": second}), 401, 16)
+    assert (
+        client.post("/api/refresh", json={"refreshToken": other_session["refreshToken"]}).status_code == 200
+    )
+
+
+def test_refresh_with_an_unknown_token_is_401(client: httpx.Client) -> None:
+    response = client.post("/api/refresh", json={"refreshToken": "rt_nope"})
+    assert _error(response, 401, 16) == "invalid refresh token"
+
+
+def test_created_at_is_a_timestamp(user: dict) -> None:
+    datetime.fromisoformat(user["user"]["createdAt"].replace("Z", "+00:00"))
