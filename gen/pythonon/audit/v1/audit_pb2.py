@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpythonon/audit/v1/audit.proto\x12\x11pythonon.audit.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x99\x01\n\x12ListEntriesRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xec\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x11\n\tclient_ip\x18\x07 \x01(\t\x12(\n\x07\x64\x65tails\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04hash\x18\t \x01(\t\x12\x11\n\tprev_hash\x18\n \x01(\t\"Z\n\x13ListEntriesResponse\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.pythonon.audit.v1.AuditEntry\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t2\x83\x01\n\x0c\x41uditService\x12s\n\x0bListEntries\x12%.pythonon.audit.v1.ListEntriesRequest\x1a&.pythonon.audit.v1.ListEntriesResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/api/v1/auditb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpythonon/audit/v1/audit.proto\x12\x11pythonon.audit.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x01\n\rRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x10\n\x08resource\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x11\n\tclient_ip\x18\x06 \x01(\t\x12(\n\x07\x64\x65tails\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"O\n\x0eRecordResponse\x12,\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x1d.pythonon.audit.v1.AuditEntry\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x14\n\x12VerifyChainRequest\"u\n\x13VerifyChainResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x05\x12\x1a\n\x12\x62roken_at_sequence\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\thead_hash\x18\x05 \x01(\t\"\x99\x01\n\x12ListEntriesRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfe\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x11\n\tclient_ip\x18\x07 \x01(\t\x12(\n\x07\x64\x65tails\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04hash\x18\t \x01(\t\x12\x11\n\tprev_hash\x18\n \x01(\t\x12\x10\n\x08sequence\x18\x0b \x01(\x05\"Z\n\x13ListEntriesResponse\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.pythonon.audit.v1.AuditEntry\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t2\xff\x01\n\x0c\x41uditService\x12s\n\x0bListEntries\x12%.pythonon.audit.v1.ListEntriesRequest\x1a&.pythonon.audit.v1.ListEntriesResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/api/v1/audit\x12z\n\x0bVerifyChain\x12%.pythonon.audit.v1.VerifyChainRequest\x1a&.pythonon.audit.v1.VerifyChainResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/api/v1/audit/verify2e\n\x14\x41uditRecorderService\x12M\n\x06Record\x12 .pythonon.audit.v1.RecordRequest\x1a!.pythonon.audit.v1.RecordResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AUDITSERVICE'].methods_by_name['ListEntries']._loaded_options = None
   _globals['_AUDITSERVICE'].methods_by_name['ListEntries']._serialized_options = b'\202\323\344\223\002\017\022\r/api/v1/audit'
-  _globals['_LISTENTRIESREQUEST']._serialized_start=146
-  _globals['_LISTENTRIESREQUEST']._serialized_end=299
-  _globals['_AUDITENTRY']._serialized_start=302
-  _globals['_AUDITENTRY']._serialized_end=538
-  _globals['_LISTENTRIESRESPONSE']._serialized_start=540
-  _globals['_LISTENTRIESRESPONSE']._serialized_end=630
-  _globals['_AUDITSERVICE']._serialized_start=633
-  _globals['_AUDITSERVICE']._serialized_end=764
+  _globals['_AUDITSERVICE'].methods_by_name['VerifyChain']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['VerifyChain']._serialized_options = b'\202\323\344\223\002\026\022\024/api/v1/audit/verify'
+  _globals['_RECORDREQUEST']._serialized_start=146
+  _globals['_RECORDREQUEST']._serialized_end=312
+  _globals['_RECORDRESPONSE']._serialized_start=314
+  _globals['_RECORDRESPONSE']._serialized_end=393
+  _globals['_VERIFYCHAINREQUEST']._serialized_start=395
+  _globals['_VERIFYCHAINREQUEST']._serialized_end=415
+  _globals['_VERIFYCHAINRESPONSE']._serialized_start=417
+  _globals['_VERIFYCHAINRESPONSE']._serialized_end=534
+  _globals['_LISTENTRIESREQUEST']._serialized_start=537
+  _globals['_LISTENTRIESREQUEST']._serialized_end=690
+  _globals['_AUDITENTRY']._serialized_start=693
+  _globals['_AUDITENTRY']._serialized_end=947
+  _globals['_LISTENTRIESRESPONSE']._serialized_start=949
+  _globals['_LISTENTRIESRESPONSE']._serialized_end=1039
+  _globals['_AUDITSERVICE']._serialized_start=1042
+  _globals['_AUDITSERVICE']._serialized_end=1297
+  _globals['_AUDITRECORDERSERVICE']._serialized_start=1299
+  _globals['_AUDITRECORDERSERVICE']._serialized_end=1400
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,131 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class RecordRequest(_message.Message):
+    """One action to record."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_IP_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    record_id: _builtins.str
+    """Idempotency key chosen by the caller; the same key is stored once per user."""
+    action: _builtins.str
+    """e.g. "auth.login"."""
+    resource: _builtins.str
+    """What the action was on, e.g. "user/<id>" or "secret/API_TOKEN"."""
+    outcome: _builtins.str
+    """"success", "failure" or "denied"."""
+    request_id: _builtins.str
+    client_ip: _builtins.str
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
+        """Facts about the action; never secret values, passwords, code or output."""
+
+    def __init__(
+        self,
+        *,
+        record_id: _builtins.str = ...,
+        action: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        client_ip: _builtins.str = ...,
+        details: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "client_ip", b"client_ip", "details", b"details", "outcome", b"outcome", "record_id", b"record_id", "request_id", b"request_id", "resource", b"resource"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordRequest: _TypeAlias = RecordRequest  # noqa: Y015
+
+@_typing.final
+class RecordResponse(_message.Message):
+    """The stored entry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when the record_id was already stored (a retry)."""
+    @_builtins.property
+    def entry(self) -> Global___AuditEntry: ...
+    def __init__(
+        self,
+        *,
+        entry: Global___AuditEntry | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordResponse: _TypeAlias = RecordResponse  # noqa: Y015
+
+@_typing.final
+class VerifyChainRequest(_message.Message):
+    """Checks the caller's chain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyChainRequest: _TypeAlias = VerifyChainRequest  # noqa: Y015
+
+@_typing.final
+class VerifyChainResponse(_message.Message):
+    """The result of recomputing the chain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALID_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    BROKEN_AT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    HEAD_HASH_FIELD_NUMBER: _builtins.int
+    valid: _builtins.bool
+    entries: _builtins.int
+    """Entries checked."""
+    broken_at_sequence: _builtins.int
+    """Sequence number of the first entry that does not verify (0 when valid)."""
+    message: _builtins.str
+    head_hash: _builtins.str
+    """Hash of the newest entry."""
+    def __init__(
+        self,
+        *,
+        valid: _builtins.bool = ...,
+        entries: _builtins.int = ...,
+        broken_at_sequence: _builtins.int = ...,
+        message: _builtins.str = ...,
+        head_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broken_at_sequence", b"broken_at_sequence", "entries", b"entries", "head_hash", b"head_hash", "message", b"message", "valid", b"valid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyChainResponse: _TypeAlias = VerifyChainResponse  # noqa: Y015
+
+@_typing.final
 class ListEntriesRequest(_message.Message):
     """A page of the caller's entries."""
 
@@ -78,6 +203,7 @@ class AuditEntry(_message.Message):
     DETAILS_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
     PREV_HASH_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     action: _builtins.str
     resource: _builtins.str
@@ -87,6 +213,8 @@ class AuditEntry(_message.Message):
     hash: _builtins.str
     """Covers this entry's content and `prev_hash`."""
     prev_hash: _builtins.str
+    sequence: _builtins.int
+    """Position in the user's chain, from 1."""
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -104,10 +232,11 @@ class AuditEntry(_message.Message):
         details: _struct_pb2.Struct | None = ...,
         hash: _builtins.str = ...,
         prev_hash: _builtins.str = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "client_ip", b"client_ip", "details", b"details", "hash", b"hash", "id", b"id", "outcome", b"outcome", "prev_hash", b"prev_hash", "request_id", b"request_id", "resource", b"resource", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "client_ip", b"client_ip", "details", b"details", "hash", b"hash", "id", b"id", "outcome", b"outcome", "prev_hash", b"prev_hash", "request_id", b"request_id", "resource", b"resource", "sequence", b"sequence", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

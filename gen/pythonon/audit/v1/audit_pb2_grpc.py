@@ -40,6 +40,11 @@ class AuditServiceStub:
                 request_serializer=pythonon_dot_audit_dot_v1_dot_audit__pb2.ListEntriesRequest.SerializeToString,
                 response_deserializer=pythonon_dot_audit_dot_v1_dot_audit__pb2.ListEntriesResponse.FromString,
                 _registered_method=True)
+        self.VerifyChain = channel.unary_unary(
+                '/pythonon.audit.v1.AuditService/VerifyChain',
+                request_serializer=pythonon_dot_audit_dot_v1_dot_audit__pb2.VerifyChainRequest.SerializeToString,
+                response_deserializer=pythonon_dot_audit_dot_v1_dot_audit__pb2.VerifyChainResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -53,6 +58,13 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyChain(self, request, context):
+        """Recomputes the caller's whole chain and says whether it is intact.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +72,11 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.ListEntries,
                     request_deserializer=pythonon_dot_audit_dot_v1_dot_audit__pb2.ListEntriesRequest.FromString,
                     response_serializer=pythonon_dot_audit_dot_v1_dot_audit__pb2.ListEntriesResponse.SerializeToString,
+            ),
+            'VerifyChain': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyChain,
+                    request_deserializer=pythonon_dot_audit_dot_v1_dot_audit__pb2.VerifyChainRequest.FromString,
+                    response_serializer=pythonon_dot_audit_dot_v1_dot_audit__pb2.VerifyChainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +107,112 @@ class AuditService:
             '/pythonon.audit.v1.AuditService/ListEntries',
             pythonon_dot_audit_dot_v1_dot_audit__pb2.ListEntriesRequest.SerializeToString,
             pythonon_dot_audit_dot_v1_dot_audit__pb2.ListEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyChain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pythonon.audit.v1.AuditService/VerifyChain',
+            pythonon_dot_audit_dot_v1_dot_audit__pb2.VerifyChainRequest.SerializeToString,
+            pythonon_dot_audit_dot_v1_dot_audit__pb2.VerifyChainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AuditRecorderServiceStub:
+    """Called by services only (the edge does not route it): appends an entry to the chain of the user
+    named by the caller's identity assertion.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Record = channel.unary_unary(
+                '/pythonon.audit.v1.AuditRecorderService/Record',
+                request_serializer=pythonon_dot_audit_dot_v1_dot_audit__pb2.RecordRequest.SerializeToString,
+                response_deserializer=pythonon_dot_audit_dot_v1_dot_audit__pb2.RecordResponse.FromString,
+                _registered_method=True)
+
+
+class AuditRecorderServiceServicer:
+    """Called by services only (the edge does not route it): appends an entry to the chain of the user
+    named by the caller's identity assertion.
+    """
+
+    def Record(self, request, context):
+        """Appends one entry; a retry with the same record_id returns the stored entry, not a second one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AuditRecorderServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Record': grpc.unary_unary_rpc_method_handler(
+                    servicer.Record,
+                    request_deserializer=pythonon_dot_audit_dot_v1_dot_audit__pb2.RecordRequest.FromString,
+                    response_serializer=pythonon_dot_audit_dot_v1_dot_audit__pb2.RecordResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pythonon.audit.v1.AuditRecorderService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pythonon.audit.v1.AuditRecorderService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AuditRecorderService:
+    """Called by services only (the edge does not route it): appends an entry to the chain of the user
+    named by the caller's identity assertion.
+    """
+
+    @staticmethod
+    def Record(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pythonon.audit.v1.AuditRecorderService/Record',
+            pythonon_dot_audit_dot_v1_dot_audit__pb2.RecordRequest.SerializeToString,
+            pythonon_dot_audit_dot_v1_dot_audit__pb2.RecordResponse.FromString,
             options,
             channel_credentials,
             insecure,

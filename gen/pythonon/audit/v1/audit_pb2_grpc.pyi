@@ -35,6 +35,8 @@ class AuditServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AuditServiceAsyncStub: ...
     ListEntries: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListEntriesRequest, _audit_pb2.ListEntriesResponse]
     """The caller's entries, newest first."""
+    VerifyChain: _grpc.UnaryUnaryMultiCallable[_audit_pb2.VerifyChainRequest, _audit_pb2.VerifyChainResponse]
+    """Recomputes the caller's whole chain and says whether it is intact."""
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
@@ -43,6 +45,8 @@ class AuditServiceAsyncStub(AuditServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListEntries: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListEntriesRequest, _audit_pb2.ListEntriesResponse]  # type: ignore[assignment]
     """The caller's entries, newest first."""
+    VerifyChain: _aio.UnaryUnaryMultiCallable[_audit_pb2.VerifyChainRequest, _audit_pb2.VerifyChainResponse]  # type: ignore[assignment]
+    """Recomputes the caller's whole chain and says whether it is intact."""
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     """The caller's audit log."""
@@ -55,4 +59,49 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_audit_pb2.ListEntriesResponse, _abc.Awaitable[_audit_pb2.ListEntriesResponse]]:
         """The caller's entries, newest first."""
 
+    @_abc_1.abstractmethod
+    def VerifyChain(
+        self,
+        request: _audit_pb2.VerifyChainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.VerifyChainResponse, _abc.Awaitable[_audit_pb2.VerifyChainResponse]]:
+        """Recomputes the caller's whole chain and says whether it is intact."""
+
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AuditRecorderServiceStub:
+    """Called by services only (the edge does not route it): appends an entry to the chain of the user
+    named by the caller's identity assertion.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AuditRecorderServiceAsyncStub: ...
+    Record: _grpc.UnaryUnaryMultiCallable[_audit_pb2.RecordRequest, _audit_pb2.RecordResponse]
+    """Appends one entry; a retry with the same record_id returns the stored entry, not a second one."""
+
+@_typing.type_check_only
+class AuditRecorderServiceAsyncStub(AuditRecorderServiceStub):
+    """Called by services only (the edge does not route it): appends an entry to the chain of the user
+    named by the caller's identity assertion.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Record: _aio.UnaryUnaryMultiCallable[_audit_pb2.RecordRequest, _audit_pb2.RecordResponse]  # type: ignore[assignment]
+    """Appends one entry; a retry with the same record_id returns the stored entry, not a second one."""
+
+class AuditRecorderServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Called by services only (the edge does not route it): appends an entry to the chain of the user
+    named by the caller's identity assertion.
+    """
+
+    @_abc_1.abstractmethod
+    def Record(
+        self,
+        request: _audit_pb2.RecordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.RecordResponse, _abc.Awaitable[_audit_pb2.RecordResponse]]:
+        """Appends one entry; a retry with the same record_id returns the stored entry, not a second one."""
+
+def add_AuditRecorderServiceServicer_to_server(servicer: AuditRecorderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,13 +26,15 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pythonon/secrets/v1/secrets.proto\x12\x13pythonon.secrets.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"1\n\x0bSecretInput\x12\r\n\x05value\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"R\n\x10PutSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x06secret\x18\x02 \x01(\x0b\x32 .pythonon.secrets.v1.SecretInput\"\xa4\x01\n\x0eSecretMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x13\x44\x65leteSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteSecretResponse\"\x14\n\x12ListSecretsRequest\"K\n\x13ListSecretsResponse\x12\x34\n\x07secrets\x18\x01 \x03(\x0b\x32#.pythonon.secrets.v1.SecretMetadata2\x92\x03\n\x0eSecretsService\x12\x7f\n\tPutSecret\x12%.pythonon.secrets.v1.PutSecretRequest\x1a#.pythonon.secrets.v1.SecretMetadata\"&\x82\xd3\xe4\x93\x02 \x1a\x16/api/v1/secrets/{name}:\x06secret\x12\x83\x01\n\x0c\x44\x65leteSecret\x12(.pythonon.secrets.v1.DeleteSecretRequest\x1a).pythonon.secrets.v1.DeleteSecretResponse\"\x1e\x82\xd3\xe4\x93\x02\x18*\x16/api/v1/secrets/{name}\x12y\n\x0bListSecrets\x12\'.pythonon.secrets.v1.ListSecretsRequest\x1a(.pythonon.secrets.v1.ListSecretsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/secretsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pythonon/secrets/v1/secrets.proto\x12\x13pythonon.secrets.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"1\n\x0bSecretInput\x12\r\n\x05value\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"R\n\x10PutSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x06secret\x18\x02 \x01(\x0b\x32 .pythonon.secrets.v1.SecretInput\"\xa4\x01\n\x0eSecretMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x13\x44\x65leteSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteSecretResponse\"\x14\n\x12ListSecretsRequest\"K\n\x13ListSecretsResponse\x12\x34\n\x07secrets\x18\x01 \x03(\x0b\x32#.pythonon.secrets.v1.SecretMetadata\"3\n\x15ResolveSecretsRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x90\x01\n\x16ResolveSecretsResponse\x12G\n\x06values\x18\x01 \x03(\x0b\x32\x37.pythonon.secrets.v1.ResolveSecretsResponse.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x92\x03\n\x0eSecretsService\x12\x7f\n\tPutSecret\x12%.pythonon.secrets.v1.PutSecretRequest\x1a#.pythonon.secrets.v1.SecretMetadata\"&\x82\xd3\xe4\x93\x02 \x1a\x16/api/v1/secrets/{name}:\x06secret\x12\x83\x01\n\x0c\x44\x65leteSecret\x12(.pythonon.secrets.v1.DeleteSecretRequest\x1a).pythonon.secrets.v1.DeleteSecretResponse\"\x1e\x82\xd3\xe4\x93\x02\x18*\x16/api/v1/secrets/{name}\x12y\n\x0bListSecrets\x12\'.pythonon.secrets.v1.ListSecretsRequest\x1a(.pythonon.secrets.v1.ListSecretsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/secrets2\x83\x01\n\x16SecretsResolverService\x12i\n\x0eResolveSecrets\x12*.pythonon.secrets.v1.ResolveSecretsRequest\x1a+.pythonon.secrets.v1.ResolveSecretsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pythonon.secrets.v1.secrets_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RESOLVESECRETSRESPONSE_VALUESENTRY']._loaded_options = None
+  _globals['_RESOLVESECRETSRESPONSE_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_SECRETSSERVICE'].methods_by_name['PutSecret']._loaded_options = None
   _globals['_SECRETSSERVICE'].methods_by_name['PutSecret']._serialized_options = b'\202\323\344\223\002 \032\026/api/v1/secrets/{name}:\006secret'
   _globals['_SECRETSSERVICE'].methods_by_name['DeleteSecret']._loaded_options = None
@@ -53,6 +55,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTSECRETSREQUEST']._serialized_end=504
   _globals['_LISTSECRETSRESPONSE']._serialized_start=506
   _globals['_LISTSECRETSRESPONSE']._serialized_end=581
-  _globals['_SECRETSSERVICE']._serialized_start=584
-  _globals['_SECRETSSERVICE']._serialized_end=986
+  _globals['_RESOLVESECRETSREQUEST']._serialized_start=583
+  _globals['_RESOLVESECRETSREQUEST']._serialized_end=634
+  _globals['_RESOLVESECRETSRESPONSE']._serialized_start=637
+  _globals['_RESOLVESECRETSRESPONSE']._serialized_end=781
+  _globals['_RESOLVESECRETSRESPONSE_VALUESENTRY']._serialized_start=736
+  _globals['_RESOLVESECRETSRESPONSE_VALUESENTRY']._serialized_end=781
+  _globals['_SECRETSSERVICE']._serialized_start=784
+  _globals['_SECRETSSERVICE']._serialized_end=1186
+  _globals['_SECRETSRESOLVERSERVICE']._serialized_start=1189
+  _globals['_SECRETSRESOLVERSERVICE']._serialized_end=1320
 # @@protoc_insertion_point(module_scope)

@@ -187,3 +187,82 @@ class SecretsService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SecretsResolverServiceStub:
+    """Called by the executor only (the edge does not route it): the values of the secrets of the user
+    named by the caller's identity assertion, and no one else's.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ResolveSecrets = channel.unary_unary(
+                '/pythonon.secrets.v1.SecretsResolverService/ResolveSecrets',
+                request_serializer=pythonon_dot_secrets_dot_v1_dot_secrets__pb2.ResolveSecretsRequest.SerializeToString,
+                response_deserializer=pythonon_dot_secrets_dot_v1_dot_secrets__pb2.ResolveSecretsResponse.FromString,
+                _registered_method=True)
+
+
+class SecretsResolverServiceServicer:
+    """Called by the executor only (the edge does not route it): the values of the secrets of the user
+    named by the caller's identity assertion, and no one else's.
+    """
+
+    def ResolveSecrets(self, request, context):
+        """Resolves the named secrets (or all of them) to their values.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SecretsResolverServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ResolveSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveSecrets,
+                    request_deserializer=pythonon_dot_secrets_dot_v1_dot_secrets__pb2.ResolveSecretsRequest.FromString,
+                    response_serializer=pythonon_dot_secrets_dot_v1_dot_secrets__pb2.ResolveSecretsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pythonon.secrets.v1.SecretsResolverService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pythonon.secrets.v1.SecretsResolverService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SecretsResolverService:
+    """Called by the executor only (the edge does not route it): the values of the secrets of the user
+    named by the caller's identity assertion, and no one else's.
+    """
+
+    @staticmethod
+    def ResolveSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pythonon.secrets.v1.SecretsResolverService/ResolveSecrets',
+            pythonon_dot_secrets_dot_v1_dot_secrets__pb2.ResolveSecretsRequest.SerializeToString,
+            pythonon_dot_secrets_dot_v1_dot_secrets__pb2.ResolveSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

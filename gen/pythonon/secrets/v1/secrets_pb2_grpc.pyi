@@ -80,3 +80,40 @@ class SecretsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the caller's secrets, metadata only."""
 
 def add_SecretsServiceServicer_to_server(servicer: SecretsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SecretsResolverServiceStub:
+    """Called by the executor only (the edge does not route it): the values of the secrets of the user
+    named by the caller's identity assertion, and no one else's.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SecretsResolverServiceAsyncStub: ...
+    ResolveSecrets: _grpc.UnaryUnaryMultiCallable[_secrets_pb2.ResolveSecretsRequest, _secrets_pb2.ResolveSecretsResponse]
+    """Resolves the named secrets (or all of them) to their values."""
+
+@_typing.type_check_only
+class SecretsResolverServiceAsyncStub(SecretsResolverServiceStub):
+    """Called by the executor only (the edge does not route it): the values of the secrets of the user
+    named by the caller's identity assertion, and no one else's.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ResolveSecrets: _aio.UnaryUnaryMultiCallable[_secrets_pb2.ResolveSecretsRequest, _secrets_pb2.ResolveSecretsResponse]  # type: ignore[assignment]
+    """Resolves the named secrets (or all of them) to their values."""
+
+class SecretsResolverServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Called by the executor only (the edge does not route it): the values of the secrets of the user
+    named by the caller's identity assertion, and no one else's.
+    """
+
+    @_abc_1.abstractmethod
+    def ResolveSecrets(
+        self,
+        request: _secrets_pb2.ResolveSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_secrets_pb2.ResolveSecretsResponse, _abc.Awaitable[_secrets_pb2.ResolveSecretsResponse]]:
+        """Resolves the named secrets (or all of them) to their values."""
+
+def add_SecretsResolverServiceServicer_to_server(servicer: SecretsResolverServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
