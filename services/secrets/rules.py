@@ -1,0 +1,78 @@
+"""What a secret may be: its name is an environment-variable name that the sandbox does not set
+itself, its value and description are bounded. Every refusal is an InvalidArgument that says why."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from services.platform.errors import InvalidArgument
+
+MAX_NAME_LENGTH = 64
+MAX_DESCRIPTION_LENGTH = 1024
+_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+# Variables the sandbox or the interpreters it runs give a meaning to: a secret must not shadow them.
+RESERVED_NAMES = frozenset(
+    {
+        "PATH", "HOME", "PWD", "SHELL", "USER", "LOGNAME", "LANG", "TMPDIR", "TERM", "HOSTNAME",
+        "PYTHONPATH", "PYTHONHOME", "LD_PRELOAD", "LD_LIBRARY_PATH",
+        # Read and run by the bash and JavaScript runtimes at start-up.
+        "BASH_ENV", "ENV", "IFS", "NODE_OPTIONS", "NODE_PATH",
+    }
+)  # fmt: skip
+RESERVED_PREFIXES = ("PYTHONON_", "PYTHON", "LD_", "LC_")
+
+
+def check_name(name: str) -> str:
+    """The name, if it may name a secret; InvalidArgument otherwise."""
+    if not name:
+        raise InvalidArgument("a secret name is required")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(f"secret names are at most {MAX_NAME_LENGTH} characters")
+    if not _NAME.match(name):
+        raise InvalidArgument(
+            "a secret name must be an environment-variable name: capital letters, digits and "
+            "underscores, not starting with a digit (e.g. API_TOKEN)"
+        )
+    if name in RESERVED_NAMES:
+        raise InvalidArgument(f"{name} is reserved: the sandbox sets it, so a secret cannot use that name")
+    prefix = next((p for p in RESERVED_PREFIXES if name.startswith(p)), None)
+    if prefix is not None:
+        raise InvalidArgument(f"secret names starting with {prefix} are reserved for the sandbox")
+    return name
+
+
+def is_allowed_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except InvalidArgument:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class SecretLimits:
+    max_value_bytes: int
+    max_secrets_per_user: int
+
+
+def check_value(value: str, limits: SecretLimits) -> None:
+    """A value is non-empty, bounded in UTF-8 bytes, and free of NUL (no environment can hold one).
+    The messages never quote the value."""
+    if not value:
+        raise InvalidArgument("a secret value is required")
+    size = len(value.encode("utf-8"))
+    if size > limits.max_value_bytes:
+        raise InvalidArgument(
+            f"a secret value is at most {limits.max_value_bytes} bytes (UTF-8); this one is {size} bytes"
+        )
+    if "\x00" in value:
+        raise InvalidArgument(
+            "a secret value cannot contain NUL characters (an environment cannot hold them)"
+        )
+
+
+def check_description(description: str) -> None:
+    if len(description) > MAX_DESCRIPTION_LENGTH:
+        raise InvalidArgument(f"a secret description is at most {MAX_DESCRIPTION_LENGTH} characters")

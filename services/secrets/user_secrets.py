@@ -1,0 +1,171 @@
+"""The secrets service's logic: a user's secrets, stored in Vault, each change recorded in the audit
+log before it is acknowledged.
+
+A change is made in Vault first and recorded second; if the record cannot be written, the change is
+undone (a new secret removed, an update reverted, a delete reversed) and the caller gets 503, so
+nothing acknowledged goes unlogged. Only the user of the request in hand is ever acted for."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+
+import hvac.exceptions
+
+from services.platform.audit import SUCCESS, AuditClient
+from services.platform.errors import DomainError, InvalidArgument, NotFound, Unavailable
+from services.platform.identity import Identity
+from services.secrets.rules import SecretLimits, check_description, check_name, check_value, is_allowed_name
+from services.secrets.vault import CheckAndSetConflict, SecretRecord, VaultSecretStore
+
+log = logging.getLogger("pythonon.secrets")
+
+PUT, DELETE = "secrets.put", "secrets.delete"
+_WRITE_ATTEMPTS = 3
+CONFLICT_MESSAGE = "the secret was being changed by another request at the same time; retry"
+
+
+def _resource(name: str) -> str:
+    return f"secret/{name}"
+
+
+class UserSecrets:
+    """Put, delete, list and resolve the secrets of one user at a time."""
+
+    def __init__(self, store: VaultSecretStore, audit: AuditClient, limits: SecretLimits) -> None:
+        self._store = store
+        self._audit = audit
+        self._limits = limits
+        # One change at a time per user in this process, so the per-user cap holds under concurrency.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    async def put(self, user: Identity, name: str, value: str, description: str) -> SecretRecord:
+        """Create the secret or store a new version of it; returns its metadata."""
+        check_name(name)
+        check_value(value, self._limits)
+        check_description(description)
+        async with self._lock(user.user_id):
+            for _attempt in range(_WRITE_ATTEMPTS):
+                try:
+                    return await self._put_once(user, name, value, description)
+                except CheckAndSetConflict:
+                    continue
+        raise Unavailable(CONFLICT_MESSAGE)
+
+    async def _put_once(self, user: Identity, name: str, value: str, description: str) -> SecretRecord:
+        uid = user.user_id
+        state = await asyncio.to_thread(self._store.state, uid, name)
+        if state is not None and not state.live:
+            # A tombstone of an unfinished delete: clear it so the secret starts afresh.
+            await asyncio.to_thread(self._store.purge, uid, name)
+            state = None
+        if state is None:
+            others = [n for n in await asyncio.to_thread(self._store.names, uid) if n != name]
+            if len(others) >= self._limits.max_secrets_per_user:
+                raise InvalidArgument(
+                    f"you already have {len(others)} secrets, the most allowed; delete one to add another"
+                )
+        previous = state.current_version if state is not None else 0
+        written = await asyncio.to_thread(self._store.write, uid, name, value, description, cas=previous)
+
+        async def undo() -> None:
+            if previous == 0:
+                await asyncio.to_thread(self._store.purge, uid, name)
+            else:
+                await asyncio.to_thread(
+                    self._store.revert, uid, name, to_version=previous, from_version=written.version
+                )
+
+        await self._record(PUT, name, written.version, undo)
+        return SecretRecord(
+            name=name,
+            description=description,
+            version=written.version,
+            created_at=state.created_at if state is not None else written.created_at,
+            updated_at=written.created_at,
+        )
+
+    async def delete(self, user: Identity, name: str) -> None:
+        """Delete the secret and every version of it; NotFound when there is none."""
+        check_name(name)
+        uid = user.user_id
+        async with self._lock(uid):
+            state = await asyncio.to_thread(self._store.state, uid, name)
+            if state is None or not state.live:
+                raise NotFound(f"no secret named {name}")
+            # Reversibly first, so that a failed audit record can put it back.
+            await asyncio.to_thread(self._store.soft_delete, uid, name)
+
+            async def undo() -> None:
+                await asyncio.to_thread(self._store.undelete, uid, name, state.current_version)
+
+            await self._record(DELETE, name, state.current_version, undo)
+            try:
+                await asyncio.to_thread(self._store.purge, uid, name)
+            except Unavailable:
+                # Deleted and recorded already; the tombstone left is cleared by the next put.
+                log.warning("secret deleted but its old versions not purged", extra={"secret": name})
+
+    async def list(self, user: Identity) -> list[SecretRecord]:
+        """Metadata of every secret of the user, sorted by name."""
+        return await asyncio.to_thread(self._describe_all, user.user_id)
+
+    async def resolve(self, user: Identity, names: Iterable[str], everything: bool) -> dict[str, str]:
+        """Values of the user's named secrets (or all of them); NotFound names the first missing one."""
+        uid = user.user_id
+        if everything:
+            return await asyncio.to_thread(self._all_values, uid)
+        wanted = list(dict.fromkeys(check_name(name) for name in names))
+        return await asyncio.to_thread(self._values, uid, wanted)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _lock(self, user_id: str) -> asyncio.Lock:
+        lock = self._locks.get(user_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[user_id] = lock
+        return lock
+
+    async def _record(
+        self, action: str, name: str, version: int, undo: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Record the change on the user's chain; if that fails, undo the change and fail the request."""
+        try:
+            await self._audit.record(action, _resource(name), SUCCESS, {"version": version})
+        except Unavailable:
+            try:
+                await undo()
+            except (DomainError, hvac.exceptions.VaultError):
+                log.error(
+                    "a change the audit log refused could not be undone",
+                    extra={"action": action, "secret": name, "version": version},
+                )
+            raise
+
+    def _names(self, uid: str) -> list[str]:
+        # Entries put in Vault by other means, under names this API refuses, are not secrets here.
+        return [name for name in self._store.names(uid) if is_allowed_name(name)]
+
+    def _describe_all(self, uid: str) -> list[SecretRecord]:
+        records = (self._store.describe(uid, name) for name in self._names(uid))
+        return sorted((r for r in records if r is not None), key=lambda record: record.name)
+
+    def _all_values(self, uid: str) -> dict[str, str]:
+        values = {}
+        for name in self._names(uid):
+            value = self._store.value(uid, name)
+            if value is not None:
+                values[name] = value
+        return values
+
+    def _values(self, uid: str, names: list[str]) -> dict[str, str]:
+        values = {}
+        for name in names:
+            value = self._store.value(uid, name)
+            if value is None:
+                raise NotFound(f"no secret named {name}")
+            values[name] = value
+        return values
