@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ DOWN = "down"
 NOT_BUILT = "not_built"
 DEGRADED = "degraded"
 DATABASE = "database"
+VAULT = "vault"
 
 DEFAULT_TIMEOUT_SECONDS = 1.0
 
@@ -126,6 +129,35 @@ class DatabaseProbe:
             engine.dispose()
 
 
+class VaultProbe:
+    """Vault's unauthenticated /v1/sys/health: ok when it answers 200 (initialised, unsealed, active or
+    a standby that can serve); sealed, uninitialised or unreachable is down."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        query = urllib.parse.urlencode({"standbyok": "true", "perfstandbyok": "true"})
+        self._url = f"{address.rstrip('/')}/v1/sys/health?{query}"
+        self._timeout = timeout
+        # Straight to Vault: a proxy from the environment must not stand in between.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def _status(self) -> int:
+        try:
+            with self._opener.open(self._url, timeout=self._timeout) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+
+    async def healthy(self) -> bool:
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(self._status), self._timeout + 1)
+        except (TimeoutError, OSError) as error:
+            log.warning("vault check failed", extra={"error": type(error).__name__})
+            return False
+        if status != 200:
+            log.warning("vault check failed", extra={"status": status})
+        return status == 200
+
+
 class HealthChecker:
     """Checks the built services and the core dependencies; sections without a server are
     reported "not_built" and do not degrade the whole."""
@@ -137,6 +169,7 @@ class HealthChecker:
         services: Mapping[str, str],
         database_urls: Iterable[str],
         version: str,
+        vault_address: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -144,6 +177,7 @@ class HealthChecker:
         self._probes = {name: ServiceProbe(address, timeout) for name, address in services.items()}
         urls = list(database_urls)
         self._database = DatabaseProbe(urls, timeout) if urls else None
+        self._vault = VaultProbe(vault_address, timeout) if vault_address else None
         self._version = version
         self._clock = clock
         self._started = clock()
@@ -155,6 +189,9 @@ class HealthChecker:
         if self._database is not None:
             names.append(DATABASE)
             checks.append(self._database.healthy())
+        if self._vault is not None:
+            names.append(VAULT)
+            checks.append(self._vault.healthy())
         results = dict(zip(names, await asyncio.gather(*checks), strict=True))
 
         statuses = {section: NOT_BUILT for section in self._sections}

@@ -23,6 +23,7 @@ async def build(server_settings: ServerSettings, settings: SystemSettings) -> Se
         services=settings.services,
         database_urls=settings.database_urls,
         version=version,
+        vault_address=settings.vault_address,
     )
     servicer = SystemServicer(health, deployment_info(built, version))
     return ServiceParts(

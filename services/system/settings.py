@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -10,22 +11,26 @@ from services.platform.settings import Environment, ServerSettings, SettingsErro
 
 SERVICES_VARIABLE = "PYTHONON_SYSTEM_SERVICES"
 DATABASE_URLS_VARIABLE = "PYTHONON_SYSTEM_DATABASE_URLS"
+VAULT_ADDRESS_VARIABLE = "PYTHONON_SYSTEM_VAULT_ADDR"
 _DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")
 
 
 @dataclass(frozen=True)
 class SystemSettings:
     """`services`: section name → "host:port" of its gRPC server, for every built section.
-    `database_urls`: the SQLAlchemy URLs the services use (the "database" dependency)."""
+    `database_urls`: the SQLAlchemy URLs the services use (the "database" dependency).
+    `vault_address`: the Vault the secrets service uses (the "vault" dependency), if any."""
 
     services: Mapping[str, str] = field(default_factory=dict)
     database_urls: tuple[str, ...] = ()
+    vault_address: str | None = None
 
     @classmethod
     def load(cls, env: Environment) -> SystemSettings:
         return cls(
             services=parse_services(env.optional(SERVICES_VARIABLE) or ""),
             database_urls=parse_database_urls(env.optional(DATABASE_URLS_VARIABLE) or ""),
+            vault_address=parse_vault_address(env.optional(VAULT_ADDRESS_VARIABLE) or ""),
         )
 
     def is_built(self, section: str) -> bool:
@@ -71,6 +76,17 @@ def parse_database_urls(raw: str) -> tuple[str, ...]:
         if url not in urls:
             urls.append(url)
     return tuple(urls)
+
+
+def parse_vault_address(raw: str) -> str | None:
+    """Vault's base URL (http:// or https://), or None when no Vault is watched."""
+    address = raw.strip().rstrip("/")
+    if not address:
+        return None
+    parsed = urllib.parse.urlsplit(address)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise SettingsError(f"{VAULT_ADDRESS_VARIABLE} must be an http:// or https:// URL, got {raw!r}")
+    return address
 
 
 def load_settings() -> tuple[ServerSettings, SystemSettings]:

@@ -17,13 +17,19 @@ import grpc
 import hvac
 import hvac.exceptions
 import pytest
+from grpc_health.v1 import health, health_pb2_grpc
 from pythonon.secrets.v1 import secrets_pb2
+from pythonon.system.v1 import system_pb2, system_pb2_grpc
 
+from edge.config import HTTP_STATUS_HEADER
+from services.platform.bootstrap import start_server
 from services.platform.identity import Identity
-from services.platform.settings import Environment, SettingsError
+from services.platform.settings import Environment, ServerSettings, SettingsError
 from services.runner import openbao
 from services.secrets.settings import SecretsSettings
 from services.secrets.vault import UNAVAILABLE_MESSAGE, parse_time
+from services.system.service import build as build_system
+from services.system.settings import SystemSettings, parse_vault_address
 from tests.secrets.conftest import (
     Keys,
     OpenBao,
@@ -32,6 +38,8 @@ from tests.secrets.conftest import (
     new_user,
     run,
     secrets_service,
+    start_openbao,
+    stop_openbao,
     vault_settings,
 )
 
@@ -448,8 +456,6 @@ def test_openbao_keys_are_private_and_the_service_token_is_limited_to_the_secret
 
 
 def test_openbao_restarts_unsealed_with_its_secrets_and_a_fresh_service_token(tmp_path: Path) -> None:
-    from tests.secrets.conftest import start_openbao, stop_openbao
-
     first = start_openbao(tmp_path)
     try:
         first_token = first.files.service_token.read_text().strip()
@@ -478,8 +484,6 @@ def test_openbao_restarts_unsealed_with_its_secrets_and_a_fresh_service_token(tm
 
 
 def test_openbao_refuses_to_start_without_its_keys(tmp_path: Path) -> None:
-    from tests.secrets.conftest import start_openbao, stop_openbao
-
     stop_openbao(start_openbao(tmp_path))
     openbao.OpenBaoFiles.at(tmp_path).init_file.rename(tmp_path / "moved-away.json")
     with pytest.raises(openbao.OpenBaoError, match="is initialised but its keys file .* is missing"):
@@ -569,3 +573,51 @@ def test_vault_times_keep_microseconds() -> None:
         2026, 11, 28, 14, 59, 47, 637668, tzinfo=UTC
     )
     assert parse_time("2026-11-28T14:59:47Z") == datetime(2026, 11, 28, 14, 59, 47, tzinfo=UTC)
+
+
+# -- the system service's view of Vault ------------------------------------------------------------
+
+
+def test_health_shows_vault_and_is_503_while_it_is_sealed_or_gone(bao: OpenBao, keys: Keys) -> None:
+    async def report(vault_address: str) -> tuple[str, str, str | None]:
+        server_settings = ServerSettings(
+            service="system",
+            host="127.0.0.1",
+            port=0,
+            log_level="INFO",
+            identity_public_key_file=keys.public_key_file,
+            otlp_endpoint=None,
+            shutdown_grace_seconds=0,
+        )
+        # A stand-in for the one built service, so only Vault can make the mesh degraded.
+        fake = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), fake)
+        fake_port = fake.add_insecure_port("127.0.0.1:0")
+        await fake.start()
+        settings = SystemSettings(services={"auth": f"127.0.0.1:{fake_port}"}, vault_address=vault_address)
+        parts = await build_system(server_settings, settings)
+        server, _health, port = await start_server(server_settings, parts)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = system_pb2_grpc.SystemServiceStub(channel).Health(
+                    system_pb2.HealthRequest(), timeout=10
+                )
+                metadata = dict(await call.initial_metadata() or ())
+                response = await call
+        finally:
+            await server.stop(None)
+            await fake.stop(None)
+            for close in parts.on_stop:
+                await close()
+        return response.status, response.services["vault"], metadata.get(HTTP_STATUS_HEADER)
+
+    assert run(report(bao.address)) == ("ok", "ok", None)
+    bao.seal()
+    try:
+        assert run(report(bao.address)) == ("degraded", "down", "503")
+    finally:
+        bao.unseal()
+    assert run(report(f"http://127.0.0.1:{free_port()}")) == ("degraded", "down", "503")
+    assert parse_vault_address("") is None
+    with pytest.raises(SettingsError, match="PYTHONON_SYSTEM_VAULT_ADDR must be an http"):
+        parse_vault_address("vault:8200")
