@@ -6,8 +6,8 @@ PostgreSQL database without reading each other's tables."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +47,16 @@ def create_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
+class UnitOfWork:
+    """An open transaction; `run` executes blocking work in it on a worker thread."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    async def run(self, work: Callable[[Session], T]) -> T:
+        return await asyncio.to_thread(work, self._session)
+
+
 class Database:
     """An engine, a session factory, and a way to run blocking work off the event loop."""
 
@@ -67,6 +77,22 @@ class Database:
                 return work(session)
 
         return await asyncio.to_thread(_in_transaction)
+
+    @asynccontextmanager
+    async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:
+        """One transaction spanning awaits: commit when the block ends, roll back if it raises.
+
+        Lets a service write, then record the action in the audit log, then commit, so a change
+        whose record could not be written is never kept."""
+        session = self._sessions()
+        try:
+            yield UnitOfWork(session)
+            await asyncio.to_thread(session.commit)
+        except BaseException:
+            await asyncio.to_thread(session.rollback)
+            raise
+        finally:
+            await asyncio.to_thread(session.close)
 
     def migrate(self, migrations: Path, version_table: str) -> None:
         """Bring the schema up to date with the service's Alembic migrations."""

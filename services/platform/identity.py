@@ -38,6 +38,8 @@ class RequestScope:
     identity: Identity | None
     request_id: str
     client_ip: str
+    # The verified assertion itself, forwarded on internal calls made for this request.
+    assertion: str = ""
 
 
 current_request: contextvars.ContextVar[RequestScope] = contextvars.ContextVar("current_request")
@@ -46,6 +48,9 @@ current_request: contextvars.ContextVar[RequestScope] = contextvars.ContextVar("
 def request_scope() -> RequestScope:
     """The scope of the request being served (set by the request interceptor)."""
     return current_request.get(RequestScope(identity=None, request_id="", client_ip=""))
+
+
+ANONYMOUS = Identity(user_id="anonymous", email="")
 
 
 def require_identity() -> Identity:

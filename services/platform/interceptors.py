@@ -45,9 +45,10 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             metadata = {key: value for key, value in context.invocation_metadata() or ()}
             identity = None
+            assertion = str(metadata.get(IDENTITY_HEADER, ""))
             if needs_identity:
                 try:
-                    identity = self._verifier.verify(str(metadata.get(IDENTITY_HEADER, "")))
+                    identity = self._verifier.verify(assertion)
                 except InvalidIdentity as error:
                     log.info("identity refused", extra={"method": method, "reason": str(error)})
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid identity")
@@ -55,6 +56,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 identity=identity,
                 request_id=str(metadata.get("x-request-id", "")),
                 client_ip=str(metadata.get(CLIENT_IP_HEADER, "")),
+                assertion=assertion if identity is not None else "",
             )
             token = current_request.set(scope)
             started = time.perf_counter()
