@@ -196,7 +196,13 @@ def _initialise(client: hvac.Client, files: OpenBaoFiles) -> dict[str, Any]:
                 "the storage directory)"
             )
         files.init_file.chmod(0o600)
-        return json.loads(files.init_file.read_text())
+        try:
+            init = json.loads(files.init_file.read_text())
+            if not init["keys_base64"] or not init["root_token"]:
+                raise ValueError("empty")
+        except (ValueError, KeyError, TypeError):
+            raise OpenBaoError(f"{files.init_file} is not a readable OpenBao init record") from None
+        return dict(init)
     if files.init_file.exists():
         raise OpenBaoError(
             f"{files.init_file} exists but OpenBao's storage in {files.storage} is empty; refusing to "

@@ -3,7 +3,8 @@ log before it is acknowledged.
 
 A change is made in Vault first and recorded second; if the record cannot be written, the change is
 undone (a new secret removed, an update reverted, a delete reversed) and the caller gets 503, so
-nothing acknowledged goes unlogged. Only the user of the request in hand is ever acted for."""
+nothing acknowledged goes unlogged. A value that is replaced or deleted is destroyed, not kept as an
+old version. Only the user of the request in hand is ever acted for."""
 
 from __future__ import annotations
 
@@ -79,6 +80,12 @@ class UserSecrets:
                 )
 
         await self._record(PUT, name, written.version, undo)
+        if previous:
+            # A replaced value is not kept: rotating a leaked secret must get rid of it.
+            try:
+                await asyncio.to_thread(self._store.destroy, uid, name, previous)
+            except Unavailable:
+                log.warning("the replaced version could not be destroyed", extra={"secret": name})
         return SecretRecord(
             name=name,
             description=description,

@@ -204,9 +204,13 @@ class VaultSecretStore:
             str(payload.get("description", "")),
             cas=from_version,
         )
+        self.destroy(user_id, name, from_version)
+
+    def destroy(self, user_id: str, name: str, version: int) -> None:
+        """Erase one version's content for good (its metadata stays, marked destroyed)."""
         self._call(
             lambda kv: kv.destroy_secret_versions(
-                path=self._path(user_id, name), versions=[from_version], mount_point=self._mount
+                path=self._path(user_id, name), versions=[version], mount_point=self._mount
             )
         )
 

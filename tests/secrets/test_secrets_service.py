@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import stat
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from services.platform.identity import Identity
 from services.platform.settings import Environment, ServerSettings, SettingsError
 from services.runner import openbao
 from services.secrets.settings import SecretsSettings
-from services.secrets.vault import UNAVAILABLE_MESSAGE, parse_time
+from services.secrets.vault import UNAVAILABLE_MESSAGE, VaultSecretStore, parse_time
 from services.system.service import build as build_system
 from services.system.settings import SystemSettings, parse_vault_address
 from tests.secrets.conftest import (
@@ -105,6 +106,11 @@ def test_put_put_list_delete_delete(bao: OpenBao, keys: Keys) -> None:
 
         second = await put(svc, user, "API_TOKEN", value="another value", description="rotated")
         assert (second.name, second.description, second.version) == ("API_TOKEN", "rotated", 2)
+        # The replaced value is destroyed in Vault, not kept as an old version.
+        versions = bao.root_client().secrets.kv.v2.read_secret_metadata(
+            path=f"pythonon/users/{user.user_id}/API_TOKEN", mount_point="secret"
+        )["data"]["versions"]
+        assert versions["1"]["destroyed"] is True and versions["2"]["destroyed"] is False
         assert second.created_at == first.created_at
         assert second.updated_at.ToDatetime() > first.updated_at.ToDatetime()
 
@@ -415,6 +421,17 @@ def test_every_call_is_503_when_vault_cannot_be_reached(bao: OpenBao, keys: Keys
 
     nowhere = vault_settings(bao, address=f"http://127.0.0.1:{free_port()}", timeout_seconds=1.0)
     with_service(bao, keys, test, vault=nowhere)
+
+
+def test_the_service_renews_its_token(bao: OpenBao) -> None:
+    store = VaultSecretStore(vault_settings(bao))
+    token = bao.files.service_token.read_text().strip()
+    client = hvac.Client(url=bao.address, token=token, timeout=5)
+    before = client.auth.token.lookup_self()["data"]["ttl"]
+    time.sleep(1.1)
+    store.renew_token()
+    assert client.auth.token.lookup_self()["data"]["ttl"] >= before
+    store.close()
 
 
 def test_a_refused_token_is_503_not_a_crash(bao: OpenBao, keys: Keys, tmp_path: Path) -> None:
