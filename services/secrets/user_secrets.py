@@ -145,7 +145,7 @@ class UserSecrets:
         except Unavailable:
             try:
                 await undo()
-            except (DomainError, hvac.exceptions.VaultError):
+            except (DomainError, CheckAndSetConflict, hvac.exceptions.VaultError):
                 log.error(
                     "a change the audit log refused could not be undone",
                     extra={"action": action, "secret": name, "version": version},
