@@ -1,0 +1,157 @@
+"""The sandbox contract every backend fulfils: what a run asks for, what it answers, the limits it
+gets, and the two refusals a caller must handle (the backend cannot run here; it is saturated)."""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+MiB = 1024 * 1024
+
+# Where a run's code and files live inside every sandbox; also its HOME.
+WORKDIR = "/workspace"
+
+MAIN_FILE = {"python": "main.py", "javascript": "main.js", "bash": "main.sh"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one run may use (DESIGN §6 defaults)."""
+
+    timeout_seconds: float = 10.0
+    memory_bytes: int = 256 * MiB
+    processes: int = 64
+    output_bytes: int = 1 * MiB  # per stream
+    file_bytes: int = 16 * MiB  # largest file a run may write
+    tmp_bytes: int = 64 * MiB  # size of /tmp, and separately of the working directory
+
+    def __post_init__(self) -> None:
+        if not (self.timeout_seconds > 0 and math.isfinite(self.timeout_seconds)):
+            raise ValueError("timeout_seconds must be a positive number")
+        for name in ("memory_bytes", "processes", "output_bytes", "file_bytes", "tmp_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: the code, what it reads, and what it is allowed."""
+
+    language: str
+    code: str
+    stdin: str = ""
+    env: Mapping[str, str] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    # Extra files placed in the working directory (relative paths), e.g. encrypted payloads.
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    # Delivered on fd 3 of the program, never in its environment or argv (e.g. a decryption password).
+    private_input: bytes = b""
+    # (host path, sandbox path) pairs bind-mounted read-only, e.g. the user's package environment.
+    readonly_paths: Sequence[tuple[str, str]] = ()
+
+
+@dataclass(frozen=True)
+class RunResult:
+    stdout: str
+    stderr: str
+    exit_code: int
+    duration_ms: int
+    timed_out: bool
+    truncated: bool
+
+
+class SandboxError(Exception):
+    """Infrastructure trouble: the sandbox itself failed, not the program in it."""
+
+
+class SandboxUnavailable(SandboxError):
+    """This backend cannot run on this host; the message says why."""
+
+
+class SandboxBusy(SandboxError):
+    """Every run slot and every place in the wait queue is taken: try again later."""
+
+    def __init__(self, retry_after: float, message: str = "") -> None:
+        self.retry_after = retry_after
+        super().__init__(message or f"the sandbox is saturated; retry after {retry_after:g} s")
+
+
+@runtime_checkable
+class SandboxBackend(Protocol):
+    name: str
+
+    def languages(self) -> list[str]:
+        """The languages whose runtimes exist on this host."""
+        ...
+
+    def enforced_limits(self) -> dict[str, bool]:
+        """Which limits this host actually enforces (for /api/info)."""
+        ...
+
+    async def start(self) -> None:
+        """Get ready to serve runs (e.g. fill the warm pool)."""
+        ...
+
+    async def run(self, spec: RunSpec) -> RunResult:
+        """Run one program. Raises only for infrastructure trouble, never for what the program does."""
+        ...
+
+    async def close(self) -> None:
+        """Kill everything still running and release what the backend holds."""
+        ...
+
+
+_ENV_NAME = re.compile(r"[^=\x00]+")
+
+
+def validate_spec(spec: RunSpec, languages: Sequence[str]) -> None:
+    """Refuse a spec that no sandbox should be asked to run (a caller's mistake, not the program's)."""
+    if spec.language not in languages:
+        raise ValueError(f"unsupported language {spec.language!r}; available: {', '.join(languages)}")
+    if "\x00" in spec.code:
+        raise ValueError("code must not contain NUL characters")
+    for name, value in spec.env.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"invalid environment variable name {name!r}")
+        if "\x00" in value:
+            raise ValueError(f"environment variable {name} contains a NUL character")
+    main = MAIN_FILE[spec.language]
+    total = len(spec.code.encode())
+    for name, data in spec.files.items():
+        clean = safe_relative_path(name)
+        if clean == main:
+            raise ValueError(f"a file named {main} would replace the code")
+        total += len(data)
+    if total > spec.limits.tmp_bytes:
+        raise ValueError("code and files are larger than the working directory")
+    for host, inside in spec.readonly_paths:
+        if not posixpath.isabs(host) or not posixpath.isabs(inside):
+            raise ValueError("readonly_paths must be absolute paths")
+        if posixpath.normpath(inside) in ("/", "/proc", "/dev", "/tmp", WORKDIR):  # noqa: S108 - inside
+            raise ValueError(f"cannot mount over {inside}")
+
+
+def safe_relative_path(name: str) -> str:
+    """A normalised relative path that stays inside the working directory, or ValueError."""
+    if not name or "\x00" in name or name.startswith("/"):
+        raise ValueError(f"invalid file name {name!r}")
+    clean = posixpath.normpath(name)
+    if clean in (".", "..") or clean.startswith("../"):
+        raise ValueError(f"file name {name!r} leaves the working directory")
+    return clean
+
+
+def describe_bytes(size: int) -> str:
+    if size % MiB == 0:
+        return f"{size // MiB} MiB"
+    if size % 1024 == 0:
+        return f"{size // 1024} KiB"
+    return f"{size} bytes"
+
+
+def describe_seconds(seconds: float) -> str:
+    return f"{seconds:g} s"

@@ -1,0 +1,223 @@
+"""The languages a sandbox can run: for each, the few host paths it needs (mounted read-only), the
+command that starts its warm bootstrap, and how a run's payload is encoded for that bootstrap."""
+
+from __future__ import annotations
+
+import base64
+import json
+import marshal
+import os
+import posixpath
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.executor.sandbox import bootstrap_python
+from services.executor.sandbox.bootstrap_scripts import BASH_BOOTSTRAP, NODE_BOOTSTRAP
+from services.executor.sandbox.interface import MAIN_FILE, WORKDIR, RunSpec, safe_relative_path
+
+# What a program finds in its environment besides the run's own variables.
+SAFE_ENV = {
+    "HOME": WORKDIR,
+    "LANG": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+# Shared libraries every runtime loads; kept as the host has them (directories or merged-/usr links).
+SYSTEM_LIBRARY_DIRS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32")
+
+# What a Bash script may call: coreutils and the handful of tools scripts commonly expect.
+BASH_TOOLS = (
+    "[", "arch", "b2sum", "base32", "base64", "basename", "basenc", "cat", "chmod", "cksum", "comm", "cp",
+    "csplit", "cut", "date", "dd", "df", "dirname", "du", "echo", "env", "expand", "expr", "factor", "false",
+    "fmt", "fold", "head", "id", "join", "link", "ln", "ls", "md5sum", "mkdir", "mkfifo", "mktemp", "mv",
+    "nl", "nproc", "numfmt", "od", "paste", "pr", "printenv", "printf", "pwd", "readlink", "realpath", "rm",
+    "rmdir", "seq", "sha1sum", "sha224sum", "sha256sum", "sha384sum", "sha512sum", "shred", "shuf", "sleep",
+    "sort", "split", "stat", "sum", "sync", "tac", "tail", "tee", "test", "timeout", "touch", "tr", "true",
+    "truncate", "tsort", "uname", "unexpand", "uniq", "unlink", "wc", "whoami", "yes",
+    "bash", "sh", "grep", "egrep", "fgrep", "sed", "awk", "find", "xargs", "cmp", "diff", "gzip", "gunzip",
+    "zcat", "tar", "fallocate", "getopt", "which", "kill", "ps", "bc",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Runtime:
+    language: str
+    command: tuple[str, ...]  # inside the sandbox
+    binds: tuple[tuple[str, str], ...]  # (host path, sandbox path), read-only
+    symlinks: tuple[tuple[str, str], ...]  # (target, link)
+    path: str  # PATH inside
+    # RLIMIT_AS is a sane memory fallback for Python and Bash, never for node (V8 reserves far
+    # more address space than it uses).
+    limit_address_space: bool
+    encoder: Callable[[RunSpec, Mapping[str, str], int], bytes]
+
+    def environment(self, spec: RunSpec) -> dict[str, str]:
+        return {"PATH": self.path, **SAFE_ENV, **spec.env}
+
+    def payload(self, spec: RunSpec, cpu_seconds: int) -> bytes:
+        """What the bootstrap reads; `cpu_seconds` lowers RLIMIT_CPU where the runtime can."""
+        return self.encoder(spec, self.environment(spec), cpu_seconds)
+
+
+def system_library_binds() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    binds, links = [], []
+    for path in SYSTEM_LIBRARY_DIRS:
+        if os.path.islink(path):
+            links.append((os.readlink(path), path))
+        elif os.path.isdir(path):
+            binds.append((path, path))
+    return binds, links
+
+
+def discover(
+    runtime_dir: Path, options: Mapping[str, str | None]
+) -> tuple[dict[str, Runtime], dict[str, str]]:
+    """The runtimes present on this host, and for each missing one the reason."""
+    found: dict[str, Runtime] = {}
+    missing: dict[str, str] = {}
+    for language, finder in (("python", _python), ("javascript", _node), ("bash", _bash)):
+        try:
+            found[language] = finder(options.get(language), runtime_dir)
+        except LookupError as error:
+            missing[language] = str(error)
+    return found, missing
+
+
+def _python(executable: str | None, runtime_dir: Path) -> Runtime:
+    candidates = (
+        [executable]
+        if executable
+        else [
+            os.path.join(sys.base_prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}"),
+            os.path.join(sys.base_prefix, "bin", "python3"),
+        ]
+    )
+    exe = next((Path(c).resolve() for c in candidates if c and os.access(c, os.X_OK)), None)
+    if exe is None:
+        raise LookupError(f"no Python interpreter at {', '.join(c for c in candidates if c)}")
+    prefix = exe.parent.parent
+    version = _python_version_dir(prefix)
+    if version is None:
+        raise LookupError(f"no standard library found under {prefix / 'lib'}")
+    binds = [(str(exe), str(exe)), (str(prefix / "lib" / version), str(prefix / "lib" / version))]
+    binds += [(str(p), str(p)) for p in sorted((prefix / "lib").glob(f"lib{version}*.so*")) if p.is_file()]
+    symlinks = [(exe.name, str(exe.parent / name)) for name in ("python3", "python") if name != exe.name]
+    bootstrap = Path(bootstrap_python.__file__).read_text()
+    return Runtime(
+        language="python",
+        command=(str(exe), "-I", "-S", "-u", "-B", "-c", bootstrap),
+        binds=tuple(binds),
+        symlinks=tuple(symlinks),
+        path=f"{exe.parent}:/usr/local/bin:/usr/bin:/bin",
+        limit_address_space=True,
+        encoder=_python_payload,
+    )
+
+
+def _python_version_dir(prefix: Path) -> str | None:
+    for candidate in sorted((prefix / "lib").glob("python3.*"), reverse=True):
+        if (candidate / "os.py").is_file():
+            return candidate.name
+    return None
+
+
+def _node(executable: str | None, runtime_dir: Path) -> Runtime:
+    found = executable or shutil.which("node", path="/usr/local/bin:/usr/bin:/bin")
+    if not found or not os.access(found, os.X_OK):
+        raise LookupError("node is not installed")
+    exe = Path(found).resolve()
+    return Runtime(
+        language="javascript",
+        command=(str(exe), "-e", NODE_BOOTSTRAP),
+        binds=((str(exe), str(exe)),),
+        symlinks=(),
+        path=f"{exe.parent}:/usr/local/bin:/usr/bin:/bin",
+        limit_address_space=False,
+        encoder=_node_payload,
+    )
+
+
+def _bash(executable: str | None, runtime_dir: Path) -> Runtime:
+    bash = executable or shutil.which("bash", path="/usr/bin:/bin")
+    if not bash or not os.access(bash, os.X_OK):
+        raise LookupError("bash is not installed")
+    toolbox = runtime_dir / "bash-tools"
+    toolbox.mkdir(mode=0o755, exist_ok=True)
+    for tool in BASH_TOOLS:
+        host = Path(bash) if tool == "bash" else shutil.which(tool, path="/usr/bin:/bin")
+        if host is None:
+            continue
+        _link_or_copy(Path(host).resolve(), toolbox / tool)
+    return Runtime(
+        language="bash",
+        command=("/usr/bin/bash", "-c", BASH_BOOTSTRAP),
+        binds=((str(toolbox), "/usr/bin"),),
+        symlinks=(("usr/bin", "/bin"),),
+        path="/usr/bin:/bin",
+        limit_address_space=True,
+        encoder=_bash_payload,
+    )
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if target.exists():
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _files(spec: RunSpec) -> list[tuple[str, bytes]]:
+    files = [(safe_relative_path(name), bytes(data)) for name, data in spec.files.items()]
+    return [*files, (MAIN_FILE[spec.language], spec.code.encode())]
+
+
+def _python_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int) -> bytes:
+    message = {
+        "workdir": WORKDIR,
+        "main": MAIN_FILE["python"],
+        "code": spec.code,
+        "env": dict(env),
+        "files": dict(_files(spec)[:-1]),
+        "cpu_seconds": cpu_seconds,
+    }
+    return marshal.dumps(message)
+
+
+def _node_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int) -> bytes:
+    files = {name: base64.b64encode(data).decode() for name, data in _files(spec)[:-1]}
+    message = {
+        "workdir": WORKDIR,
+        "main": MAIN_FILE["javascript"],
+        "code": spec.code,
+        "env": dict(env),
+        "files": files,
+    }
+    return json.dumps(message).encode()
+
+
+def _bash_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int) -> bytes:
+    end = "__PYTHONON_END_OF_FILE__"  # cannot occur in base64
+    lines = ["exec 4<&-", f"ulimit -t {cpu_seconds} 2>/dev/null", f"cd {_quote(WORKDIR)} || exit 70"]
+    for name, data in _files(spec):
+        directory = posixpath.dirname(name)
+        if directory:
+            lines.append(f"mkdir -p -- {_quote(directory)} || exit 70")
+        lines += [f"base64 -d > {_quote(name)} <<'{end}' || exit 70", base64.encodebytes(data).decode(), end]
+    assignments = " ".join(_quote(f"{name}={value}") for name, value in env.items())
+    main = posixpath.join(WORKDIR, MAIN_FILE["bash"])
+    lines.append(f"exec /usr/bin/env -i -- {assignments} /usr/bin/bash {_quote(main)}")
+    return "\n".join(lines).encode() + b"\n"
+
+
+_SHELL_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./,:=+@%-")
+
+
+def _quote(value: str) -> str:
+    """Bash ANSI-C quoting with every byte outside a small safe set escaped: any value, any bytes."""
+    return "$'" + "".join(chr(b) if b in _SHELL_SAFE else f"\\x{b:02x}" for b in value.encode()) + "'"

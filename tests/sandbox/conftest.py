@@ -1,0 +1,93 @@
+"""A sandbox backend shared by the tests of a module, driven from an event loop of its own in a
+background thread (so that the warm pool refills between tests, as it would in the service).
+
+The canary is set in this process's environment before any backend exists: no sandbox may see it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from services.executor.sandbox import RunResult, RunSpec, SandboxBackend, SandboxUnavailable, create_backend
+
+CANARY_NAME = "PYTHONON_CANARY"
+CANARY_VALUE = "leak-me"
+os.environ[CANARY_NAME] = CANARY_VALUE
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="sandbox-tests", daemon=True)
+        self._thread.start()
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+class Sandbox:
+    """A started backend and a synchronous way to use it."""
+
+    def __init__(self, loop: LoopThread, backend: SandboxBackend) -> None:
+        self.loop = loop
+        self.backend = backend
+
+    def run(self, spec: RunSpec) -> RunResult:
+        return self.loop.call(self.backend.run(spec))
+
+    def python(self, code: str, **fields: Any) -> RunResult:
+        return self.run(RunSpec("python", code, **fields))
+
+    def gather(self, specs: list[RunSpec]) -> list[RunResult | BaseException]:
+        async def all_runs() -> list[RunResult | BaseException]:
+            return await asyncio.gather(*(self.backend.run(s) for s in specs), return_exceptions=True)
+
+        return self.loop.call(all_runs())
+
+    def assert_healthy(self) -> None:
+        """The next run after an attack answers normally."""
+        result = self.python("print('still fine')")
+        assert (result.stdout, result.stderr, result.exit_code, result.timed_out) == (
+            "still fine\n",
+            "",
+            0,
+            False,
+        )
+
+
+@contextlib.contextmanager
+def started_backend(name: str, **options: Any) -> Iterator[Sandbox]:
+    """A started backend, closed afterwards; the test is skipped when the host cannot run it."""
+    loop = LoopThread()
+    try:
+        try:
+            backend = create_backend(name, **options)
+            loop.call(backend.start())
+        except SandboxUnavailable as error:
+            pytest.skip(f"the {name} sandbox cannot run on this host: {error}")
+        try:
+            yield Sandbox(loop, backend)
+        finally:
+            loop.call(backend.close())
+    finally:
+        loop.stop()
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    # Enough room for the 20-in-parallel test; the saturation test makes a backend of its own.
+    with started_backend("bwrap", pool_size=2, max_concurrent=24, max_waiting=8) as backend:
+        yield backend
