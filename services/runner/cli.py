@@ -23,7 +23,11 @@ def _parser() -> argparse.ArgumentParser:
         "--port", type=int, default=8080, help="the edge's port (default 8080; 0 picks a free one)"
     )
     up.add_argument(
-        "--data-dir", type=Path, default=Path(".data"), help="keys, databases, logs (default .data)"
+        "--data-dir",
+        type=Path,
+        default=Path(".data"),
+        help="keys (OpenBao's unseal key among them: a single-machine convenience), databases, "
+        "OpenBao's storage, logs (default .data)",
     )
     up.add_argument(
         "--database-url",

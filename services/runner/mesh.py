@@ -1,5 +1,5 @@
-"""Supervising a whole mesh on one machine: every built service and the Envoy edge as separate
-processes on loopback ports of their own, started in order, watched, and stopped cleanly.
+"""Supervising a whole mesh on one machine: OpenBao, every built service and the Envoy edge as
+separate processes on loopback ports of their own, started in order, watched, and stopped cleanly.
 
 `pyth-on up` and the integration tests both start the mesh through `Mesh`."""
 
@@ -27,10 +27,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge import config as edge_config
+from services.runner import openbao
 from services.runner.layout import DataLayout
 
 LOOPBACK = "127.0.0.1"
 EDGE = "envoy"
+OPENBAO = "openbao"
 _DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")
 # Variables a service may read from the runner's own environment; everything else is built fresh.
 _PASSED_THROUGH_PREFIXES = ("OTEL_",)
@@ -42,11 +44,13 @@ class MeshError(Exception):
 
 @dataclass(frozen=True)
 class MeshPorts:
-    """Where everything listens: the edge (public), Envoy's admin, and each service's gRPC server."""
+    """Where everything listens: the edge (public), Envoy's admin, each service's gRPC server, and
+    OpenBao's API."""
 
     edge: int
     admin: int
     services: Mapping[str, int]
+    vault: int
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,14 @@ class MeshPlan:
 
     def address(self, service: str) -> str:
         return f"{LOOPBACK}:{self.ports.services[service]}"
+
+    @property
+    def vault_address(self) -> str:
+        return f"http://{LOOPBACK}:{self.ports.vault}"
+
+    @property
+    def openbao(self) -> openbao.OpenBaoFiles:
+        return openbao.OpenBaoFiles.at(self.layout.root)
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,21 @@ def _auth_env(plan: MeshPlan) -> dict[str, str]:
         "PYTHONON_AUTH_IDENTITY_KEY_FILE": str(keys.identity_key),
         "PYTHONON_AUTH_ACCESS_TOKEN_KEY_FILE": str(keys.access_token_key),
         "PYTHONON_AUTH_SECRET_KEY_FILE": str(keys.auth_secret_key),
+        **_records_audit(plan),
+    }
+
+
+def _records_audit(plan: MeshPlan) -> dict[str, str]:
+    """What a service that records actions needs: where the audit service listens."""
+    return {"PYTHONON_AUDIT_ADDRESS": plan.address("audit")}
+
+
+def _secrets_env(plan: MeshPlan) -> dict[str, str]:
+    """The local OpenBao and the policy-limited token the runner issued (never the root token)."""
+    return {
+        "PYTHONON_SECRETS_VAULT_ADDR": plan.vault_address,
+        "PYTHONON_SECRETS_VAULT_TOKEN_FILE": str(plan.openbao.service_token),
+        **_records_audit(plan),
     }
 
 
@@ -88,12 +115,15 @@ def _system_env(plan: MeshPlan) -> dict[str, str]:
     return {
         "PYTHONON_SYSTEM_SERVICES": ",".join(f"{name}={plan.address(name)}" for name in plan.ports.services),
         "PYTHONON_SYSTEM_DATABASE_URLS": ",".join(dict.fromkeys(plan.database_urls.values())),
+        "PYTHONON_SYSTEM_VAULT_ADDR": plan.vault_address,
     }
 
 
 # The built services, in start order. A new service is one line here.
 SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec("audit", database=True),
     ServiceSpec("auth", database=True, env=_auth_env),
+    ServiceSpec("secrets", env=_secrets_env),
     ServiceSpec("system", env=_system_env),
 )
 
@@ -128,7 +158,7 @@ class MeshConfig:
 
     def pick_ports(self) -> MeshPorts:
         """Check the edge port is free (or pick one when it is 0) and pick distinct free loopback
-        ports for Envoy's admin and every service."""
+        ports for Envoy's admin, every service and OpenBao."""
         with ExitStack() as held:
             # All sockets stay bound until every port is chosen, so no two choices coincide.
             if self.port:
@@ -138,7 +168,8 @@ class MeshConfig:
                 edge = _bound_port(held.enter_context(_bind(self.host, 0)))
             admin = _bound_port(held.enter_context(_bind(LOOPBACK, 0)))
             services = {spec.name: _bound_port(held.enter_context(_bind(LOOPBACK, 0))) for spec in SERVICES}
-        return MeshPorts(edge=edge, admin=admin, services=services)
+            vault = _bound_port(held.enter_context(_bind(LOOPBACK, 0)))
+        return MeshPorts(edge=edge, admin=admin, services=services, vault=vault)
 
 
 @contextmanager
@@ -238,9 +269,10 @@ class _Child:
 
 
 class Mesh:
-    """A running mesh. `start()` returns once the edge answers 200 on /health; `stop()` stops Envoy
-    first, then the services (SIGTERM, then SIGKILL after the grace period). Usable as a context
-    manager. The data directory is locked while the mesh runs, so two meshes never share one."""
+    """A running mesh. `start()` starts OpenBao first and returns once the edge answers 200 on
+    /health; `stop()` stops Envoy first, then the services, then OpenBao (SIGTERM, then SIGKILL after
+    the grace period). Usable as a context manager. The data directory is locked while the mesh
+    runs, so two meshes never share one."""
 
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
@@ -280,8 +312,18 @@ class Mesh:
         return self.config.database_url or self.layout.sqlite_url(service)
 
     def log_path(self, name: str) -> Path:
-        """logs/<name>.log for a service name or "envoy"."""
+        """logs/<name>.log for a service name, "envoy" or "openbao"."""
         return self.layout.log(name)
+
+    @property
+    def vault_address(self) -> str:
+        """OpenBao's API, e.g. http://127.0.0.1:8200 (loopback only)."""
+        return f"http://{LOOPBACK}:{self.ports.vault}"
+
+    @property
+    def openbao_files(self) -> openbao.OpenBaoFiles:
+        """OpenBao's storage, config, init record (unseal key, root token) and the service's token."""
+        return openbao.OpenBaoFiles.at(self.layout.root)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -291,7 +333,8 @@ class Mesh:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> Mesh:
-        """Start every service, wait for their gRPC health, then start Envoy and wait for /health.
+        """Start OpenBao and bring it to service, start every service, wait for their gRPC health,
+        then start Envoy and wait for /health.
 
         Raises MeshError, naming the process that failed with the tail of its log; whatever was
         started is stopped again before it raises."""
@@ -308,6 +351,7 @@ class Mesh:
             )
             atexit.register(self.stop)
             deadline = time.monotonic() + self.config.startup_timeout_seconds
+            self._start_openbao(plan, deadline)
             for spec in SERVICES:
                 self._spawn(
                     spec.name, [sys.executable, "-m", f"services.{spec.name}"], self._service_env(spec, plan)
@@ -322,14 +366,18 @@ class Mesh:
         return self
 
     def stop(self) -> None:
-        """Stop Envoy, then the services; idempotent. Removes nothing from the data directory."""
+        """Stop Envoy, then the services, then OpenBao; idempotent. Removes nothing from the data
+        directory."""
         atexit.unregister(self.stop)
         edge = self._children.pop(EDGE, None)
         if edge is not None:
             self._terminate([edge])
+        vault = self._children.pop(OPENBAO, None)
         services = list(self._children.values())
         self._children.clear()
         self._terminate(services)
+        if vault is not None:
+            self._terminate([vault])
         self._release_lock()
 
     def exited(self) -> tuple[str, str] | None:
@@ -434,6 +482,22 @@ class Mesh:
             if time.monotonic() >= deadline:
                 raise self._timed_out(name, f"did not report SERVING on {address}")
             time.sleep(0.2)
+
+    def _start_openbao(self, plan: MeshPlan, deadline: float) -> None:
+        """Start OpenBao (a single-machine convenience, see services/runner/openbao.py), then
+        initialise it on first start, unseal it, and issue the secrets service its token."""
+        try:
+            openbao.write_config(plan.openbao, plan.ports.vault)
+            self._spawn(OPENBAO, openbao.server_argv(plan.openbao), self._base_env())
+            openbao.prepare(
+                plan.vault_address,
+                plan.openbao,
+                deadline=deadline,
+                check_alive=lambda: self._fail_if_exited(OPENBAO),
+            )
+        except openbao.OpenBaoError as error:
+            tail = self._children[OPENBAO].log_tail() if OPENBAO in self._children else "    (not started)"
+            raise MeshError(f"{error}; last lines of {self.layout.log(OPENBAO)}:\n{tail}") from None
 
     def _start_edge(self, plan: MeshPlan) -> None:
         edge_config.write_config(
