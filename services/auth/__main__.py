@@ -11,10 +11,12 @@ from services.auth import settings as auth_settings
 from services.auth.accounts import Accounts
 from services.auth.api_keys import ApiKeys
 from services.auth.edge_check import EdgeCheck
+from services.auth.events import AuthEvents
 from services.auth.rate_limits import TokenBuckets
 from services.auth.servicer import AuthServicer, EdgeAuthorizationServicer
 from services.auth.settings import AuthSettings
 from services.auth.tokens import AccessTokens
+from services.platform.audit import AuditClient
 from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer, run
 from services.platform.db import Database
 from services.platform.identity import IdentitySigner
@@ -27,17 +29,21 @@ async def build(server: ServerSettings, settings: AuthSettings) -> ServiceParts:
     """Wire the auth service's parts from its settings (tests call this too)."""
     db = Database(settings.database_url)
     db.migrate(MIGRATIONS, version_table="alembic_version_auth")
+    signer = IdentitySigner(settings.identity_private_key)
+    audit = AuditClient(settings.audit_address)
     accounts = Accounts(
         db,
         ApiKeys(settings.secret_key),
         AccessTokens(settings.access_token_private_key, settings.access_token_ttl_seconds),
         settings.refresh_token_ttl_seconds,
+        AuthEvents(audit, signer),
     )
     check = EdgeCheck(
         accounts, TokenBuckets(settings.user_rate_limit), TokenBuckets(settings.client_ip_rate_limit)
     )
 
     async def close() -> None:
+        await audit.close()
         db.dispose()
 
     return ServiceParts(
@@ -49,7 +55,7 @@ async def build(server: ServerSettings, settings: AuthSettings) -> ServiceParts:
             ),
             Servicer(
                 external_auth_pb2_grpc.add_AuthorizationServicer_to_server,
-                EdgeAuthorizationServicer(check, IdentitySigner(settings.identity_private_key)),
+                EdgeAuthorizationServicer(check, signer),
                 external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
             ),
         ],

@@ -7,18 +7,19 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import Enum
 
 from sqlalchemy.orm import Session
 
 from services.auth import passwords
 from services.auth.api_keys import ApiKeys
+from services.auth.events import AuthEvents
 from services.auth.models import RefreshToken, User
 from services.auth.storage import AuthRepository, EmailTaken
 from services.auth.tokens import AccessTokens, InvalidToken, new_refresh_token, refresh_token_digest
+from services.platform.audit import DENIED, FAILURE, SUCCESS
 from services.platform.db import Database, utc_now
 from services.platform.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
-from services.platform.identity import Identity
+from services.platform.identity import ANONYMOUS, Identity
 
 MAX_EMAIL_LENGTH = 254
 _EMAIL = re.compile(
@@ -43,10 +44,14 @@ class Credentials:
     user: UserView
 
 
-class _RefreshOutcome(Enum):
-    UNKNOWN = "unknown"
-    EXPIRED = "expired"
-    REUSED = "reused"
+@dataclass(frozen=True)
+class _Rotation:
+    """What presenting a refresh token led to: `refresh_token` is set only when it was rotated."""
+
+    outcome: str  # "rotated", "unknown", "expired" or "reused"
+    user: User | None = None
+    refresh_token: str = ""
+    revoked: int = 0
 
 
 def normalize_email(email: str) -> str:
@@ -62,7 +67,7 @@ def _view(user: User) -> UserView:
 
 
 class Accounts:
-    """Users and their credentials."""
+    """Users and their credentials. Every change is recorded in the audit log before it commits."""
 
     def __init__(
         self,
@@ -70,11 +75,13 @@ class Accounts:
         api_keys: ApiKeys,
         access_tokens: AccessTokens,
         refresh_token_ttl_seconds: int,
+        events: AuthEvents,
     ) -> None:
         self._db = db
         self._api_keys = api_keys
         self._access_tokens = access_tokens
         self._refresh_ttl = timedelta(seconds=refresh_token_ttl_seconds)
+        self._events = events
 
     async def register(self, email: str, password: str) -> Credentials:
         email = normalize_email(email)
@@ -97,8 +104,11 @@ class Accounts:
             return _view(user), self._start_refresh_family(repository, user_id)
 
         try:
-            user, refresh_token = await self._db.run(create)
+            async with self._db.unit_of_work() as uow:
+                user, refresh_token = await uow.run(create)
+                await self._events.record(Identity(user.id, user.email), "auth.register", SUCCESS)
         except EmailTaken:
+            await self._events.record(ANONYMOUS, "auth.register", FAILURE, {"reason": "email_taken"})
             raise AlreadyExists("a user with this email already exists") from None
         return self._credentials(user, api_key, refresh_token)
 
@@ -112,44 +122,62 @@ class Accounts:
         ok = await asyncio.to_thread(
             passwords.verify_password, user.password_hash if user else None, password
         )
-        if user is None or not ok:
+        if user is None:
+            await self._events.record(ANONYMOUS, "auth.login", FAILURE, {"reason": "unknown_email"})
             raise Unauthenticated(LOGIN_REFUSED)
-        refresh_token = await self._db.run(lambda s: self._start_refresh_family(AuthRepository(s), user.id))
+        identity = Identity(user.id, user.email)
+        if not ok:
+            await self._events.record(identity, "auth.login", FAILURE, {"reason": "wrong_password"})
+            raise Unauthenticated(LOGIN_REFUSED)
+        async with self._db.unit_of_work() as uow:
+            refresh_token = await uow.run(lambda s: self._start_refresh_family(AuthRepository(s), user.id))
+            await self._events.record(identity, "auth.login", SUCCESS)
         api_key = self._api_keys.decrypt(user.api_key_ciphertext, user.id)
         return self._credentials(_view(user), api_key, refresh_token)
 
     async def refresh(self, presented: str) -> Credentials:
         digest = refresh_token_digest(presented)
 
-        def rotate(session: Session) -> tuple[User, str] | _RefreshOutcome:
+        def rotate(session: Session) -> _Rotation:
             repository = AuthRepository(session)
             now = utc_now()
             token = repository.refresh_token_by_digest(digest)
-            if token is None:
-                return _RefreshOutcome.UNKNOWN
+            user = repository.user_by_id(token.user_id) if token else None
+            if token is None or user is None:
+                return _Rotation("unknown")
             if not repository.spend_refresh_token(token.id, now):
                 # A spent or revoked token came back: someone holds a copy. Revoke the whole family.
-                repository.revoke_family(token.family_id, now)
-                return _RefreshOutcome.REUSED
+                return _Rotation("reused", user, revoked=repository.revoke_family(token.family_id, now))
             if token.expires_at <= now:
-                return _RefreshOutcome.EXPIRED
-            user = repository.user_by_id(token.user_id)
-            if user is None:
-                return _RefreshOutcome.UNKNOWN
-            return user, self._issue_refresh_token(repository, user.id, token.family_id, now)
+                return _Rotation("expired", user)
+            return _Rotation(
+                "rotated", user, self._issue_refresh_token(repository, user.id, token.family_id, now)
+            )
 
-        outcome = await self._db.run(rotate)
-        if outcome is _RefreshOutcome.REUSED:
+        async with self._db.unit_of_work() as uow:
+            rotation = await uow.run(rotate)
+            user = rotation.user
+            if user is None:
+                await self._events.record(ANONYMOUS, "auth.refresh", FAILURE, {"reason": "unknown_token"})
+            elif rotation.outcome == "reused":
+                details = {"reason": "refresh_token_reuse", "revoked_tokens": rotation.revoked}
+                await self._events.record(Identity(user.id, user.email), "auth.refresh", DENIED, details)
+            elif rotation.outcome == "expired":
+                await self._events.record(
+                    Identity(user.id, user.email), "auth.refresh", FAILURE, {"reason": "expired"}
+                )
+            else:
+                await self._events.record(Identity(user.id, user.email), "auth.refresh", SUCCESS)
+        if rotation.outcome == "reused":
             raise Unauthenticated(
                 "refresh token was already used; its session has been revoked, log in again"
             )
-        if outcome is _RefreshOutcome.EXPIRED:
+        if rotation.outcome == "expired":
             raise Unauthenticated("refresh token has expired; log in again")
-        if isinstance(outcome, _RefreshOutcome):
+        if user is None:
             raise Unauthenticated("invalid refresh token")
-        user, refresh_token = outcome
         api_key = self._api_keys.decrypt(user.api_key_ciphertext, user.id)
-        return self._credentials(_view(user), api_key, refresh_token)
+        return self._credentials(_view(user), api_key, rotation.refresh_token)
 
     async def user(self, user_id: str) -> UserView:
         user = await self._db.run(lambda s: AuthRepository(s).user_by_id(user_id))

@@ -20,6 +20,7 @@ class RateLimit:
 @dataclass(frozen=True)
 class AuthSettings:
     database_url: str
+    audit_address: str
     identity_private_key: bytes
     access_token_private_key: bytes
     secret_key: bytes
@@ -39,6 +40,7 @@ class AuthSettings:
             raise SettingsError("PYTHONON_AUTH_SECRET_KEY_FILE must hold at least 32 random bytes")
         return cls(
             database_url=database_url(env, "auth"),
+            audit_address=env.text("PYTHONON_AUDIT_ADDRESS"),
             identity_private_key=env.existing_file("PYTHONON_AUTH_IDENTITY_KEY_FILE").read_bytes(),
             access_token_private_key=env.existing_file("PYTHONON_AUTH_ACCESS_TOKEN_KEY_FILE").read_bytes(),
             secret_key=secret,

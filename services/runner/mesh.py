@@ -6,6 +6,7 @@ separate processes on loopback ports of their own, started in order, watched, an
 from __future__ import annotations
 
 import atexit
+import ctypes
 import errno
 import fcntl
 import os
@@ -198,6 +199,21 @@ def _bound_port(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
 
 
+_PR_SET_PDEATHSIG = 1
+# Resolved once in the parent, so the child between fork and exec only makes the call.
+try:
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the runner dies, even by SIGKILL, so a killed runner
+    leaves no orphaned mesh behind (Linux only; elsewhere the runner's own stop path still applies)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 class _Child:
     """A supervised process, leader of its own process group, logging to a file."""
 
@@ -222,6 +238,7 @@ class _Child:
                 start_new_session=True,
                 # Databases and anything else a child creates are readable by the owner only.
                 umask=0o077,
+                preexec_fn=_terminate_with_parent,
             )
 
     @property

@@ -6,29 +6,33 @@ from __future__ import annotations
 import grpc
 import httpx
 import pytest
+from pythonon.audit.v1 import audit_pb2, audit_pb2_grpc
 from pythonon.auth.v1 import auth_pb2, auth_pb2_grpc
-from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
 from pythonon.system.v1 import system_pb2, system_pb2_grpc
+from pythonon.zk.v1 import zk_pb2, zk_pb2_grpc
 
+from services.runner.mesh import SERVICES
 from tests.integration.conftest import PASSWORD, new_email
 
-UNBUILT = [
-    ("POST", "/api/v1/execute", {"code": "print(1)"}),
-    ("PUT", "/api/v1/secrets/TOKEN", {"value": "x"}),
-    ("DELETE", "/api/v1/secrets/TOKEN", None),
-    ("GET", "/api/v1/secrets", None),
-    ("GET", "/api/v1/audit", None),
-    ("POST", "/api/v1/generate", {"prompt": "hello"}),
-    ("GET", "/api/v1/packages", None),
-    ("PUT", "/api/v1/packages", {"packages": ["requests"]}),
-    ("POST", "/api/v1/packages", {"package": "requests"}),
-    ("DELETE", "/api/v1/packages/requests", None),
-    ("POST", "/api/v1/zk/encrypt", {"code": "print(1)", "password": "pw"}),
-    ("PUT", "/api/v1/zk/code/job", {"language": "python"}),
-    ("DELETE", "/api/v1/zk/code/job", None),
-    ("GET", "/api/v1/zk/code", None),
-    ("POST", "/api/v1/zk/execute/job", {"password": "pw"}),
+ENDPOINTS = [
+    ("executor", "POST", "/api/v1/execute", {"code": "print(1)"}),
+    ("secrets", "PUT", "/api/v1/secrets/TOKEN", {"value": "x"}),
+    ("secrets", "DELETE", "/api/v1/secrets/TOKEN", None),
+    ("secrets", "GET", "/api/v1/secrets", None),
+    ("audit", "GET", "/api/v1/audit", None),
+    ("generator", "POST", "/api/v1/generate", {"prompt": "hello"}),
+    ("packages", "GET", "/api/v1/packages", None),
+    ("packages", "PUT", "/api/v1/packages", {"packages": ["requests"]}),
+    ("packages", "POST", "/api/v1/packages", {"package": "requests"}),
+    ("packages", "DELETE", "/api/v1/packages/requests", None),
+    ("zk", "POST", "/api/v1/zk/encrypt", {"code": "print(1)", "password": "pw"}),
+    ("zk", "PUT", "/api/v1/zk/code/job", {"language": "python"}),
+    ("zk", "DELETE", "/api/v1/zk/code/job", None),
+    ("zk", "GET", "/api/v1/zk/code", None),
+    ("zk", "POST", "/api/v1/zk/execute/job", {"password": "pw"}),
 ]
+BUILT = {spec.name for spec in SERVICES}
+UNBUILT = [(method, path, body) for section, method, path, body in ENDPOINTS if section not in BUILT]
 
 
 @pytest.mark.parametrize(("method", "path", "body"), UNBUILT, ids=[f"{m} {p}" for m, p, _ in UNBUILT])
@@ -42,8 +46,13 @@ def test_unbuilt_sections_answer_501_to_an_authenticated_user(
     assert "not available in this version yet" in payload["message"]
 
 
-def test_unbuilt_sections_still_require_credentials(client: httpx.Client) -> None:
-    response = client.post("/api/v1/execute", json={"code": "print(1)"})
+@pytest.mark.parametrize(
+    ("section", "method", "path", "body"), ENDPOINTS, ids=[f"{m} {p}" for _, m, p, _ in ENDPOINTS]
+)
+def test_every_section_requires_credentials(
+    client: httpx.Client, section: str, method: str, path: str, body: dict | None
+) -> None:
+    response = client.request(method, path, json=body)
     assert response.status_code == 401
     assert response.json()["code"] == 16
 
@@ -70,7 +79,8 @@ def test_health_reports_every_section(client: httpx.Client) -> None:
     assert body["status"] == "ok"
     assert body["services"]["auth"] == "ok" and body["services"]["system"] == "ok"
     assert body["services"]["database"] == "ok"
-    assert body["services"]["executor"] == "not_built"
+    for section in ("executor", "generator", "packages", "zk"):
+        assert body["services"][section] == ("ok" if section in BUILT else "not_built")
     assert body["uptimeSeconds"] >= 0 and body["version"]
 
 
@@ -81,7 +91,8 @@ def test_info_names_limits_and_features(client: httpx.Client) -> None:
     assert body["name"] == "Pyth-On"
     assert body["limits"]["timeoutDefaultSeconds"] == 10 and body["limits"]["timeoutMaxSeconds"] == 60
     assert body["limits"]["memoryMib"] == 256 and body["limits"]["network"] is False
-    assert body["features"]["auth"] is True and body["features"]["executor"] is False
+    assert body["features"] == {section: section in BUILT for section in body["features"]}
+    assert body["features"]["auth"] is True
 
 
 def test_native_grpc_through_the_same_port(mesh) -> None:
@@ -103,10 +114,14 @@ def test_native_grpc_through_the_same_port(mesh) -> None:
             auth.Verify(auth_pb2.VerifyRequest(), metadata=[("x-api-key", "po_wrong")], timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-        with pytest.raises(grpc.RpcError) as unbuilt:
-            executor_pb2_grpc.ExecutorServiceStub(channel).Execute(
-                executor_pb2.ExecuteRequest(code="print(1)"),
-                metadata=[("x-api-key", registered.api_key)],
-                timeout=10,
-            )
-        assert unbuilt.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        audit = audit_pb2_grpc.AuditServiceStub(channel).ListEntries(
+            audit_pb2.ListEntriesRequest(), metadata=[("x-api-key", registered.api_key)], timeout=10
+        )
+        assert [entry.action for entry in audit.entries] == ["auth.register"]
+
+        if "zk" not in BUILT:
+            with pytest.raises(grpc.RpcError) as unbuilt:
+                zk_pb2_grpc.ZkServiceStub(channel).ListCode(
+                    zk_pb2.ListCodeRequest(), metadata=[("x-api-key", registered.api_key)], timeout=10
+                )
+            assert unbuilt.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -176,7 +176,7 @@ def test_a_mesh_starts_serves_and_stops_every_process(
     )
     with Mesh(config) as mesh:
         pids = mesh.pids
-        assert sorted(pids) == sorted([*BUILT, "envoy"])
+        assert sorted(pids) == sorted([*BUILT, "envoy", "openbao"])
         health = httpx.get(f"{mesh.url}/health", timeout=10)
         assert health.status_code == 200, health.text
         assert {name: health.json()["services"][name] for name in BUILT} == dict.fromkeys(BUILT, "ok")
@@ -196,7 +196,9 @@ def test_a_mesh_starts_serves_and_stops_every_process(
         assert system["PYTHONON_SYSTEM_SERVICES"] == ",".join(
             f"{name}={mesh.service_address(name)}" for name in BUILT
         )
-        assert system["PYTHONON_SYSTEM_DATABASE_URLS"] == auth["PYTHONON_AUTH_DATABASE_URL"]
+        assert system["PYTHONON_SYSTEM_DATABASE_URLS"].split(",") == [
+            f"sqlite:///{mesh.layout.db / f'{spec.name}.db'}" for spec in SERVICES if spec.database
+        ]
         assert mode(mesh.layout.db / "auth.db") == 0o600
         assert mesh.exited() is None
 
@@ -235,7 +237,7 @@ def test_pyth_on_up_prints_the_url_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
             pytest.fail(f"the runner ended without coming up (status {runner.wait()})")
         assert httpx.get(f"{url}/api/info", timeout=10).json()["name"] == "Pyth-On"
         children = _children_of(runner.pid)
-        assert len(children) == len(BUILT) + 1
+        assert len(children) == len(BUILT) + 2  # and Envoy and OpenBao
 
         runner.send_signal(signal.SIGINT)
         assert runner.wait(timeout=30) == 0
@@ -261,3 +263,25 @@ def _children_of(pid: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_a_killed_runner_leaves_no_process_behind(tmp_path: Path) -> None:
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "services.runner.cli", "up", "--port", "0", "--data-dir", str(tmp_path / "d")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert runner.stdout is not None
+        for line in runner.stdout:
+            if line.startswith("Pyth-On is up at "):
+                break
+        else:
+            pytest.fail(f"the runner ended without coming up (status {runner.wait()})")
+        children = _children_of(runner.pid)
+        assert len(children) == len(BUILT) + 2
+    finally:
+        runner.kill()  # SIGKILL: the runner gets no chance to stop anything itself
+        runner.wait()
+    assert wait_gone(children) == []
