@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from pythonon.api.v1 import access_pb2 as pythonon_dot_api_dot_v1_dot_access__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pythonon/executor/v1/executor.proto\x12\x14pythonon.executor.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xf6\x01\n\x0e\x45xecuteRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\r\n\x05stdin\x18\x03 \x01(\t\x12\x14\n\x07timeout\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12:\n\x03\x65nv\x18\x05 \x03(\x0b\x32-.pythonon.executor.v1.ExecuteRequest.EnvEntry\x12+\n\x07secrets\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_timeout\"\x94\x01\n\x0f\x45xecuteResponse\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x05\x12\x11\n\ttimed_out\x18\x05 \x01(\x08\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x14\n\x0c\x65xecution_id\x18\x07 \x01(\t2\x85\x01\n\x0f\x45xecutorService\x12r\n\x07\x45xecute\x12$.pythonon.executor.v1.ExecuteRequest\x1a%.pythonon.executor.v1.ExecuteResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/api/v1/execute:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pythonon/executor/v1/executor.proto\x12\x14pythonon.executor.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1cpythonon/api/v1/access.proto\"\xf6\x01\n\x0e\x45xecuteRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\r\n\x05stdin\x18\x03 \x01(\t\x12\x14\n\x07timeout\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12:\n\x03\x65nv\x18\x05 \x03(\x0b\x32-.pythonon.executor.v1.ExecuteRequest.EnvEntry\x12+\n\x07secrets\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_timeout\"\x94\x01\n\x0f\x45xecuteResponse\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x05\x12\x11\n\ttimed_out\x18\x05 \x01(\x08\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x14\n\x0c\x65xecution_id\x18\x07 \x01(\t\"\x18\n\x16GetCapabilitiesRequest\"\xba\x01\n\x0c\x43\x61pabilities\x12\x0f\n\x07sandbox\x18\x01 \x01(\t\x12\x11\n\tlanguages\x18\x02 \x03(\t\x12O\n\x0f\x65nforced_limits\x18\x03 \x03(\x0b\x32\x36.pythonon.executor.v1.Capabilities.EnforcedLimitsEntry\x1a\x35\n\x13\x45nforcedLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\x32\x85\x01\n\x0f\x45xecutorService\x12r\n\x07\x45xecute\x12$.pythonon.executor.v1.ExecuteRequest\x1a%.pythonon.executor.v1.ExecuteResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/api/v1/execute:\x01*2\x88\x01\n\x1b\x45xecutorCapabilitiesService\x12i\n\x0fGetCapabilities\x12,.pythonon.executor.v1.GetCapabilitiesRequest\x1a\".pythonon.executor.v1.Capabilities\"\x04\xc8\xf3\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +36,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXECUTEREQUEST_ENVENTRY']._loaded_options = None
   _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_options = b'8\001'
+  _globals['_CAPABILITIES_ENFORCEDLIMITSENTRY']._loaded_options = None
+  _globals['_CAPABILITIES_ENFORCEDLIMITSENTRY']._serialized_options = b'8\001'
   _globals['_EXECUTORSERVICE'].methods_by_name['Execute']._loaded_options = None
   _globals['_EXECUTORSERVICE'].methods_by_name['Execute']._serialized_options = b'\202\323\344\223\002\024\"\017/api/v1/execute:\001*'
-  _globals['_EXECUTEREQUEST']._serialized_start=122
-  _globals['_EXECUTEREQUEST']._serialized_end=368
-  _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_start=314
-  _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_end=356
-  _globals['_EXECUTERESPONSE']._serialized_start=371
-  _globals['_EXECUTERESPONSE']._serialized_end=519
-  _globals['_EXECUTORSERVICE']._serialized_start=522
-  _globals['_EXECUTORSERVICE']._serialized_end=655
+  _globals['_EXECUTORCAPABILITIESSERVICE'].methods_by_name['GetCapabilities']._loaded_options = None
+  _globals['_EXECUTORCAPABILITIESSERVICE'].methods_by_name['GetCapabilities']._serialized_options = b'\310\363\030\001'
+  _globals['_EXECUTEREQUEST']._serialized_start=152
+  _globals['_EXECUTEREQUEST']._serialized_end=398
+  _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_start=344
+  _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_end=386
+  _globals['_EXECUTERESPONSE']._serialized_start=401
+  _globals['_EXECUTERESPONSE']._serialized_end=549
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=551
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=575
+  _globals['_CAPABILITIES']._serialized_start=578
+  _globals['_CAPABILITIES']._serialized_end=764
+  _globals['_CAPABILITIES_ENFORCEDLIMITSENTRY']._serialized_start=711
+  _globals['_CAPABILITIES_ENFORCEDLIMITSENTRY']._serialized_end=764
+  _globals['_EXECUTORSERVICE']._serialized_start=767
+  _globals['_EXECUTORSERVICE']._serialized_end=900
+  _globals['_EXECUTORCAPABILITIESSERVICE']._serialized_start=903
+  _globals['_EXECUTORCAPABILITIESSERVICE']._serialized_end=1039
 # @@protoc_insertion_point(module_scope)

@@ -99,3 +99,79 @@ class ExecutorService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ExecutorCapabilitiesServiceStub:
+    """Called by the system service only (the edge does not route it): what this executor can run.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetCapabilities = channel.unary_unary(
+                '/pythonon.executor.v1.ExecutorCapabilitiesService/GetCapabilities',
+                request_serializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.GetCapabilitiesRequest.SerializeToString,
+                response_deserializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.Capabilities.FromString,
+                _registered_method=True)
+
+
+class ExecutorCapabilitiesServiceServicer:
+    """Called by the system service only (the edge does not route it): what this executor can run.
+    """
+
+    def GetCapabilities(self, request, context):
+        """The sandbox backend, the languages whose runtimes exist, and the limits this host enforces.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ExecutorCapabilitiesServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetCapabilities': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCapabilities,
+                    request_deserializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.GetCapabilitiesRequest.FromString,
+                    response_serializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.Capabilities.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pythonon.executor.v1.ExecutorCapabilitiesService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pythonon.executor.v1.ExecutorCapabilitiesService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ExecutorCapabilitiesService:
+    """Called by the system service only (the edge does not route it): what this executor can run.
+    """
+
+    @staticmethod
+    def GetCapabilities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pythonon.executor.v1.ExecutorCapabilitiesService/GetCapabilities',
+            pythonon_dot_executor_dot_v1_dot_executor__pb2.GetCapabilitiesRequest.SerializeToString,
+            pythonon_dot_executor_dot_v1_dot_executor__pb2.Capabilities.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -56,3 +56,34 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Runs one piece of code and answers with what it printed."""
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ExecutorCapabilitiesServiceStub:
+    """Called by the system service only (the edge does not route it): what this executor can run."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ExecutorCapabilitiesServiceAsyncStub: ...
+    GetCapabilities: _grpc.UnaryUnaryMultiCallable[_executor_pb2.GetCapabilitiesRequest, _executor_pb2.Capabilities]
+    """The sandbox backend, the languages whose runtimes exist, and the limits this host enforces."""
+
+@_typing.type_check_only
+class ExecutorCapabilitiesServiceAsyncStub(ExecutorCapabilitiesServiceStub):
+    """Called by the system service only (the edge does not route it): what this executor can run."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetCapabilities: _aio.UnaryUnaryMultiCallable[_executor_pb2.GetCapabilitiesRequest, _executor_pb2.Capabilities]  # type: ignore[assignment]
+    """The sandbox backend, the languages whose runtimes exist, and the limits this host enforces."""
+
+class ExecutorCapabilitiesServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Called by the system service only (the edge does not route it): what this executor can run."""
+
+    @_abc_1.abstractmethod
+    def GetCapabilities(
+        self,
+        request: _executor_pb2.GetCapabilitiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.Capabilities, _abc.Awaitable[_executor_pb2.Capabilities]]:
+        """The sandbox backend, the languages whose runtimes exist, and the limits this host enforces."""
+
+def add_ExecutorCapabilitiesServiceServicer_to_server(servicer: ExecutorCapabilitiesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

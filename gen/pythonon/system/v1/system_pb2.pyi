@@ -177,12 +177,33 @@ class InfoResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class EnforcedLimitsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.bool
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.bool = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     LANGUAGES_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     SANDBOX_FIELD_NUMBER: _builtins.int
+    ENFORCED_LIMITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     sandbox: _builtins.str
@@ -195,6 +216,10 @@ class InfoResponse(_message.Message):
     def features(self) -> _containers.ScalarMap[_builtins.str, _builtins.bool]:
         """Feature name to whether it is available in this deployment."""
 
+    @_builtins.property
+    def enforced_limits(self) -> _containers.ScalarMap[_builtins.str, _builtins.bool]:
+        """Limit name to whether this host enforces it (reported by the executor)."""
+
     def __init__(
         self,
         *,
@@ -204,10 +229,11 @@ class InfoResponse(_message.Message):
         limits: Global___Limits | None = ...,
         features: _abc.Mapping[_builtins.str, _builtins.bool] | None = ...,
         sandbox: _builtins.str = ...,
+        enforced_limits: _abc.Mapping[_builtins.str, _builtins.bool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "languages", b"languages", "limits", b"limits", "name", b"name", "sandbox", b"sandbox", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforced_limits", b"enforced_limits", "features", b"features", "languages", b"languages", "limits", b"limits", "name", b"name", "sandbox", b"sandbox", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
