@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.executor.sandbox import bootstrap_python
-from services.executor.sandbox.bootstrap_scripts import BASH_BOOTSTRAP, NODE_BOOTSTRAP
+from services.executor.sandbox.bootstrap_scripts import BASH_BOOTSTRAP, BASH_BOOTSTRAP_STDIN, NODE_BOOTSTRAP
 from services.executor.sandbox.interface import MAIN_FILE, WORKDIR, RunSpec, safe_relative_path
 
 # What a program finds in its environment besides the run's own variables.
@@ -46,21 +46,24 @@ BASH_TOOLS = (
 @dataclass(frozen=True)
 class Runtime:
     language: str
-    command: tuple[str, ...]  # inside the sandbox
+    command: tuple[str, ...]  # inside the sandbox; the payload comes on fd 4
+    command_stdin: tuple[str, ...]  # the same, the payload coming first on stdin (gVisor)
     binds: tuple[tuple[str, str], ...]  # (host path, sandbox path), read-only
     symlinks: tuple[tuple[str, str], ...]  # (target, link)
     path: str  # PATH inside
     # RLIMIT_AS is a sane memory fallback for Python and Bash, never for node (V8 reserves far
     # more address space than it uses).
     limit_address_space: bool
-    encoder: Callable[[RunSpec, Mapping[str, str], int], bytes]
+    encoder: Callable[[RunSpec, Mapping[str, str], int, bool], bytes]
 
     def environment(self, spec: RunSpec) -> dict[str, str]:
         return {"PATH": self.path, **SAFE_ENV, **spec.env}
 
-    def payload(self, spec: RunSpec, cpu_seconds: int) -> bytes:
-        """What the bootstrap reads; `cpu_seconds` lowers RLIMIT_CPU where the runtime can."""
-        return self.encoder(spec, self.environment(spec), cpu_seconds)
+    def payload(self, spec: RunSpec, cpu_seconds: int, inline_private: bool = False) -> bytes:
+        """What the bootstrap reads; `cpu_seconds` lowers RLIMIT_CPU where the runtime can. With
+        `inline_private`, the private input travels in the payload and the bootstrap puts it on
+        fd 3 (for a sandbox that cannot be handed a pipe there)."""
+        return self.encoder(spec, self.environment(spec), cpu_seconds, inline_private)
 
 
 def system_library_binds() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -110,6 +113,7 @@ def _python(executable: str | None, runtime_dir: Path) -> Runtime:
     return Runtime(
         language="python",
         command=(str(exe), "-I", "-S", "-u", "-B", "-c", bootstrap),
+        command_stdin=(str(exe), "-I", "-S", "-u", "-B", "-c", bootstrap, "stdin"),
         binds=tuple(binds),
         symlinks=tuple(symlinks),
         path=f"{exe.parent}:/usr/local/bin:/usr/bin:/bin",
@@ -133,6 +137,7 @@ def _node(executable: str | None, runtime_dir: Path) -> Runtime:
     return Runtime(
         language="javascript",
         command=(str(exe), "-e", NODE_BOOTSTRAP),
+        command_stdin=(str(exe), "-e", NODE_BOOTSTRAP, "stdin"),
         binds=((str(exe), str(exe)),),
         symlinks=(),
         path=f"{exe.parent}:/usr/local/bin:/usr/bin:/bin",
@@ -155,6 +160,7 @@ def _bash(executable: str | None, runtime_dir: Path) -> Runtime:
     return Runtime(
         language="bash",
         command=("/usr/bin/bash", "-c", BASH_BOOTSTRAP),
+        command_stdin=("/usr/bin/bash", "-c", BASH_BOOTSTRAP_STDIN),
         binds=((str(toolbox), "/usr/bin"),),
         symlinks=(("usr/bin", "/bin"),),
         path="/usr/bin:/bin",
@@ -177,8 +183,8 @@ def _files(spec: RunSpec) -> list[tuple[str, bytes]]:
     return [*files, (MAIN_FILE[spec.language], spec.code.encode())]
 
 
-def _python_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int) -> bytes:
-    message = {
+def _python_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int, inline_private: bool) -> bytes:
+    message: dict[str, object] = {
         "workdir": WORKDIR,
         "main": MAIN_FILE["python"],
         "code": spec.code,
@@ -186,10 +192,16 @@ def _python_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int) -> 
         "files": dict(_files(spec)[:-1]),
         "cpu_seconds": cpu_seconds,
     }
+    if inline_private:
+        message["private"] = bytes(spec.private_input)
     return marshal.dumps(message)
 
 
-def _node_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int) -> bytes:
+def _node_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int, inline_private: bool) -> bytes:
+    if inline_private and spec.private_input:
+        raise ValueError(
+            "this backend cannot give a JavaScript program private input (node cannot dup2 it to fd 3)"
+        )
     files = {name: base64.b64encode(data).decode() for name, data in _files(spec)[:-1]}
     message = {
         "workdir": WORKDIR,
@@ -201,9 +213,17 @@ def _node_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int) -> by
     return json.dumps(message).encode()
 
 
-def _bash_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int) -> bytes:
+def _bash_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int, inline_private: bool) -> bytes:
     end = "__PYTHONON_END_OF_FILE__"  # cannot occur in base64
     lines = ["exec 4<&-", f"ulimit -t {cpu_seconds} 2>/dev/null", f"cd {_quote(WORKDIR)} || exit 70"]
+    if inline_private:
+        staged = "/tmp/.private-input"  # noqa: S108 - the sandbox's own tmpfs, unlinked at once
+        lines += [
+            f"base64 -d > {staged} <<'{end}' || exit 70",
+            base64.encodebytes(spec.private_input).decode(),
+            end,
+        ]
+        lines += [f"exec 3< {staged}", f"rm -f {staged}"]
     for name, data in _files(spec):
         directory = posixpath.dirname(name)
         if directory:
