@@ -103,6 +103,10 @@ def _records_audit(plan: MeshPlan) -> dict[str, str]:
     return {"PYTHONON_AUDIT_ADDRESS": plan.address("audit")}
 
 
+def _executor_env(plan: MeshPlan) -> dict[str, str]:
+    return {"PYTHONON_SECRETS_ADDRESS": plan.address("secrets"), **_records_audit(plan)}
+
+
 def _secrets_env(plan: MeshPlan) -> dict[str, str]:
     """The local OpenBao and the policy-limited token the runner issued (never the root token)."""
     return {
@@ -125,6 +129,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("audit", database=True),
     ServiceSpec("auth", database=True, env=_auth_env),
     ServiceSpec("secrets", env=_secrets_env),
+    ServiceSpec("executor", env=_executor_env),
     ServiceSpec("system", env=_system_env),
 )
 

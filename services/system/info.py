@@ -50,8 +50,8 @@ class DeploymentInfo:
 def deployment_info(
     built_sections: set[str], version: str, limits: RunLimits | None = None
 ) -> DeploymentInfo:
-    """What this deployment offers. Languages and the sandbox are the executor's to report, and it is
-    not built yet, so both are empty rather than promised."""
+    """What this deployment offers. Languages, the sandbox and the enforced limits are the executor's
+    to report (the servicer asks it), so they are empty here rather than promised."""
     return DeploymentInfo(
         name=PRODUCT_NAME,
         version=version,

@@ -7,6 +7,7 @@ from pythonon.system.v1 import system_pb2, system_pb2_grpc
 from edge.config import SECTIONS
 from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer
 from services.platform.settings import ServerSettings
+from services.system.capabilities import ExecutorCapabilities
 from services.system.health import HealthChecker
 from services.system.info import deployment_info, package_version
 from services.system.servicer import SystemServicer
@@ -25,7 +26,8 @@ async def build(server_settings: ServerSettings, settings: SystemSettings) -> Se
         version=version,
         vault_address=settings.vault_address,
     )
-    servicer = SystemServicer(health, deployment_info(built, version))
+    executor = ExecutorCapabilities(settings.services.get("executor"))
+    servicer = SystemServicer(health, deployment_info(built, version), executor)
     return ServiceParts(
         servicers=[
             Servicer(
@@ -35,7 +37,7 @@ async def build(server_settings: ServerSettings, settings: SystemSettings) -> Se
             )
         ],
         generic_handlers=[UnbuiltSectionHandler(SECTIONS, settings.is_built)],
-        on_stop=[health.close],
+        on_stop=[health.close, executor.close],
     )
 
 

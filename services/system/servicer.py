@@ -6,6 +6,7 @@ import grpc
 from pythonon.system.v1 import system_pb2, system_pb2_grpc
 
 from services.platform.rest import set_http_status
+from services.system.capabilities import ExecutorCapabilities
 from services.system.health import HealthChecker
 from services.system.info import DeploymentInfo
 
@@ -13,9 +14,10 @@ SERVICE_UNAVAILABLE = 503
 
 
 class SystemServicer(system_pb2_grpc.SystemServiceServicer):
-    def __init__(self, health: HealthChecker, info: DeploymentInfo) -> None:
+    def __init__(self, health: HealthChecker, info: DeploymentInfo, executor: ExecutorCapabilities) -> None:
         self._health = health
         self._info = info
+        self._executor = executor
 
     async def Health(  # noqa: N802 (gRPC method name)
         self, request: system_pb2.HealthRequest, context: grpc.aio.ServicerContext
@@ -35,10 +37,11 @@ class SystemServicer(system_pb2_grpc.SystemServiceServicer):
         self, request: system_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> system_pb2.InfoResponse:
         info, limits = self._info, self._info.limits
+        executor = await self._executor.get()
         return system_pb2.InfoResponse(
             name=info.name,
             version=info.version,
-            languages=list(info.languages),
+            languages=list(executor.languages),
             limits=system_pb2.Limits(
                 timeout_default_seconds=limits.timeout_default_seconds,
                 timeout_max_seconds=limits.timeout_max_seconds,
@@ -51,5 +54,6 @@ class SystemServicer(system_pb2_grpc.SystemServiceServicer):
                 network=limits.network,
             ),
             features=dict(info.features),
-            sandbox=info.sandbox,
+            sandbox=executor.sandbox,
+            enforced_limits=dict(executor.enforced_limits),
         )

@@ -1,0 +1,64 @@
+"""The executor process: `python -m services.executor`."""
+
+from __future__ import annotations
+
+from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
+
+from services.executor import settings as executor_settings
+from services.executor.execution import ExecutionPolicy, Executions
+from services.executor.sandbox import create_backend
+from services.executor.secrets_client import SecretsClient
+from services.executor.servicer import CapabilitiesServicer, ExecutorServicer
+from services.executor.settings import ExecutorSettings
+from services.platform.audit import AuditClient
+from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer, run
+from services.platform.settings import ServerSettings
+
+
+async def build(server: ServerSettings, settings: ExecutorSettings) -> ServiceParts:
+    """Wire the executor's parts; the warm pool is filled before the server reports SERVING."""
+    backend = create_backend(
+        settings.backend,
+        pool_size=settings.pool_size,
+        max_concurrent=settings.max_concurrent,
+        max_waiting=settings.max_waiting,
+        max_timeout_seconds=settings.max_timeout_seconds,
+    )
+    await backend.start()
+    secrets = SecretsClient(settings.secrets_address)
+    audit = AuditClient(settings.audit_address)
+    policy = ExecutionPolicy(
+        default_limits=settings.default_limits,
+        max_timeout_seconds=settings.max_timeout_seconds,
+        max_code_bytes=settings.max_code_bytes,
+        max_stdin_bytes=settings.max_stdin_bytes,
+    )
+    executions = Executions(backend, secrets, audit, policy)
+
+    async def close() -> None:
+        await backend.close()
+        await secrets.close()
+        await audit.close()
+
+    services = executor_pb2.DESCRIPTOR.services_by_name
+    return ServiceParts(
+        servicers=[
+            Servicer(
+                executor_pb2_grpc.add_ExecutorServiceServicer_to_server,
+                ExecutorServicer(executions),
+                services["ExecutorService"].full_name,
+            ),
+            Servicer(
+                executor_pb2_grpc.add_ExecutorCapabilitiesServiceServicer_to_server,
+                CapabilitiesServicer(backend),
+                services["ExecutorCapabilitiesService"].full_name,
+            ),
+        ],
+        on_stop=[close],
+    )
+
+
+DEFINITION = ServiceDefinition(name="executor", load_settings=executor_settings.load, build=build)
+
+if __name__ == "__main__":
+    run(DEFINITION)

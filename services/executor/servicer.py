@@ -1,0 +1,67 @@
+"""gRPC servicers of the executor: read the request, call the logic, build the response."""
+
+from __future__ import annotations
+
+import grpc
+from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
+
+from services.executor.execution import ExecutionRequest, Executions
+from services.executor.sandbox import SandboxBackend
+from services.platform.errors import InvalidArgument
+
+
+def secret_names(request: executor_pb2.ExecuteRequest) -> list[str] | None:
+    """`secrets` absent means all of the user's secrets; a list names some (possibly none)."""
+    if not request.HasField("secrets"):
+        return None
+    names = []
+    for value in request.secrets.values:
+        if value.WhichOneof("kind") != "string_value":
+            raise InvalidArgument("secrets must be a list of secret names")
+        names.append(value.string_value)
+    return names
+
+
+def to_execution_request(request: executor_pb2.ExecuteRequest) -> ExecutionRequest:
+    return ExecutionRequest(
+        code=request.code,
+        language=request.language,
+        stdin=request.stdin,
+        timeout_seconds=request.timeout if request.HasField("timeout") else None,
+        env=dict(request.env),
+        secret_names=secret_names(request),
+    )
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
+    def __init__(self, executions: Executions) -> None:
+        self._executions = executions
+
+    async def Execute(  # noqa: N802 (gRPC method name)
+        self, request: executor_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> executor_pb2.ExecuteResponse:
+        done = await self._executions.execute(to_execution_request(request))
+        result = done.result
+        return executor_pb2.ExecuteResponse(
+            output=result.stdout,
+            error=result.stderr,
+            exit_code=result.exit_code,
+            duration_ms=result.duration_ms,
+            timed_out=result.timed_out,
+            truncated=result.truncated,
+            execution_id=done.execution_id,
+        )
+
+
+class CapabilitiesServicer(executor_pb2_grpc.ExecutorCapabilitiesServiceServicer):
+    def __init__(self, backend: SandboxBackend) -> None:
+        self._backend = backend
+
+    async def GetCapabilities(  # noqa: N802 (gRPC method name)
+        self, request: executor_pb2.GetCapabilitiesRequest, context: grpc.aio.ServicerContext
+    ) -> executor_pb2.Capabilities:
+        return executor_pb2.Capabilities(
+            sandbox=self._backend.name,
+            languages=self._backend.languages(),
+            enforced_limits=self._backend.enforced_limits(),
+        )

@@ -1,0 +1,64 @@
+"""The executor's settings, read once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.executor.sandbox import BACKENDS, Limits
+from services.platform.settings import Environment, ServerSettings, SettingsError
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    backend: str
+    pool_size: int
+    max_concurrent: int | None
+    max_waiting: int | None
+    default_limits: Limits
+    max_timeout_seconds: float
+    max_code_bytes: int
+    max_stdin_bytes: int
+    secrets_address: str
+    audit_address: str
+
+    @classmethod
+    def load(cls, env: Environment) -> ExecutorSettings:
+        backend = env.text("PYTHONON_EXECUTOR_BACKEND", "bwrap")
+        if backend not in BACKENDS:
+            raise SettingsError(
+                f"PYTHONON_EXECUTOR_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}"
+            )
+        default_timeout = env.integer("PYTHONON_EXECUTOR_TIMEOUT_SECONDS", 10, minimum=1)
+        max_timeout = env.integer("PYTHONON_EXECUTOR_MAX_TIMEOUT_SECONDS", 60, minimum=1)
+        if default_timeout > max_timeout:
+            raise SettingsError(
+                "PYTHONON_EXECUTOR_TIMEOUT_SECONDS must not exceed PYTHONON_EXECUTOR_MAX_TIMEOUT_SECONDS"
+            )
+        max_concurrent = env.integer("PYTHONON_EXECUTOR_MAX_CONCURRENT", 0)
+        max_waiting = env.optional("PYTHONON_EXECUTOR_MAX_WAITING")
+        return cls(
+            backend=backend,
+            pool_size=env.integer("PYTHONON_EXECUTOR_POOL_SIZE", 2),
+            max_concurrent=max_concurrent or None,
+            max_waiting=env.integer("PYTHONON_EXECUTOR_MAX_WAITING") if max_waiting else None,
+            default_limits=Limits(
+                timeout_seconds=float(default_timeout),
+                memory_bytes=env.integer("PYTHONON_EXECUTOR_MEMORY_MIB", 256, minimum=16) * MiB,
+                processes=env.integer("PYTHONON_EXECUTOR_PROCESSES", 64, minimum=1),
+                output_bytes=env.integer("PYTHONON_EXECUTOR_OUTPUT_BYTES", 1 * MiB, minimum=1024),
+                file_bytes=env.integer("PYTHONON_EXECUTOR_FILE_MIB", 16, minimum=1) * MiB,
+                tmp_bytes=env.integer("PYTHONON_EXECUTOR_TMP_MIB", 64, minimum=1) * MiB,
+            ),
+            max_timeout_seconds=float(max_timeout),
+            max_code_bytes=env.integer("PYTHONON_EXECUTOR_MAX_CODE_BYTES", 256 * 1024, minimum=1),
+            max_stdin_bytes=env.integer("PYTHONON_EXECUTOR_MAX_STDIN_BYTES", 1 * MiB, minimum=0),
+            secrets_address=env.text("PYTHONON_SECRETS_ADDRESS"),
+            audit_address=env.text("PYTHONON_AUDIT_ADDRESS"),
+        )
+
+
+def load() -> tuple[ServerSettings, ExecutorSettings]:
+    env = Environment()
+    return ServerSettings.load("executor", env), ExecutorSettings.load(env)
