@@ -17,33 +17,32 @@ from services.executor.sandbox.bwrap import DEFAULT_UID_BASE
 from tests.sandbox.conftest import CANARY_NAME, CANARY_VALUE, Sandbox
 
 
-def sandbox_processes_on_host() -> list[int]:
-    """Host processes running under a sandbox uid (there should be none once runs are over,
-    pooled sandboxes aside, which are blocked in their bootstrap)."""
+def host_processes_of(uid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                uid = entry.stat().st_uid
+                if entry.stat().st_uid == uid:
+                    found.append(int(entry.name))
             except OSError:
                 continue
-            if uid >= DEFAULT_UID_BASE:
-                found.append(int(entry.name))
     return found
 
 
-def wait_for_host_processes_at_most(count: int, seconds: float = 5) -> int:
+def no_process_left(uid: int, seconds: float = 5) -> bool:
+    """Whether every process of a sandbox's uid (each sandbox has its own) is gone from the host."""
     deadline = time.monotonic() + seconds
-    while True:
-        alive = len(sandbox_processes_on_host())
-        if alive <= count or time.monotonic() > deadline:
-            return alive
+    while host_processes_of(uid):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)
+    return True
 
 
 def test_fork_bomb_is_held_to_the_process_limit(sandbox: Sandbox) -> None:
     code = """
 import os, time
+print(os.getuid())
 children = 0
 try:
     for _ in range(10_000):
@@ -56,10 +55,9 @@ except OSError as error:
 """
     result = sandbox.python(code, limits=Limits(timeout_seconds=10, processes=32))
     assert result.exit_code == 0, result.stderr
-    words = result.stdout.split()
+    uid, *words = result.stdout.split()
     assert words[:2] == ["refused", "after"] and int(words[2]) < 32 and words[3] == "11"  # EAGAIN
-    # The sleeping children died with the sandbox: only pooled sandboxes' bootstraps remain.
-    assert wait_for_host_processes_at_most(2 * 3 + 3) <= 2 * 3 + 3
+    assert no_process_left(int(uid))  # the sleeping children died with the sandbox
     sandbox.assert_healthy()
 
 
@@ -67,10 +65,10 @@ def test_shell_fork_bomb_is_contained(sandbox: Sandbox) -> None:
     if "bash" not in sandbox.backend.languages():
         pytest.skip("bash is not available on this host")
     started = time.monotonic()
-    result = sandbox.run(RunSpec("bash", ":(){ :|:& };:; wait", limits=Limits(timeout_seconds=2)))
+    result = sandbox.run(RunSpec("bash", "id -u\n:(){ :|:& };:; wait", limits=Limits(timeout_seconds=2)))
     assert time.monotonic() - started < 4
     assert "fork: retry: Resource temporarily unavailable" in result.stderr or result.timed_out
-    assert wait_for_host_processes_at_most(2 * 3 + 3) <= 2 * 3 + 3
+    assert no_process_left(int(result.stdout.split()[0]))
     sandbox.assert_healthy()
 
 
@@ -102,6 +100,7 @@ def test_cpu_spin_times_out_within_a_second_of_the_limit(sandbox: Sandbox) -> No
 def test_timeout_kills_every_child_too(sandbox: Sandbox) -> None:
     code = """
 import os, time
+print(os.getuid(), flush=True)
 for _ in range(5):
     if os.fork() == 0:
         while True:
@@ -110,7 +109,7 @@ time.sleep(60)
 """
     result = sandbox.python(code, limits=Limits(timeout_seconds=1))
     assert result.timed_out
-    assert wait_for_host_processes_at_most(2 * 3 + 3) <= 2 * 3 + 3
+    assert no_process_left(int(result.stdout))
     sandbox.assert_healthy()
 
 
