@@ -1,0 +1,111 @@
+"""Benchmarks: `make bench` (or `python -m bench`). Not part of the test suite.
+
+Measures, in one run on this machine, the baseline — a bare interpreter start-up
+(`python3 -I -S -c pass`, the interpreter the sandbox runs) — and then hello-world runs through the
+whole mesh (Envoy, the edge check, the executor, the user's secrets, the warm sandbox, the audit
+record), sequentially (p50, p95, p99) and under concurrency 8 (runs/second, p99), and prints the
+ratios against the baseline measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from services.runner.mesh import Mesh, MeshConfig
+
+HELLO = {"code": "print('hello')"}
+
+
+def base_python() -> str:
+    """The interpreter the sandbox starts: the base installation's, not the virtual environment's."""
+    return os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def bare_start_ms(interpreter: str, runs: int) -> list[float]:
+    """Wall time of starting and exiting the sandbox's interpreter, no sandbox around it."""
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([interpreter, "-I", "-S", "-c", "pass"], check=True)
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def one_run(client: httpx.Client, headers: dict[str, str]) -> float:
+    started = time.perf_counter()
+    response = client.post("/api/v1/execute", json=HELLO, headers=headers)
+    elapsed = (time.perf_counter() - started) * 1000
+    if response.status_code != 200 or response.json()["output"] != "hello\n":
+        raise SystemExit(f"a benchmark run failed: {response.status_code} {response.text[:200]}")
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=300, help="sequential runs (default 300)")
+    parser.add_argument("--concurrent-runs", type=int, default=600, help="runs at concurrency 8 (default 600)")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--pool-size", type=int, default=4, help="warm sandboxes per language")
+    args = parser.parse_args()
+
+    interpreter = base_python()
+    baseline = bare_start_ms(interpreter, 50)
+    service_env = {
+        "auth": {"PYTHONON_AUTH_USER_RATE_BURST": "100000", "PYTHONON_AUTH_USER_RATE_PER_MINUTE": "1000000"},
+        "executor": {"PYTHONON_EXECUTOR_POOL_SIZE": str(args.pool_size)},
+    }
+    with tempfile.TemporaryDirectory() as data_dir:
+        config = MeshConfig(port=0, data_dir=Path(data_dir), service_env=service_env, log_level="WARNING")
+        with Mesh(config) as mesh, httpx.Client(base_url=mesh.url, timeout=60) as client:
+            registered = client.post(
+                "/api/register", json={"email": "bench@example.com", "password": "correct horse battery"}
+            )
+            headers = {"x-api-key": registered.json()["apiKey"]}
+            for _ in range(20):
+                one_run(client, headers)
+            sequential = [one_run(client, headers) for _ in range(args.runs)]
+
+            clients = [httpx.Client(base_url=mesh.url, timeout=60) for _ in range(args.concurrency)]
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                concurrent = list(
+                    pool.map(
+                        lambda i: one_run(clients[i % args.concurrency], headers), range(args.concurrent_runs)
+                    )
+                )
+            wall = time.perf_counter() - started
+            for each in clients:
+                each.close()
+
+    base_p50 = statistics.median(baseline)
+    p50, p95, p99 = (percentile(sequential, f) for f in (0.50, 0.95, 0.99))
+    throughput = args.concurrent_runs / wall
+    print(f"machine: {Path('/proc/cpuinfo').read_text().count('processor')} cores, python {sys.version.split()[0]}")
+    print(f"baseline  bare `{Path(interpreter).name} -I -S -c pass`: p50 {base_p50:.1f} ms (n={len(baseline)})")
+    print(f"mesh      hello-world through Envoy, sequential (n={len(sequential)}):")
+    print(f"            p50 {p50:.1f} ms   p95 {p95:.1f} ms   p99 {p99:.1f} ms")
+    print(f"mesh      concurrency {args.concurrency} (n={len(concurrent)}):")
+    print(f"            {throughput:.1f} runs/s   p99 {percentile(concurrent, 0.99):.1f} ms")
+    print("ratios")
+    print(f"  p50 through the mesh / bare interpreter start-up = {p50 / base_p50:.2f}   (target <= 1.0)")
+    print(f"  runs/s at concurrency {args.concurrency} / 30 target = {throughput / 30:.2f}   (target >= 1.0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
