@@ -109,6 +109,7 @@ class BwrapBackend:
         seccomp_filter: bool = True,
         spawn_timeout: float = 30.0,
         max_timeout_seconds: float = 60.0,
+        default_limits: Limits | None = None,
     ) -> None:
         if not hasattr(os, "pidfd_open"):
             raise SandboxUnavailable("the bwrap backend needs Linux 5.3 or later (pidfd_open)")
@@ -127,6 +128,9 @@ class BwrapBackend:
                 "(/proc/sys/user/max_user_namespaces is 0)"
             )
         self.pool_size = pool_size
+        # Pooled sandboxes are started for these limits; a run whose tmpfs size, file size or
+        # process count differ gets a sandbox of its own (timeouts and output caps never matter).
+        self._pool_limits = default_limits or Limits()
         cpus = os.cpu_count() or 1
         self.max_concurrent = max_concurrent or 2 * cpus
         self._admission = Admission(
@@ -248,7 +252,7 @@ class BwrapBackend:
     # -- pool -----------------------------------------------------------------------------------
 
     def _default_profile(self, language: str) -> _Profile:
-        return self._profile(language, Limits(), ())
+        return self._profile(language, self._pool_limits, ())
 
     def _profile_of(self, spec: RunSpec) -> _Profile:
         return self._profile(spec.language, spec.limits, spec.readonly_paths)

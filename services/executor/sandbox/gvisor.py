@@ -65,7 +65,7 @@ class GvisorBackend:
         node: str | None = None,
         bash: str | None = None,
         max_timeout_seconds: float = 60.0,
-        **_ignored: Any,  # options meant for the bwrap backend (pool_size, ...)
+        **_ignored: Any,  # options meant for the bwrap backend (pool_size, default_limits, ...)
     ) -> None:
         runsc = runsc_path or shutil.which("runsc")
         if not runsc:
