@@ -6,7 +6,7 @@ PORT ?= 8080
 DATA_DIR ?= .data
 PYTEST_ARGS ?=
 
-.PHONY: run test venv generate check-generated lint bench clean
+.PHONY: run test venv system-packages generate check-generated lint bench clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,18 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 venv: $(VENV)/.installed
 
+# gVisor's runsc (Debian package) for the gvisor sandbox backend and its tests. Best effort: without
+# it the gvisor tests are skipped with that reason, and the default bwrap backend needs nothing extra.
+system-packages:
+	@command -v runsc >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -qq runsc >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq runsc >/dev/null 2>&1)); } || \
+	  echo "note: runsc (gVisor) is not installed; the gvisor backend's tests will be skipped"
+
 run: venv
 	$(BIN)/pyth-on up --port $(PORT) --data-dir $(DATA_DIR)
 
-test: venv check-generated lint
+test: venv system-packages check-generated lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 generate: venv

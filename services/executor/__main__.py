@@ -23,6 +23,7 @@ async def build(server: ServerSettings, settings: ExecutorSettings) -> ServicePa
         max_concurrent=settings.max_concurrent,
         max_waiting=settings.max_waiting,
         max_timeout_seconds=settings.max_timeout_seconds,
+        default_limits=settings.default_limits,
     )
     await backend.start()
     secrets = SecretsClient(settings.secrets_address)

@@ -84,6 +84,9 @@ class Executions:
             raise ResourceExhausted(
                 "the executor is busy; retry shortly", retry_after=math.ceil(busy.retry_after)
             ) from None
+        except ValueError as refused:
+            # The backend's own checks of the spec (e.g. NUL in an env value): the caller's mistake.
+            raise InvalidArgument(str(refused)) from None
         except SandboxError:
             await self._audit.record(
                 "executor.execute", resource, FAILURE, {**details, "reason": "sandbox_error"}
