@@ -273,7 +273,8 @@ def render(
     admin_port: int,
     upstreams: dict[str, int],
     host: str = "127.0.0.1",
-    max_request_bytes: int = 1_048_576,
+    max_request_bytes: int = 4 * 1_048_576,
+    max_response_bytes: int = 16 * 1_048_576,
     route_timeout_seconds: float = 120,
     access_log_path: str | None = None,
 ) -> dict:
@@ -361,6 +362,9 @@ def render(
                 "convert_grpc_status": True,
                 "ignore_unknown_query_parameters": True,
                 "max_request_body_size": max_request_bytes,
+                # The default (1 MiB) is less than one run's answer: two capped output streams,
+                # JSON-escaped (up to 6 characters a byte for control characters).
+                "max_response_body_size": max_response_bytes,
             },
         },
         {

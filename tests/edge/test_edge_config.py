@@ -40,6 +40,7 @@ INFO_JSON = {
     },
     "features": {},
     "sandbox": "",
+    "enforcedLimits": {},
 }
 
 
@@ -272,12 +273,12 @@ def test_unknown_path_answers_404_json(client, doubles):
 
 
 def test_oversized_body_answers_413_json(client, doubles):
-    body = json.dumps({"email": "a" * 1_100_000, "password": "pw"})
+    body = json.dumps({"email": "a" * (4 * 1_048_576 + 1), "password": "pw"})
     response = client.post("/api/login", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert status_json(response) == {
         "code": 8,
-        "message": "request body larger than 1048576 bytes",
+        "message": "request body larger than 4194304 bytes",
         "details": [],
     }
     assert [c.method for c in doubles.auth.recorder.calls if c.method == "Login"] == []
@@ -438,10 +439,10 @@ def test_native_grpc_errors_and_local_replies(channel, doubles):
             f"no route for {path}",
         )
     auth = auth_pb2_grpc.AuthServiceStub(channel)
-    too_big = auth_pb2.AuthRequest(email="a" * 1_100_000)
+    too_big = auth_pb2.AuthRequest(email="a" * (4 * 1_048_576 + 1))
     assert code_of(lambda: auth.Login(too_big, timeout=10)) == (
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "request body larger than 1048576 bytes",
+        "request body larger than 4194304 bytes",
     )
 
     doubles.auth.deny(429, 8, "rate limit exceeded", {"retry-after": "7"})

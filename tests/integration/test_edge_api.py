@@ -65,7 +65,7 @@ def test_unknown_paths_get_a_json_404(client: httpx.Client) -> None:
 
 
 def test_oversized_bodies_get_a_json_413(client: httpx.Client) -> None:
-    body = {"email": new_email(), "password": "x" * (2 * 1024 * 1024)}
+    body = {"email": new_email(), "password": "x" * (5 * 1024 * 1024)}
     response = client.post("/api/register", json=body)
     assert response.status_code == 413
     assert response.headers["content-type"].startswith("application/json")

@@ -509,7 +509,9 @@ class BwrapBackend:
 
     def _write_etc(self) -> None:
         etc = self._runtime_dir / "etc"
-        etc.mkdir(mode=0o755)
+        etc.mkdir()
+        # Readable by the sandbox's unprivileged uid whatever the service's umask (the runner's is 077).
+        etc.chmod(0o755)
         users = [
             "root:x:0:0:root:/root:/usr/sbin/nologin",
             f"nobody:x:{NOBODY}:{NOBODY}:nobody:/nonexistent:/bin/sh",

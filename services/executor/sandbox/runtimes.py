@@ -151,7 +151,8 @@ def _bash(executable: str | None, runtime_dir: Path) -> Runtime:
     if not bash or not os.access(bash, os.X_OK):
         raise LookupError("bash is not installed")
     toolbox = runtime_dir / "bash-tools"
-    toolbox.mkdir(mode=0o755, exist_ok=True)
+    toolbox.mkdir(exist_ok=True)
+    toolbox.chmod(0o755)  # not left to the umask: the sandbox's uid must be able to use the tools
     for tool in BASH_TOOLS:
         host = Path(bash) if tool == "bash" else shutil.which(tool, path="/usr/bin:/bin")
         if host is None:
