@@ -56,9 +56,13 @@ def one_run(client: httpx.Client, headers: dict[str, str]) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=300, help="sequential runs (default 300)")
-    parser.add_argument("--concurrent-runs", type=int, default=600, help="runs at concurrency 8 (default 600)")
+    parser.add_argument(
+        "--concurrent-runs", type=int, default=600, help="runs at concurrency 8 (default 600)"
+    )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--pool-size", type=int, default=4, help="warm sandboxes per language")
     args = parser.parse_args()
@@ -95,8 +99,12 @@ def main() -> int:
     base_p50 = statistics.median(baseline)
     p50, p95, p99 = (percentile(sequential, f) for f in (0.50, 0.95, 0.99))
     throughput = args.concurrent_runs / wall
-    print(f"machine: {Path('/proc/cpuinfo').read_text().count('processor')} cores, python {sys.version.split()[0]}")
-    print(f"baseline  bare `{Path(interpreter).name} -I -S -c pass`: p50 {base_p50:.1f} ms (n={len(baseline)})")
+    print(
+        f"machine: {Path('/proc/cpuinfo').read_text().count('processor')} cores, python {sys.version.split()[0]}"
+    )
+    print(
+        f"baseline  bare `{Path(interpreter).name} -I -S -c pass`: p50 {base_p50:.1f} ms (n={len(baseline)})"
+    )
     print(f"mesh      hello-world through Envoy, sequential (n={len(sequential)}):")
     print(f"            p50 {p50:.1f} ms   p95 {p95:.1f} ms   p99 {p99:.1f} ms")
     print(f"mesh      concurrency {args.concurrency} (n={len(concurrent)}):")
