@@ -84,6 +84,19 @@ class ServerSettings:
         )
 
 
+def ephemeral_server_settings(service: str, identity_public_key_file: Path) -> ServerSettings:
+    """Settings for a server on a free loopback port, stopped at once: in-process tests and tools."""
+    return ServerSettings(
+        service=service,
+        host="127.0.0.1",
+        port=0,
+        log_level="INFO",
+        identity_public_key_file=identity_public_key_file,
+        otlp_endpoint=None,
+        shutdown_grace_seconds=0,
+    )
+
+
 def database_url(env: Environment, service: str) -> str:
     """The service's SQLAlchemy URL: PYTHONON_<SERVICE>_DATABASE_URL, else PYTHONON_DATABASE_URL."""
     specific = f"PYTHONON_{service.upper()}_DATABASE_URL"

@@ -6,10 +6,10 @@ separate processes on loopback ports of their own, started in order, watched, an
 from __future__ import annotations
 
 import atexit
-import ctypes
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -204,19 +204,14 @@ def _bound_port(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
 
 
-_PR_SET_PDEATHSIG = 1
-# Resolved once in the parent, so the child between fork and exec only makes the call.
-try:
-    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):
-    _prctl = None
+# util-linux's setpriv starts each child with PR_SET_PDEATHSIG: SIGTERM when the runner dies, even
+# by SIGKILL, so a killed runner leaves no orphaned mesh behind. (Not a preexec_fn: that would make
+# subprocess fork() a process whose gRPC threads are running, which gRPC answers with an abort.)
+_SETPRIV = shutil.which("setpriv")
 
 
-def _terminate_with_parent() -> None:
-    """In the child before exec: SIGTERM when the runner dies, even by SIGKILL, so a killed runner
-    leaves no orphaned mesh behind (Linux only; elsewhere the runner's own stop path still applies)."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _dies_with_parent(argv: list[str]) -> list[str]:
+    return [_SETPRIV, "--pdeathsig", "TERM", "--", *argv] if _SETPRIV else argv
 
 
 class _Child:
@@ -232,7 +227,7 @@ class _Child:
             log.flush()
             self._log_offset = log.tell()
             self.process = subprocess.Popen(
-                argv,
+                _dies_with_parent(argv),
                 env=dict(env),
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
@@ -243,7 +238,6 @@ class _Child:
                 start_new_session=True,
                 # Databases and anything else a child creates are readable by the owner only.
                 umask=0o077,
-                preexec_fn=_terminate_with_parent,
             )
 
     @property

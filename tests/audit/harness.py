@@ -22,7 +22,7 @@ from services.audit.settings import AuditSettings
 from services.platform.bootstrap import start_server
 from services.platform.db import create_engine
 from services.platform.identity import Identity, IdentitySigner, generate_private_key_pem, public_key_pem
-from services.platform.settings import ServerSettings
+from services.platform.settings import ephemeral_server_settings
 
 # More pages than any test here needs: a cursor that does not advance fails instead of hanging.
 MAX_PAGES = 200
@@ -108,15 +108,7 @@ async def audit_service(
     keys: Keys, database_url: str, *, page_size: int = 50, max_page_size: int = 500
 ) -> AsyncIterator[AuditClient]:
     """The audit service as `python -m services.audit` builds it, on port 0."""
-    server_settings = ServerSettings(
-        service="audit",
-        host="127.0.0.1",
-        port=0,
-        log_level="INFO",
-        identity_public_key_file=keys.public_key_file,
-        otlp_endpoint=None,
-        shutdown_grace_seconds=0,
-    )
+    server_settings = ephemeral_server_settings("audit", keys.public_key_file)
     settings = AuditSettings(database_url=database_url, page_size=page_size, max_page_size=max_page_size)
     parts = await build(server_settings, settings)
     server, _health, port = await start_server(server_settings, parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,19 @@ def user(client: httpx.Client) -> dict:
     response = client.post("/api/register", json={"email": email, "password": PASSWORD})
     assert response.status_code == 201, response.text
     return {**response.json(), "password": PASSWORD}
+
+
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+def error_message(response: httpx.Response, status: int, code: int) -> str:
+    """Assert a google.rpc.Status JSON error with this HTTP status and gRPC code; return its message."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["code"] == code and body["details"] == []
+    assert "Traceback" not in response.text
+    return body["message"]
 
 
 def data_dir_of(mesh: Mesh) -> Path:

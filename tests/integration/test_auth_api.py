@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import statistics
 import time
 from datetime import datetime
@@ -15,20 +14,7 @@ import pytest
 
 from services.auth.tokens import AccessTokens
 from services.platform.identity import Identity, IdentitySigner, generate_private_key_pem
-from tests.integration.conftest import PASSWORD, data_dir_of, new_email
-
-RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
-
-
-def _error(response: httpx.Response, status: int, code: int) -> str:
-    """Assert a google.rpc.Status JSON error with this HTTP status and gRPC code; return its message."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert body["code"] == code and body["details"] == []
-    assert "Traceback" not in response.text
-    return body["message"]
-
+from tests.integration.conftest import PASSWORD, RFC3339, data_dir_of, error_message, new_email
 
 # --- register -------------------------------------------------------------------------------------
 
@@ -50,13 +36,13 @@ def test_register_refuses_a_taken_email_whatever_its_case(client: httpx.Client, 
     response = client.post(
         "/api/register", json={"email": user["user"]["email"].upper(), "password": PASSWORD}
     )
-    assert _error(response, 409, 6) == "a user with this email already exists"
+    assert error_message(response, 409, 6) == "a user with this email already exists"
 
 
 @pytest.mark.parametrize("email", ["not-an-email", "a@b", "", "two@@example.com", "spa ce@example.com"])
 def test_register_refuses_a_malformed_email(client: httpx.Client, email: str) -> None:
     response = client.post("/api/register", json={"email": email, "password": PASSWORD})
-    assert "valid address" in _error(response, 400, 3)
+    assert "valid address" in error_message(response, 400, 3)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +52,7 @@ def test_register_refuses_a_malformed_email(client: httpx.Client, email: str) ->
 def test_register_refuses_a_weak_password(client: httpx.Client, password: str, reason: str) -> None:
     email = new_email()
     response = client.post("/api/register", json={"email": email, "password": password})
-    assert reason in _error(response, 400, 3)
+    assert reason in error_message(response, 400, 3)
     # Nothing was created: the same email registers fine with a good password.
     assert client.post("/api/register", json={"email": email, "password": PASSWORD}).status_code == 201
 
@@ -98,7 +84,7 @@ def test_login_refusals_are_identical_for_wrong_password_and_unknown_email(
         started = time.perf_counter()
         response = client.post("/api/login", json={"email": email, "password": "wrong horse battery"})
         elapsed = time.perf_counter() - started
-        return _error(response, 401, 16), elapsed
+        return error_message(response, 401, 16), elapsed
 
     wrong_password = [attempt(user["user"]["email"]) for _ in range(3)]
     unknown_email = [attempt(new_email("nobody")) for _ in range(3)]
@@ -121,12 +107,12 @@ def test_verify_by_api_key_and_by_bearer_token(client: httpx.Client, user: dict)
 
 
 def test_verify_without_credentials_is_401(client: httpx.Client) -> None:
-    assert "missing credentials" in _error(client.post("/api/verify", json={}), 401, 16)
+    assert "missing credentials" in error_message(client.post("/api/verify", json={}), 401, 16)
 
 
 def test_verify_with_an_unknown_api_key_is_401(client: httpx.Client) -> None:
     response = client.post("/api/verify", headers={"x-api-key": "po_not-a-real-key"}, json={})
-    assert _error(response, 401, 16) == "invalid credentials"
+    assert error_message(response, 401, 16) == "invalid credentials"
 
 
 def _b64(data: dict) -> str:
@@ -165,7 +151,7 @@ def test_a_client_supplied_identity_assertion_is_ignored(client: httpx.Client, u
         Identity(user["user"]["id"], user["user"]["email"])
     )
     alone = client.post("/api/verify", headers={"x-pythonon-identity": forged}, json={})
-    assert _error(alone, 401, 16).startswith("missing credentials")
+    assert error_message(alone, 401, 16).startswith("missing credentials")
     mixed = client.post(
         "/api/verify", headers={"x-pythonon-identity": other, "x-api-key": user["apiKey"]}, json={}
     )
@@ -192,9 +178,9 @@ def test_refresh_rotates_and_reuse_revokes_the_family(client: httpx.Client, user
     ).json()
 
     replay = client.post("/api/refresh", json={"refreshToken": first})
-    assert "already used" in _error(replay, 401, 16)
+    assert "already used" in error_message(replay, 401, 16)
     # The replay revoked the family: the legitimately rotated token no longer works either.
-    assert _error(client.post("/api/refresh", json={"refreshToken": second}), 401, 16)
+    assert error_message(client.post("/api/refresh", json={"refreshToken": second}), 401, 16)
     assert (
         client.post("/api/refresh", json={"refreshToken": other_session["refreshToken"]}).status_code == 200
     )
@@ -202,7 +188,7 @@ def test_refresh_rotates_and_reuse_revokes_the_family(client: httpx.Client, user
 
 def test_refresh_with_an_unknown_token_is_401(client: httpx.Client) -> None:
     response = client.post("/api/refresh", json={"refreshToken": "rt_nope"})
-    assert _error(response, 401, 16) == "invalid refresh token"
+    assert error_message(response, 401, 16) == "invalid refresh token"
 
 
 def test_created_at_is_a_timestamp(user: dict) -> None:

@@ -18,6 +18,7 @@ from google.protobuf import struct_pb2
 from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.runner.mesh import Mesh
+from tests.integration.conftest import error_message
 
 LANGUAGES = ("python", "javascript", "bash")
 EXECUTION_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -37,16 +38,6 @@ def ran(response: httpx.Response) -> dict:
     assert EXECUTION_ID.match(body["executionId"]), body
     assert isinstance(body["durationMs"], int) and body["durationMs"] >= 0
     return body
-
-
-def _error(response: httpx.Response, status: int, code: int) -> str:
-    """Assert a google.rpc.Status JSON error with this HTTP status and gRPC code; return its message."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert body["code"] == code and body["details"] == []
-    assert "Traceback" not in response.text
-    return body["message"]
 
 
 def put_secret(client: httpx.Client, user: dict, name: str, value: str) -> None:
@@ -173,7 +164,7 @@ def test_a_language_this_host_lacks_is_400(client: httpx.Client, user: dict) -> 
     lacking = [language for language in LANGUAGES if language not in offered]
     if not lacking:
         pytest.skip("every language is available on this host")
-    message = _error(execute(client, user, code="1", language=lacking[0]), 400, 3)
+    message = error_message(execute(client, user, code="1", language=lacking[0]), 400, 3)
     assert message == f"{lacking[0]} is not available on this server; available: {', '.join(offered)}"
 
 
@@ -280,7 +271,7 @@ def test_invalid_requests_are_400_with_a_clear_message(
     client: httpx.Client, user: dict, body: dict, message: str
 ) -> None:
     response = client.post("/api/v1/execute", json=body, headers={"x-api-key": user["apiKey"]})
-    assert _error(response, 400, 3) == message
+    assert error_message(response, 400, 3) == message
 
 
 def test_the_limits_themselves_are_accepted(client: httpx.Client, user: dict) -> None:
@@ -294,13 +285,13 @@ def test_the_limits_themselves_are_accepted(client: httpx.Client, user: dict) ->
 
 def test_execute_needs_credentials(client: httpx.Client) -> None:
     missing = client.post("/api/v1/execute", json={"code": "print('never')"})
-    assert _error(missing, 401, 16).startswith("missing credentials")
+    assert error_message(missing, 401, 16).startswith("missing credentials")
     wrong = client.post("/api/v1/execute", json={"code": "print('never')"}, headers={"x-api-key": "po_wrong"})
-    assert _error(wrong, 401, 16)
+    assert error_message(wrong, 401, 16)
     bearer = client.post(
         "/api/v1/execute", json={"code": "print('never')"}, headers={"authorization": "Bearer not.a.jwt"}
     )
-    assert _error(bearer, 401, 16)
+    assert error_message(bearer, 401, 16)
 
 
 def test_a_jwt_works_as_well_as_the_api_key(client: httpx.Client, user: dict) -> None:
@@ -328,7 +319,9 @@ def test_secrets_are_injected_all_named_or_none(client: httpx.Client, user: dict
     assert ran(execute(client, user, code=PRINT_SECRETS, secrets=[]))["output"] == "None None\n"
     both = ran(execute(client, user, code=PRINT_SECRETS, secrets=["BETA_KEY", "ALPHA_KEY"]))
     assert both["output"] == f"{alpha} {beta}\n"
-    message = _error(execute(client, user, code=PRINT_SECRETS, secrets=["ALPHA_KEY", "GAMMA_KEY"]), 400, 3)
+    message = error_message(
+        execute(client, user, code=PRINT_SECRETS, secrets=["ALPHA_KEY", "GAMMA_KEY"]), 400, 3
+    )
     assert message == "secrets: no secret named GAMMA_KEY"
 
     # The audit log names the injected secrets, never their values.

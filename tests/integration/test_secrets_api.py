@@ -5,7 +5,6 @@ value anywhere in the data directory, persistence across a restart, and OpenBao 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 import uuid
@@ -21,19 +20,7 @@ from edge.config import IDENTITY_HEADER
 from services.platform.identity import Identity, IdentitySigner
 from services.runner.mesh import Mesh, MeshConfig
 from services.secrets.vault import UNAVAILABLE_MESSAGE
-from tests.integration.conftest import PASSWORD, new_email
-
-RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
-
-
-def _error(response: httpx.Response, status: int, code: int) -> str:
-    """Assert a google.rpc.Status JSON error with this HTTP status and gRPC code; return its message."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert body["code"] == code and body["details"] == []
-    assert "Traceback" not in response.text
-    return body["message"]
+from tests.integration.conftest import PASSWORD, RFC3339, error_message, new_email
 
 
 def unique_value() -> str:
@@ -113,7 +100,7 @@ def test_put_put_list_delete_delete(client: httpx.Client, user: dict) -> None:
 
     gone = delete(client, user, "API_TOKEN")
     assert gone.status_code == 200 and gone.json() == {}
-    assert _error(delete(client, user, "API_TOKEN"), 404, 5) == "no secret named API_TOKEN"
+    assert error_message(delete(client, user, "API_TOKEN"), 404, 5) == "no secret named API_TOKEN"
     assert [s["name"] for s in listed(client, user).json()["secrets"]] == ["OTHER"]
 
     assert audit_of(client, user) == [
@@ -130,7 +117,7 @@ def test_a_user_without_secrets_lists_none(client: httpx.Client, user: dict) -> 
 
 
 def test_secrets_need_credentials(client: httpx.Client) -> None:
-    assert _error(client.get("/api/v1/secrets"), 401, 16).startswith("missing credentials")
+    assert error_message(client.get("/api/v1/secrets"), 401, 16).startswith("missing credentials")
     assert client.put("/api/v1/secrets/X", json={"value": "v"}).status_code == 401
     assert client.delete("/api/v1/secrets/X", headers={"x-api-key": "po_wrong"}).status_code == 401
 
@@ -154,24 +141,24 @@ def test_secrets_need_credentials(client: httpx.Client) -> None:
 def test_names_that_are_not_allowed_are_400(
     client: httpx.Client, user: dict, name: str, message: str
 ) -> None:
-    assert message in _error(put(client, user, name, "v"), 400, 3)
-    assert message in _error(delete(client, user, name), 400, 3)
+    assert message in error_message(put(client, user, name, "v"), 400, 3)
+    assert message in error_message(delete(client, user, name), 400, 3)
 
 
 def test_values_and_descriptions_are_bounded(client: httpx.Client, user: dict) -> None:
     assert put(client, user, "BIGGEST", "x" * 65536).status_code == 200
-    message = _error(put(client, user, "TOO_BIG", "x" * 65537), 400, 3)
+    message = error_message(put(client, user, "TOO_BIG", "x" * 65537), 400, 3)
     assert message == "a secret value is at most 65536 bytes (UTF-8); this one is 65537 bytes"
-    assert _error(put(client, user, "EMPTY", ""), 400, 3) == "a secret value is required"
-    assert "NUL" in _error(put(client, user, "NUL", "a\u0000b"), 400, 3)
-    assert "description is at most 1024" in _error(put(client, user, "DESC", "v", "d" * 1025), 400, 3)
+    assert error_message(put(client, user, "EMPTY", ""), 400, 3) == "a secret value is required"
+    assert "NUL" in error_message(put(client, user, "NUL", "a\u0000b"), 400, 3)
+    assert "description is at most 1024" in error_message(put(client, user, "DESC", "v", "d" * 1025), 400, 3)
     assert [s["name"] for s in listed(client, user).json()["secrets"]] == ["BIGGEST"]
 
 
 def test_a_user_holds_at_most_100_secrets(client: httpx.Client, user: dict) -> None:
     for number in range(100):
         assert put(client, user, f"S{number:03d}", "v").status_code == 200
-    message = _error(put(client, user, "ONE_MORE", "v"), 400, 3)
+    message = error_message(put(client, user, "ONE_MORE", "v"), 400, 3)
     assert message == "you already have 100 secrets, the most allowed; delete one to add another"
     assert put(client, user, "S000", "updated").json()["version"] == 2
     assert delete(client, user, "S001").status_code == 200
@@ -189,7 +176,7 @@ def test_one_user_can_never_read_list_overwrite_or_delete_anothers(mesh: Mesh, c
     assert put(client, alice, "ALICE_ONLY", alices_value).status_code == 200
 
     assert listed(client, bob).json() == {"secrets": []}
-    assert _error(delete(client, bob, "ALICE_ONLY"), 404, 5) == "no secret named ALICE_ONLY"
+    assert error_message(delete(client, bob, "ALICE_ONLY"), 404, 5) == "no secret named ALICE_ONLY"
     overwritten = put(client, bob, "SHARED_NAME", bobs_value, "bob's")
     assert overwritten.status_code == 200 and overwritten.json()["version"] == 1
     assert resolve(mesh, bob, everything=True) == {"SHARED_NAME": bobs_value}
@@ -303,7 +290,7 @@ def test_secrets_survive_a_restart_and_a_stopped_vault_is_503(tmp_path: Path) ->
             delete(client, user, "SECOND"),
             listed(client, user),
         ):
-            assert _error(response, 503, 14) == UNAVAILABLE_MESSAGE
+            assert error_message(response, 503, 14) == UNAVAILABLE_MESSAGE
         with pytest.raises(grpc.RpcError) as unavailable:
             resolve(mesh, user, "PERSISTENT")
         assert unavailable.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -30,7 +30,7 @@ from pythonon.secrets.v1 import secrets_pb2_grpc
 from edge.config import IDENTITY_HEADER
 from services.platform.bootstrap import start_server
 from services.platform.identity import Identity, IdentitySigner, generate_private_key_pem, public_key_pem
-from services.platform.settings import ServerSettings
+from services.platform.settings import ephemeral_server_settings
 from services.runner import openbao
 from services.secrets.__main__ import build
 from services.secrets.settings import SecretsSettings, VaultSettings
@@ -241,15 +241,7 @@ async def secrets_service(
 ) -> AsyncIterator[Service]:
     """The secrets service as `python -m services.secrets` builds it, on port 0."""
     async with audit_double() as (double, audit_address):
-        server_settings = ServerSettings(
-            service="secrets",
-            host="127.0.0.1",
-            port=0,
-            log_level="INFO",
-            identity_public_key_file=keys.public_key_file,
-            otlp_endpoint=None,
-            shutdown_grace_seconds=0,
-        )
+        server_settings = ephemeral_server_settings("secrets", keys.public_key_file)
         settings = SecretsSettings(
             vault=vault,
             audit_address=audit_address,

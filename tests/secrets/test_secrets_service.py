@@ -25,7 +25,7 @@ from pythonon.system.v1 import system_pb2, system_pb2_grpc
 from edge.config import HTTP_STATUS_HEADER
 from services.platform.bootstrap import start_server
 from services.platform.identity import Identity
-from services.platform.settings import Environment, ServerSettings, SettingsError
+from services.platform.settings import Environment, SettingsError, ephemeral_server_settings
 from services.runner import openbao
 from services.secrets.settings import SecretsSettings
 from services.secrets.vault import UNAVAILABLE_MESSAGE, VaultSecretStore, parse_time
@@ -597,15 +597,7 @@ def test_vault_times_keep_microseconds() -> None:
 
 def test_health_shows_vault_and_is_503_while_it_is_sealed_or_gone(bao: OpenBao, keys: Keys) -> None:
     async def report(vault_address: str) -> tuple[str, str, str | None]:
-        server_settings = ServerSettings(
-            service="system",
-            host="127.0.0.1",
-            port=0,
-            log_level="INFO",
-            identity_public_key_file=keys.public_key_file,
-            otlp_endpoint=None,
-            shutdown_grace_seconds=0,
-        )
+        server_settings = ephemeral_server_settings("system", keys.public_key_file)
         # A stand-in for the one built service, so only Vault can make the mesh degraded.
         fake = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), fake)

@@ -25,7 +25,7 @@ from pythonon.system.v1 import system_pb2, system_pb2_grpc
 from edge.config import HTTP_STATUS_HEADER, IDENTITY_HEADER, SECTIONS
 from services.platform.bootstrap import start_server
 from services.platform.identity import Identity, IdentitySigner, generate_private_key_pem, public_key_pem
-from services.platform.settings import Environment, ServerSettings, SettingsError
+from services.platform.settings import Environment, SettingsError, ephemeral_server_settings
 from services.system.service import build
 from services.system.settings import SystemSettings, parse_database_urls, parse_services
 from services.system.unbuilt import UnbuiltSectionHandler
@@ -92,15 +92,7 @@ async def system_service(
     keys: Keys, services: dict[str, str], database_urls: tuple[str, ...] = ()
 ) -> AsyncIterator[grpc.aio.Channel]:
     """The system service as `python -m services.system` would build it, on port 0; yields a channel."""
-    server_settings = ServerSettings(
-        service="system",
-        host="127.0.0.1",
-        port=0,
-        log_level="INFO",
-        identity_public_key_file=keys.public_key_file,
-        otlp_endpoint=None,
-        shutdown_grace_seconds=0,
-    )
+    server_settings = ephemeral_server_settings("system", keys.public_key_file)
     parts = await build(server_settings, SystemSettings(services=services, database_urls=database_urls))
     server, _health, port = await start_server(server_settings, parts)
     try:

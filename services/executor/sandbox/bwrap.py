@@ -45,7 +45,7 @@ from services.executor.sandbox.interface import (
     SandboxError,
     SandboxUnavailable,
     describe_bytes,
-    describe_seconds,
+    result_of,
     validate_spec,
 )
 from services.executor.sandbox.process import Outcome, PayloadRefused, SandboxProcess, children_of, spawn
@@ -376,28 +376,16 @@ class BwrapBackend:
         return self._result(sandbox, limits, outcome)
 
     def _result(self, sandbox: _Sandbox, limits: Limits, outcome: Outcome) -> RunResult:
-        notes = []
-        exit_code = outcome.exit_code
-        if outcome.timed_out:
-            exit_code = 137
-            notes.append(f"execution timed out after {describe_seconds(limits.timeout_seconds)}")
-        if outcome.overflowed:
-            cap = describe_bytes(limits.output_bytes)
-            notes.append(f"output limit of {cap} per stream exceeded; the run was stopped")
-        if sandbox.cgroup is not None and sandbox.cgroup.oom_killed():
-            notes.append(f"memory limit of {describe_bytes(limits.memory_bytes)} exceeded")
-        stderr = outcome.stderr.decode("utf-8", errors="replace")
-        if notes:
-            if stderr and not stderr.endswith("\n"):
-                stderr += "\n"
-            stderr += "".join(f"[sandbox] {note}\n" for note in notes)
-        return RunResult(
-            stdout=outcome.stdout.decode("utf-8", errors="replace"),
-            stderr=stderr,
-            exit_code=exit_code,
-            duration_ms=round(outcome.duration_seconds * 1000),
+        oom = sandbox.cgroup is not None and sandbox.cgroup.oom_killed()
+        return result_of(
+            limits,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            exit_code=outcome.exit_code,
+            duration_seconds=outcome.duration_seconds,
             timed_out=outcome.timed_out,
-            truncated=outcome.overflowed,
+            overflowed=outcome.overflowed,
+            memory_note=f"memory limit of {describe_bytes(limits.memory_bytes)} exceeded" if oom else None,
         )
 
     def _dispose(self, sandbox: _Sandbox) -> None:

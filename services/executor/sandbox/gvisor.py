@@ -37,7 +37,7 @@ from services.executor.sandbox.interface import (
     SandboxError,
     SandboxUnavailable,
     describe_bytes,
-    describe_seconds,
+    result_of,
     validate_spec,
 )
 from services.executor.sandbox.process import Outcome, children_of, spawn
@@ -206,29 +206,18 @@ class GvisorBackend:
 
     def _result(self, spec: RunSpec, outcome: Outcome) -> RunResult:
         limits = spec.limits
-        notes = []
-        exit_code = outcome.exit_code
-        if outcome.timed_out:
-            exit_code = 137
-            notes.append(f"execution timed out after {describe_seconds(limits.timeout_seconds)}")
-        if outcome.overflowed:
-            cap = describe_bytes(limits.output_bytes)
-            notes.append(f"output limit of {cap} per stream exceeded; the run was stopped")
-        elif exit_code == 137 and not outcome.timed_out:
-            memory = describe_bytes(limits.memory_bytes)
-            notes.append(f"killed; the memory limit of {memory} was probably exceeded")
-        stderr = outcome.stderr.decode("utf-8", errors="replace")
-        if notes:
-            if stderr and not stderr.endswith("\n"):
-                stderr += "\n"
-            stderr += "".join(f"[sandbox] {note}\n" for note in notes)
-        return RunResult(
-            stdout=outcome.stdout.decode("utf-8", errors="replace"),
-            stderr=stderr,
-            exit_code=exit_code,
-            duration_ms=round(outcome.duration_seconds * 1000),
+        # runsc reports no OOM event here: a kill that was not the timeout is most likely the memory cap.
+        killed = outcome.exit_code == 137 and not outcome.timed_out
+        memory = describe_bytes(limits.memory_bytes)
+        return result_of(
+            limits,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            exit_code=outcome.exit_code,
+            duration_seconds=outcome.duration_seconds,
             timed_out=outcome.timed_out,
-            truncated=outcome.overflowed,
+            overflowed=outcome.overflowed,
+            memory_note=f"killed; the memory limit of {memory} was probably exceeded" if killed else None,
         )
 
     async def _delete(self, container: str) -> None:

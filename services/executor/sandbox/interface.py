@@ -145,6 +145,44 @@ def safe_relative_path(name: str) -> str:
     return clean
 
 
+def result_of(
+    limits: Limits,
+    *,
+    stdout: bytes,
+    stderr: bytes,
+    exit_code: int,
+    duration_seconds: float,
+    timed_out: bool,
+    overflowed: bool,
+    memory_note: str | None = None,
+) -> RunResult:
+    """The RunResult every backend answers: a timeout is exit 137, and each limit that ended the run
+    is said in a `[sandbox]` line appended to stderr."""
+    notes = []
+    if timed_out:
+        exit_code = 137
+        notes.append(f"execution timed out after {describe_seconds(limits.timeout_seconds)}")
+    if overflowed:
+        notes.append(
+            f"output limit of {describe_bytes(limits.output_bytes)} per stream exceeded; the run was stopped"
+        )
+    elif memory_note:
+        notes.append(memory_note)
+    text = stderr.decode("utf-8", errors="replace")
+    if notes:
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += "".join(f"[sandbox] {note}\n" for note in notes)
+    return RunResult(
+        stdout=stdout.decode("utf-8", errors="replace"),
+        stderr=text,
+        exit_code=exit_code,
+        duration_ms=round(duration_seconds * 1000),
+        timed_out=timed_out,
+        truncated=overflowed,
+    )
+
+
 def describe_bytes(size: int) -> str:
     if size % MiB == 0:
         return f"{size // MiB} MiB"
