@@ -36,10 +36,13 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
         method = handler_call_details.method
         needs_identity = self._policy.needs_identity(method)
+        if handler is None:
+            return handler
+        if handler.unary_unary is None:
+            # Only unary calls are wrapped; a streaming call that needs an identity fails closed.
+            return _refuse_streaming(handler) if needs_identity else handler
         behavior = handler.unary_unary
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -91,3 +94,14 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _refuse_streaming(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "streaming calls are not supported")
+
+    return grpc.unary_unary_rpc_method_handler(
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
