@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 DATA_DIR ?= .data
+SANDBOX ?= bwrap
 PYTEST_ARGS ?=
 
 .PHONY: run test venv system-packages generate check-generated lint bench clean
@@ -26,7 +27,7 @@ system-packages:
 	  echo "note: runsc (gVisor) is not installed; the gvisor backend's tests will be skipped"
 
 run: venv
-	$(BIN)/pyth-on up --port $(PORT) --data-dir $(DATA_DIR)
+	$(BIN)/pyth-on up --port $(PORT) --data-dir $(DATA_DIR) --sandbox $(SANDBOX)
 
 test: venv system-packages check-generated lint
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from services.executor.sandbox import BACKENDS
 from services.runner.mesh import Mesh, MeshConfig, MeshError
 
 
@@ -34,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("PYTHONON_DATABASE_URL"),
         help="one SQLAlchemy URL for every service (default: SQLite files in the data directory; "
         "PYTHONON_DATABASE_URL also sets it, and keeps a password out of the process list)",
+    )
+    up.add_argument(
+        "--sandbox",
+        choices=BACKENDS,
+        default="bwrap",
+        help="the executor's sandbox backend (default bwrap; gvisor needs runsc installed)",
     )
     up.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -84,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = MeshConfig(
-            port=args.port, data_dir=args.data_dir, database_url=args.database_url, log_level=args.log_level
+            port=args.port,
+            data_dir=args.data_dir,
+            database_url=args.database_url,
+            log_level=args.log_level,
+            service_env={"executor": {"PYTHONON_EXECUTOR_BACKEND": args.sandbox}},
         )
     except MeshError as error:
         print(f"pyth-on: {error}", file=sys.stderr)

@@ -89,6 +89,7 @@ class GvisorBackend:
         (self._dir / "etc" / "passwd").write_text(f"nobody:x:{NOBODY}:{NOBODY}:nobody:{WORKDIR}:/bin/sh\n")
         (self._dir / "etc" / "group").write_text(f"nogroup:x:{NOBODY}:\n")
         (self._dir / "etc" / "hosts").write_text("127.0.0.1 localhost sandbox\n")
+        _readable_by_all(self._dir / "etc")
         self._ids = itertools.count()
         self._cgroup_parent = f"{_own_cgroup('memory').rstrip('/')}/pythonon-gvisor-{os.getpid()}"
         self._running: set[str] = set()
@@ -254,6 +255,7 @@ class GvisorBackend:
             _mount_point(rootfs, inside, directory=True)
             options = ["nosuid", "nodev", f"size={limits.tmp_bytes}", "mode=1777"]
             mounts.append({"destination": inside, "type": "tmpfs", "source": "tmpfs", "options": options})
+        _readable_by_all(bundle)
         env = runtime.environment(RunSpec(spec.language, ""))
 
         def rlimit(name: str, value: int, hard: int | None = None) -> dict[str, Any]:
@@ -320,6 +322,14 @@ def _kill_tree(pid: int) -> None:
     for member in found:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(member, signal.SIGKILL)
+
+
+def _readable_by_all(root: Path) -> None:
+    """Directories 0755 and files 0644 under root, whatever the service's umask (the runner's is 077):
+    the sandbox's unprivileged uid must be able to reach its mount points and /etc."""
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _mount_point(rootfs: Path, inside: str, directory: bool) -> None:
