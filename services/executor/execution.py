@@ -62,6 +62,11 @@ class Executions:
     def languages(self) -> list[str]:
         return self._backend.languages()
 
+    def after_answer(self) -> None:
+        """Called once an answer has been sent: the backend makes up for what the run took (a warm
+        sandbox) now, off the run's critical path."""
+        self._backend.replenish()
+
     async def execute(self, request: ExecutionRequest) -> ExecutionResult:
         language = request.language or "python"
         limits = self._validate(request, language)

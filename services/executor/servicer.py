@@ -40,6 +40,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def Execute(  # noqa: N802 (gRPC method name)
         self, request: executor_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
     ) -> executor_pb2.ExecuteResponse:
+        context.add_done_callback(lambda _context: self._executions.after_answer())
         done = await self._executions.execute(to_execution_request(request))
         result = done.result
         return executor_pb2.ExecuteResponse(

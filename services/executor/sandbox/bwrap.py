@@ -235,6 +235,13 @@ class BwrapBackend:
             finally:
                 self._dispose(sandbox)
 
+    def replenish(self) -> None:
+        """Refill the pools that runs have drawn from (starting a sandbox costs the executor's event
+        loop a few milliseconds, and the new interpreter a core for a while)."""
+        for language, pool in self._pools.items():
+            if len(pool) < self.pool_size:
+                self._refill(language)
+
     async def close(self) -> None:
         self._closed = True
         for task in self._refills.values():
@@ -278,7 +285,9 @@ class BwrapBackend:
             while pool:
                 sandbox = pool.popleft()
                 if sandbox.process.returncode is None:
-                    self._refill(spec.language)
+                    if not pool:
+                        # Ran dry: refill now; otherwise `replenish`, after the answer, does it.
+                        self._refill(spec.language)
                     return sandbox
                 self._dispose(sandbox)
             self._refill(spec.language)

@@ -196,6 +196,9 @@ class GvisorBackend:
             self._running.discard(container)
             shutil.rmtree(bundle, ignore_errors=True)
 
+    def replenish(self) -> None:
+        """Nothing to make up: there is no warm pool."""
+
     async def close(self) -> None:
         self._closed = True
         await asyncio.gather(*self._cleanups, return_exceptions=True)

@@ -100,6 +100,11 @@ class SandboxBackend(Protocol):
         """Run one program. Raises only for infrastructure trouble, never for what the program does."""
         ...
 
+    def replenish(self) -> None:
+        """Make up, in the background, for what runs took (e.g. warm sandboxes); called once a run's
+        answer is on its way, so that the work does not compete with the run's own critical path."""
+        ...
+
     async def close(self) -> None:
         """Kill everything still running and release what the backend holds."""
         ...
