@@ -165,16 +165,16 @@ class AuditLog:
             head = repository.lock_head(user_id, utc_now())
             existing = repository.entry_by_record_id(user_id, record.record_id)
             if existing is not None:
-                return _view(existing), False
+                return existing, False
             if head.last_sequence >= MAX_SEQUENCE:  # pragma: no cover - two billion entries
                 raise InvalidArgument("this audit log is full")
+            entry_id = str(uuid.uuid4())
+            sequence = head.last_sequence + 1
             # Taken under the lock, so timestamps never decrease along a chain (clock permitting).
             now = utc_now()
-            entry = Entry(
-                id=str(uuid.uuid4()),
-                user_id=user_id,
-                sequence=head.last_sequence + 1,
-                record_id=record.record_id,
+            entry = ChainedEntry(
+                id=entry_id,
+                sequence=sequence,
                 timestamp=now,
                 action=record.action,
                 resource=record.resource,
@@ -183,21 +183,21 @@ class AuditLog:
                 client_ip=record.client_ip,
                 details=details,
                 prev_hash=head.last_hash,
+                hash=entry_hash(
+                    entry_id=entry_id,
+                    sequence=sequence,
+                    timestamp=now,
+                    action=record.action,
+                    resource=record.resource,
+                    outcome=record.outcome,
+                    request_id=record.request_id,
+                    client_ip=record.client_ip,
+                    details=details,
+                    prev_hash=head.last_hash,
+                ),
             )
-            entry.hash = entry_hash(
-                entry_id=entry.id,
-                sequence=entry.sequence,
-                timestamp=entry.timestamp,
-                action=entry.action,
-                resource=entry.resource,
-                outcome=entry.outcome,
-                request_id=entry.request_id,
-                client_ip=entry.client_ip,
-                details=entry.details,
-                prev_hash=entry.prev_hash,
-            )
-            repository.append(head, entry)
-            return _view(entry), True
+            repository.append(user_id, record.record_id, entry)
+            return entry, True
 
         try:
             return await self._db.run(append)
@@ -209,7 +209,7 @@ class AuditLog:
             )
             if existing is None:
                 raise
-            return _view(existing), False
+            return existing, False
 
     async def entries(self, user_id: str, query: EntryQuery) -> Page:
         """A page of the user's entries, newest first; the next page continues below the last sequence

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -9,11 +10,15 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from services.audit.chain import GENESIS_HASH
+from services.audit.chain import GENESIS_HASH, ChainedEntry, ChainHeadView
 from services.audit.models import ChainHead, Entry
 
 # Entries read per query when walking a whole chain.
 CHAIN_BATCH = 500
+_ENTRIES = Entry.__table__
+_HEADS = ChainHead.__table__
+# The columns an entry's view holds (all but user_id and record_id).
+_ENTRY_FIELDS = tuple(field.name for field in dataclasses.fields(ChainedEntry))
 
 
 class AuditRepository:
@@ -22,45 +27,61 @@ class AuditRepository:
     def __init__(self, session: Session) -> None:
         self._session = session
 
-    def lock_head(self, user_id: str, now: datetime) -> ChainHead:
+    def lock_head(self, user_id: str, now: datetime) -> ChainHeadView:
         """The user's chain head, created if absent and locked until the transaction ends.
 
         Holding it serializes appends to one chain: PostgreSQL locks the row (SELECT ... FOR
-        UPDATE); on SQLite the insert-if-absent, a write, takes the database's one write lock."""
-        dialect = self._session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        self._session.execute(
-            insert(ChainHead)
+        UPDATE); on SQLite the insert-if-absent, a write, takes the database's one write lock.
+        Core statements on the session's connection: an append is on every request's path, and the
+        ORM's unit of work costs more than the statements themselves."""
+        connection = self._session.connection()
+        insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+        connection.execute(
+            insert(_HEADS)
             .values(user_id=user_id, last_sequence=0, last_hash=GENESIS_HASH, updated_at=now)
             .on_conflict_do_nothing(index_elements=["user_id"])
         )
-        head = self._session.scalar(
-            sa.select(ChainHead)
-            .where(ChainHead.user_id == user_id)
+        row = connection.execute(
+            sa.select(_HEADS.c.last_sequence, _HEADS.c.last_hash)
+            .where(_HEADS.c.user_id == user_id)
             .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-        if head is None:  # pragma: no cover - inserted just above, in this transaction
+        ).one_or_none()
+        if row is None:  # pragma: no cover - inserted just above, in this transaction
             raise RuntimeError("chain head vanished inside its transaction")
-        return head
+        return ChainHeadView(last_sequence=row.last_sequence, last_hash=row.last_hash)
 
     def head(self, user_id: str) -> ChainHead | None:
         return self._session.scalar(
             sa.select(ChainHead).where(ChainHead.user_id == user_id).execution_options(populate_existing=True)
         )
 
-    def entry_by_record_id(self, user_id: str, record_id: str) -> Entry | None:
-        return self._session.scalar(
-            sa.select(Entry).where(Entry.user_id == user_id, Entry.record_id == record_id)
+    def entry_by_record_id(self, user_id: str, record_id: str) -> ChainedEntry | None:
+        row = (
+            self._session.connection()
+            .execute(
+                sa.select(*(_ENTRIES.c[name] for name in _ENTRY_FIELDS)).where(
+                    _ENTRIES.c.user_id == user_id, _ENTRIES.c.record_id == record_id
+                )
+            )
+            .one_or_none()
         )
+        return None if row is None else ChainedEntry(**row._asdict())
 
-    def append(self, head: ChainHead, entry: Entry) -> None:
-        """Add `entry` (the successor of `head`) and move the head onto it."""
-        self._session.add(entry)
-        head.last_sequence = entry.sequence
-        head.last_hash = entry.hash
-        head.updated_at = entry.timestamp
-        self._session.flush()
+    def append(self, user_id: str, record_id: str, entry: ChainedEntry) -> None:
+        """Add `entry` (the successor of the user's locked head) and move the head onto it."""
+        connection = self._session.connection()
+        connection.execute(
+            sa.insert(_ENTRIES).values(
+                user_id=user_id,
+                record_id=record_id,
+                **{name: getattr(entry, name) for name in _ENTRY_FIELDS},
+            )
+        )
+        connection.execute(
+            sa.update(_HEADS)
+            .where(_HEADS.c.user_id == user_id)
+            .values(last_sequence=entry.sequence, last_hash=entry.hash, updated_at=entry.timestamp)
+        )
 
     def page(
         self,
