@@ -13,6 +13,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
+	# xds-protos ships an old copy of opentelemetry/proto/* that overwrites opentelemetry-proto's
+	# (the OTLP exporter then fails to import); put the real one back on top.
+	$(BIN)/pip install --quiet --no-deps --force-reinstall $$(grep '^opentelemetry-proto==' requirements.lock)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
