@@ -86,13 +86,15 @@ def test_login_refusals_are_identical_for_wrong_password_and_unknown_email(
         elapsed = time.perf_counter() - started
         return error_message(response, 401, 16), elapsed
 
-    wrong_password = [attempt(user["user"]["email"]) for _ in range(3)]
-    unknown_email = [attempt(new_email("nobody")) for _ in range(3)]
+    # Interleaved, so that load from elsewhere on the machine weighs on both alike.
+    pairs = [(attempt(user["user"]["email"]), attempt(new_email("nobody"))) for _ in range(5)]
+    wrong_password = [known for known, _ in pairs]
+    unknown_email = [unknown for _, unknown in pairs]
     assert {m for m, _ in wrong_password} == {m for m, _ in unknown_email} == {"invalid email or password"}
     known = statistics.median(t for _, t in wrong_password)
     unknown = statistics.median(t for _, t in unknown_email)
     # Both pay for one Argon2id verification; without the dummy hash the unknown email would be ~10x faster.
-    assert 0.5 < unknown / known < 2.0, (known, unknown)
+    assert 0.4 < unknown / known < 2.5, (known, unknown)
 
 
 # --- verify ---------------------------------------------------------------------------------------
