@@ -37,6 +37,7 @@ async def build(server: ServerSettings, settings: AuthSettings) -> ServiceParts:
         AccessTokens(settings.access_token_private_key, settings.access_token_ttl_seconds),
         settings.refresh_token_ttl_seconds,
         AuthEvents(audit, signer),
+        api_key_cache_seconds=settings.api_key_cache_seconds,
     )
     check = EdgeCheck(
         accounts, TokenBuckets(settings.user_rate_limit), TokenBuckets(settings.client_ip_rate_limit)

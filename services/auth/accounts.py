@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session
 
 from services.auth import passwords
-from services.auth.api_keys import ApiKeys
+from services.auth.api_keys import ApiKeys, RecentApiKeys
 from services.auth.events import AuthEvents
 from services.auth.models import RefreshToken, User
 from services.auth.storage import AuthRepository, EmailTaken
@@ -76,9 +76,12 @@ class Accounts:
         access_tokens: AccessTokens,
         refresh_token_ttl_seconds: int,
         events: AuthEvents,
+        *,
+        api_key_cache_seconds: float = 0,
     ) -> None:
         self._db = db
         self._api_keys = api_keys
+        self._recent_keys = RecentApiKeys(api_key_cache_seconds)
         self._access_tokens = access_tokens
         self._refresh_ttl = timedelta(seconds=refresh_token_ttl_seconds)
         self._events = events
@@ -187,8 +190,15 @@ class Accounts:
 
     async def identify_api_key(self, api_key: str) -> Identity | None:
         digest = self._api_keys.digest(api_key)
+        identity = self._recent_keys.get(digest)
+        if identity is not None:
+            return identity
         user = await self._db.run(lambda s: AuthRepository(s).user_by_api_key_digest(digest))
-        return Identity(user_id=user.id, email=user.email) if user else None
+        if user is None:
+            return None
+        identity = Identity(user_id=user.id, email=user.email)
+        self._recent_keys.put(digest, identity)
+        return identity
 
     async def identify_access_token(self, token: str) -> Identity | None:
         try:

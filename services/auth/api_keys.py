@@ -6,10 +6,15 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from services.platform.identity import Identity
 
 PREFIX = "po_"
 
@@ -40,3 +45,42 @@ class ApiKeys:
 
     def decrypt(self, ciphertext: bytes, user_id: str) -> str:
         return self._cipher.decrypt(ciphertext[:12], ciphertext[12:], user_id.encode()).decode()
+
+
+class RecentApiKeys:
+    """Which user an API key named, remembered for a few seconds by the key's digest (never the key).
+
+    The edge check runs on every request, and a key names the same user for as long as it exists:
+    keys are never rotated, revoked or deleted, and a user's id and email never change. Should any
+    of that become possible, the change must call `forget` (or accept that a key keeps working
+    for up to `ttl_seconds` after it). Only keys that were found are remembered, so a new key is
+    never refused because of an earlier miss. Bounded: the oldest entries go first."""
+
+    def __init__(
+        self, ttl_seconds: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl = ttl_seconds
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+
+    def get(self, digest: str) -> Identity | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        expires, identity = entry
+        if self._clock() >= expires:
+            del self._entries[digest]
+            return None
+        return identity
+
+    def put(self, digest: str, identity: Identity) -> None:
+        if self._ttl <= 0:
+            return
+        self._entries.pop(digest, None)
+        self._entries[digest] = (self._clock() + self._ttl, identity)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def forget(self, digest: str) -> None:
+        self._entries.pop(digest, None)

@@ -28,6 +28,8 @@ class AuthSettings:
     refresh_token_ttl_seconds: int
     user_rate_limit: RateLimit
     client_ip_rate_limit: RateLimit
+    # How long the edge check remembers which user an API key names (0: not at all).
+    api_key_cache_seconds: int = 30
 
     @classmethod
     def load(cls, env: Environment) -> AuthSettings:
@@ -56,6 +58,7 @@ class AuthSettings:
                 burst=env.integer("PYTHONON_AUTH_CLIENT_IP_RATE_BURST", 20, minimum=1),
                 per_minute=env.integer("PYTHONON_AUTH_CLIENT_IP_RATE_PER_MINUTE", 20, minimum=1),
             ),
+            api_key_cache_seconds=env.integer("PYTHONON_AUTH_API_KEY_CACHE_SECONDS", 30, minimum=0),
         )
 
 
