@@ -14,8 +14,7 @@ from services.executor.sandbox import Limits, RunResult, RunSpec, SandboxBackend
 from services.executor.secrets_client import SecretsClient
 from services.platform.audit import FAILURE, SUCCESS, AuditClient
 from services.platform.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.secrets.rules import RESERVED_NAMES, RESERVED_PREFIXES
-from services.secrets.rules import check_name as check_secret_name
+from services.platform.sandbox_environment import is_reserved
 
 LANGUAGES = ("python", "javascript", "bash")
 MAX_ENV_VARIABLES = 64
@@ -70,7 +69,8 @@ class Executions:
     async def execute(self, request: ExecutionRequest) -> ExecutionResult:
         language = request.language or "python"
         limits = self._validate(request, language)
-        names = None if request.secret_names is None else [check_secret_name(n) for n in request.secret_names]
+        # The secrets service judges the names (and says which one is wrong).
+        names = None if request.secret_names is None else list(request.secret_names)
         secrets = await self._secrets.resolve(names)
         # The request's own variables win over secrets of the same name: the caller chose them.
         env = {**secrets, **request.env}
@@ -128,8 +128,7 @@ class Executions:
         for name, value in request.env.items():
             if not _ENV_NAME.match(name):
                 raise InvalidArgument(f"env: {name!r} is not an environment-variable name")
-            upper = name.upper()
-            if upper in RESERVED_NAMES or upper.startswith(RESERVED_PREFIXES):
+            if is_reserved(name):
                 raise InvalidArgument(f"env: {name} is set by the sandbox and cannot be overridden")
             if len(value.encode()) > MAX_ENV_VALUE_BYTES or "\x00" in value:
                 raise InvalidArgument(f"env: the value of {name} is too large or contains NUL")

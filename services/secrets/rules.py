@@ -7,21 +7,11 @@ import re
 from dataclasses import dataclass
 
 from services.platform.errors import InvalidArgument
+from services.platform.sandbox_environment import RESERVED_NAMES, RESERVED_PREFIXES
 
 MAX_NAME_LENGTH = 64
 MAX_DESCRIPTION_LENGTH = 1024
 _NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
-
-# Variables the sandbox or the interpreters it runs give a meaning to: a secret must not shadow them.
-RESERVED_NAMES = frozenset(
-    {
-        "PATH", "HOME", "PWD", "SHELL", "USER", "LOGNAME", "LANG", "TMPDIR", "TERM", "HOSTNAME",
-        "PYTHONPATH", "PYTHONHOME", "LD_PRELOAD", "LD_LIBRARY_PATH",
-        # Read and run by the bash and JavaScript runtimes at start-up.
-        "BASH_ENV", "ENV", "IFS", "NODE_OPTIONS", "NODE_PATH",
-    }
-)  # fmt: skip
-RESERVED_PREFIXES = ("PYTHONON_", "PYTHON", "LD_", "LC_")
 
 
 def check_name(name: str) -> str:

@@ -263,7 +263,7 @@ TIMEOUT_RANGE = "timeout must be more than 0 and at most 60 seconds"
         ({"code": "print(1)", "secrets": ["NO_SUCH_SECRET"]}, "secrets: no secret named NO_SUCH_SECRET"),
         (
             {"code": "print(1)", "secrets": ["PATH"]},
-            "PATH is reserved: the sandbox sets it, so a secret cannot use that name",
+            "secrets: PATH is reserved: the sandbox sets it, so a secret cannot use that name",
         ),
     ],
 )
