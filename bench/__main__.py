@@ -9,9 +9,7 @@ ratios against the baseline measured in the same run."""
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,30 +18,10 @@ from pathlib import Path
 
 import httpx
 
+from bench.baseline import bare_start_ms, base_python, percentile
 from services.runner.mesh import Mesh, MeshConfig
 
 HELLO = {"code": "print('hello')"}
-
-
-def base_python() -> str:
-    """The interpreter the sandbox starts: the base installation's, not the virtual environment's."""
-    return os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def bare_start_ms(interpreter: str, runs: int) -> list[float]:
-    """Wall time of starting and exiting the sandbox's interpreter, no sandbox around it."""
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        subprocess.run([interpreter, "-I", "-S", "-c", "pass"], check=True)
-        samples.append((time.perf_counter() - started) * 1000)
-    return samples
 
 
 def one_run(client: httpx.Client, headers: dict[str, str]) -> float:
@@ -68,7 +46,7 @@ def main() -> int:
     args = parser.parse_args()
 
     interpreter = base_python()
-    baseline = bare_start_ms(interpreter, 50)
+    baseline = bare_start_ms(50, interpreter)
     service_env = {
         "auth": {"PYTHONON_AUTH_USER_RATE_BURST": "100000", "PYTHONON_AUTH_USER_RATE_PER_MINUTE": "1000000"},
         "executor": {"PYTHONON_EXECUTOR_POOL_SIZE": str(args.pool_size)},

@@ -9,29 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
-import sys
 import time
 
+from bench.baseline import bare_start_ms, percentile
 from services.executor.sandbox import RunSpec, create_backend
 
 HELLO = {"python": "print('hello')", "javascript": "console.log('hello')", "bash": "echo hello"}
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))]
-
-
-def bare_start_ms(runs: int) -> list[float]:
-    interpreter = os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        subprocess.run([interpreter, "-I", "-S", "-c", "pass"], check=True)
-        samples.append((time.perf_counter() - started) * 1000)
-    return samples
 
 
 async def measure(backend_name: str, language: str, runs: int, pause: float, concurrency: int) -> None:

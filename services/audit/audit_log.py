@@ -7,7 +7,7 @@ import binascii
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -21,7 +21,7 @@ from services.audit.chain import (
     Verdict,
     canonical_json,
     canonical_value,
-    entry_hash,
+    hash_of,
     verify_chain,
 )
 from services.audit.models import ChainHead, Entry
@@ -168,14 +168,11 @@ class AuditLog:
                 return existing, False
             if head.last_sequence >= MAX_SEQUENCE:  # pragma: no cover - two billion entries
                 raise InvalidArgument("this audit log is full")
-            entry_id = str(uuid.uuid4())
-            sequence = head.last_sequence + 1
             # Taken under the lock, so timestamps never decrease along a chain (clock permitting).
-            now = utc_now()
-            entry = ChainedEntry(
-                id=entry_id,
-                sequence=sequence,
-                timestamp=now,
+            unhashed = ChainedEntry(
+                id=str(uuid.uuid4()),
+                sequence=head.last_sequence + 1,
+                timestamp=utc_now(),
                 action=record.action,
                 resource=record.resource,
                 outcome=record.outcome,
@@ -183,19 +180,9 @@ class AuditLog:
                 client_ip=record.client_ip,
                 details=details,
                 prev_hash=head.last_hash,
-                hash=entry_hash(
-                    entry_id=entry_id,
-                    sequence=sequence,
-                    timestamp=now,
-                    action=record.action,
-                    resource=record.resource,
-                    outcome=record.outcome,
-                    request_id=record.request_id,
-                    client_ip=record.client_ip,
-                    details=details,
-                    prev_hash=head.last_hash,
-                ),
+                hash="",
             )
+            entry = replace(unhashed, hash=hash_of(unhashed))
             repository.append(user_id, record.record_id, entry)
             return entry, True
 

@@ -143,7 +143,8 @@ def entry_hash(
     return hashlib.sha256(canonical_json(document).encode("utf-8")).hexdigest()
 
 
-def _recompute(entry: ChainedEntry, sequence: int | None = None) -> str:
+def hash_of(entry: ChainedEntry, sequence: int | None = None) -> str:
+    """The hash `entry` should carry (at `sequence`, by default its own)."""
     return entry_hash(
         entry_id=entry.id,
         sequence=entry.sequence if sequence is None else sequence,
@@ -179,7 +180,7 @@ def _recorded_as(entry: ChainedEntry, place: int) -> int | None:
     """The other position this entry's hash was computed for, if it was moved from there intact."""
     low, high = max(1, place - _MOVED_SEARCH_RADIUS), place + _MOVED_SEARCH_RADIUS
     for sequence in range(low, high + 1):
-        if sequence != place and _recompute(entry, sequence) == entry.hash:
+        if sequence != place and hash_of(entry, sequence) == entry.hash:
             return sequence
     return None
 
@@ -207,7 +208,7 @@ def verify_chain(entries: Iterable[ChainedEntry], head: ChainHeadView | None) ->
             if entry.sequence == expected + 1:
                 return broken(expected, f"entry {expected} is missing")
             return broken(expected, f"entries {expected} to {entry.sequence - 1} are missing")
-        if _recompute(entry) != entry.hash:
+        if hash_of(entry) != entry.hash:
             moved_from = _recorded_as(entry, expected)
             if moved_from is not None:
                 return broken(

@@ -160,17 +160,14 @@ class Accounts:
         async with self._db.unit_of_work() as uow:
             rotation = await uow.run(rotate)
             user = rotation.user
-            if user is None:
-                await self._events.record(ANONYMOUS, "auth.refresh", FAILURE, {"reason": "unknown_token"})
-            elif rotation.outcome == "reused":
-                details = {"reason": "refresh_token_reuse", "revoked_tokens": rotation.revoked}
-                await self._events.record(Identity(user.id, user.email), "auth.refresh", DENIED, details)
-            elif rotation.outcome == "expired":
-                await self._events.record(
-                    Identity(user.id, user.email), "auth.refresh", FAILURE, {"reason": "expired"}
-                )
-            else:
-                await self._events.record(Identity(user.id, user.email), "auth.refresh", SUCCESS)
+            subject = ANONYMOUS if user is None else Identity(user.id, user.email)
+            outcome, details = {
+                "unknown": (FAILURE, {"reason": "unknown_token"}),
+                "reused": (DENIED, {"reason": "refresh_token_reuse", "revoked_tokens": rotation.revoked}),
+                "expired": (FAILURE, {"reason": "expired"}),
+                "rotated": (SUCCESS, None),
+            }[rotation.outcome]
+            await self._events.record(subject, "auth.refresh", outcome, details)
         if rotation.outcome == "reused":
             raise Unauthenticated(
                 "refresh token was already used; its session has been revoked, log in again"

@@ -58,9 +58,6 @@ class Executions:
         self._audit = audit
         self._policy = policy
 
-    def languages(self) -> list[str]:
-        return self._backend.languages()
-
     def after_answer(self) -> None:
         """Called once an answer has been sent: the backend makes up for what the run took (a warm
         sandbox) now, off the run's critical path."""

@@ -3,6 +3,7 @@ the edge reads), so the rule is written once."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from google.protobuf import descriptor_pool
@@ -18,6 +19,8 @@ _PUBLIC = access_pb2.DESCRIPTOR.extensions_by_name["public"]
 _LIMIT_BY_CLIENT_IP = access_pb2.DESCRIPTOR.extensions_by_name["limit_by_client_ip"]
 
 
+# Asked on every call (interceptor, edge check); the options never change in a running process.
+@functools.lru_cache(maxsize=1024)
 def _method_option(method: str, extension: object) -> bool:
     """Reads a boolean method option for a gRPC path such as /pythonon.auth.v1.AuthService/Login."""
     service_name, _, method_name = method.lstrip("/").rpartition("/")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from edge.config import SECTIONS
@@ -39,24 +39,22 @@ class RunLimits:
 
 @dataclass(frozen=True)
 class DeploymentInfo:
+    """What the system service knows itself; languages, the sandbox and the enforced limits are the
+    executor's to report, and the servicer asks it for them."""
+
     name: str
     version: str
-    languages: Sequence[str]
     limits: RunLimits
     features: Mapping[str, bool]
-    sandbox: str = ""
 
 
 def deployment_info(
     built_sections: set[str], version: str, limits: RunLimits | None = None
 ) -> DeploymentInfo:
-    """What this deployment offers. Languages, the sandbox and the enforced limits are the executor's
-    to report (the servicer asks it), so they are empty here rather than promised."""
+    """What this deployment offers: its name, version, run limits and which sections are built."""
     return DeploymentInfo(
         name=PRODUCT_NAME,
         version=version,
-        languages=(),
         limits=limits or RunLimits(),
         features={section: section in built_sections for section in SECTIONS},
-        sandbox="",
     )
