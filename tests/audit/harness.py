@@ -7,8 +7,6 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,8 +19,9 @@ from services.audit.__main__ import build
 from services.audit.settings import AuditSettings
 from services.platform.bootstrap import start_server
 from services.platform.db import create_engine
-from services.platform.identity import Identity, IdentitySigner, generate_private_key_pem, public_key_pem
+from services.platform.identity import Identity, IdentitySigner
 from services.platform.settings import ephemeral_server_settings
+from tests.identity_keys import Keys, make_keys  # noqa: F401 - re-exported for the audit tests
 
 # More pages than any test here needs: a cursor that does not advance fails instead of hanging.
 MAX_PAGES = 200
@@ -34,19 +33,6 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
 
 def new_user() -> str:
     return str(uuid.uuid4())
-
-
-@dataclass
-class Keys:
-    signer: IdentitySigner
-    public_key_file: Path
-
-
-def make_keys(directory: Path) -> Keys:
-    private = generate_private_key_pem()
-    public_file = directory / "identity.pub"
-    public_file.write_bytes(public_key_pem(private))
-    return Keys(IdentitySigner(private), public_file)
 
 
 class AuditClient:

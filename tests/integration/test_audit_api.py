@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from services.runner.mesh import Mesh, MeshConfig
 from tests.integration.conftest import PASSWORD, new_email
@@ -168,8 +167,7 @@ def test_with_audit_down_mutations_answer_503_and_change_nothing(tmp_path: Path)
         assert health.status_code == 503 and health.json()["services"]["audit"] == "down"
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
-def test_no_password_token_or_key_is_stored_in_the_audit_log(tmp_path: Path, backend: str) -> None:
+def test_no_password_token_or_key_is_stored_in_the_audit_log(tmp_path: Path) -> None:
     with (
         Mesh(MeshConfig(port=0, data_dir=tmp_path)) as mesh,
         httpx.Client(base_url=mesh.url, timeout=30) as client,

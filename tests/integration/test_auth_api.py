@@ -20,7 +20,7 @@ from tests.integration.conftest import PASSWORD, RFC3339, data_dir_of, error_mes
 
 
 def test_register_answers_201_with_credentials(client: httpx.Client) -> None:
-    email = new_email("Reg").replace("reg", "Reg")
+    email = new_email("Mixed-Case")
     response = client.post("/api/register", json={"email": email, "password": PASSWORD})
     assert response.status_code == 201, response.text
     body = response.json()

@@ -22,6 +22,7 @@ import pytest
 from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.runner.mesh import Mesh, MeshConfig
+from tests.host_processes import no_process_left
 from tests.integration.conftest import GENEROUS_LIMITS, PASSWORD, new_email
 
 # The attacks share the session's SQLite mesh (the sandbox does not depend on the database).
@@ -66,31 +67,6 @@ def register(client: httpx.Client, tag: str) -> dict:
     response = client.post("/api/register", json={"email": new_email(tag), "password": PASSWORD})
     assert response.status_code == 201, response.text
     return response.json()
-
-
-def host_processes_of(uid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if entry.stat().st_uid == uid:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def no_process_left(uid: int, seconds: float = 5) -> bool:
-    """Whether every process of a sandbox's uid is gone from the host (as root, each sandbox runs
-    under a host uid of its own; otherwise the uid is shared and nothing can be concluded)."""
-    if os.geteuid() != 0 or uid == os.geteuid():
-        return True
-    deadline = time.monotonic() + seconds
-    while host_processes_of(uid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def info(client: httpx.Client) -> dict:

@@ -14,29 +14,8 @@ import pytest
 
 from services.executor.sandbox import Limits, RunSpec
 from services.executor.sandbox.bwrap import DEFAULT_UID_BASE
+from tests.host_processes import no_process_left
 from tests.sandbox.conftest import CANARY_NAME, CANARY_VALUE, Sandbox
-
-
-def host_processes_of(uid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if entry.stat().st_uid == uid:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def no_process_left(uid: int, seconds: float = 5) -> bool:
-    """Whether every process of a sandbox's uid (each sandbox has its own) is gone from the host."""
-    deadline = time.monotonic() + seconds
-    while host_processes_of(uid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_fork_bomb_is_held_to_the_process_limit(sandbox: Sandbox) -> None:

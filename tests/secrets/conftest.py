@@ -29,11 +29,12 @@ from pythonon.secrets.v1 import secrets_pb2_grpc
 
 from edge.config import IDENTITY_HEADER
 from services.platform.bootstrap import start_server
-from services.platform.identity import Identity, IdentitySigner, generate_private_key_pem, public_key_pem
+from services.platform.identity import Identity
 from services.platform.settings import ephemeral_server_settings
 from services.runner import openbao
 from services.secrets.__main__ import build
 from services.secrets.settings import SecretsSettings, VaultSettings
+from tests.identity_keys import Keys, make_keys
 
 
 def free_port() -> int:
@@ -122,21 +123,9 @@ def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
 # -- identity ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Keys:
-    signer: IdentitySigner
-    public_key_file: Path
-
-    def metadata(self, user: Identity) -> tuple[tuple[str, str]]:
-        return ((IDENTITY_HEADER, self.signer.sign(user)),)
-
-
 @pytest.fixture()
 def keys(tmp_path: Path) -> Keys:
-    private = generate_private_key_pem()
-    public_file = tmp_path / "identity.pub"
-    public_file.write_bytes(public_key_pem(private))
-    return Keys(IdentitySigner(private), public_file)
+    return make_keys(tmp_path)
 
 
 _users = iter(range(1, 1_000_000))

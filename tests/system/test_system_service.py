@@ -22,13 +22,13 @@ from pythonon.auth.v1 import auth_pb2
 from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
 from pythonon.system.v1 import system_pb2, system_pb2_grpc
 
-from edge.config import HTTP_STATUS_HEADER, IDENTITY_HEADER, SECTIONS
+from edge.config import HTTP_STATUS_HEADER, SECTIONS
 from services.platform.bootstrap import start_server
-from services.platform.identity import Identity, IdentitySigner, generate_private_key_pem, public_key_pem
 from services.platform.settings import Environment, SettingsError, ephemeral_server_settings
 from services.system.service import build
 from services.system.settings import SystemSettings, parse_database_urls, parse_services
 from services.system.unbuilt import UnbuiltSectionHandler
+from tests.identity_keys import Keys, make_keys
 from tests.postgres import throwaway_database
 
 VERSION = importlib.metadata.version("pyth-on")
@@ -39,21 +39,9 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(test())
 
 
-@dataclass
-class Keys:
-    signer: IdentitySigner
-    public_key_file: Path
-
-    def assertion(self) -> tuple[tuple[str, str]]:
-        return ((IDENTITY_HEADER, self.signer.sign(Identity("user-1", "a@example.com"))),)
-
-
 @pytest.fixture()
 def keys(tmp_path: Path) -> Keys:
-    private = generate_private_key_pem()
-    public_file = tmp_path / "identity.pub"
-    public_file.write_bytes(public_key_pem(private))
-    return Keys(IdentitySigner(private), public_file)
+    return make_keys(tmp_path)
 
 
 @asynccontextmanager

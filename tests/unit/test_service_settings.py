@@ -1,0 +1,38 @@
+"""A service refuses to start, with a clear message and no traceback, when a setting is missing or
+malformed: the settings are read once, before anything else happens."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.platform.identity import generate_private_key_pem, public_key_pem
+
+
+@pytest.mark.parametrize(
+    ("service", "settings", "message"),
+    [
+        ("auth", {}, "pythonon-auth: configuration error: PYTHONON_PORT is required but not set"),
+        ("system", {"PYTHONON_PORT": "eighty"}, "pythonon-system: configuration error: PYTHONON_PORT must be an integer"),
+        ("audit", {"PYTHONON_PORT": "0", "PYTHONON_IDENTITY_PUBLIC_KEY_FILE": "/nonexistent/identity.pub"}, "PYTHONON_IDENTITY_PUBLIC_KEY_FILE names /nonexistent/identity.pub, which is not a readable file"),
+        ("executor", {"PYTHONON_PORT": "0", "KEY": "", "PYTHONON_EXECUTOR_BACKEND": "docker"}, "PYTHONON_EXECUTOR_BACKEND must be one of bwrap, gvisor"),
+    ],
+)  # fmt: skip
+def test_a_service_with_a_bad_setting_exits_2_with_a_clear_message(
+    tmp_path: Path, service: str, settings: dict[str, str], message: str
+) -> None:
+    key = tmp_path / "identity.pub"
+    key.write_bytes(public_key_pem(generate_private_key_pem()))
+    env = {"PATH": os.environ["PATH"], **settings}
+    if env.pop("KEY", None) is not None:
+        env["PYTHONON_IDENTITY_PUBLIC_KEY_FILE"] = str(key)
+    ended = subprocess.run(
+        [sys.executable, "-m", f"services.{service}"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert ended.returncode == 2
+    assert message in ended.stderr
+    assert "Traceback" not in ended.stderr
