@@ -220,28 +220,31 @@ def test_a_service_that_dies_is_named(tmp_path: Path) -> None:
     assert wait_gone(pids) == []
 
 
-def test_pyth_on_up_prints_the_url_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+def _start_pyth_on_up(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    """`pyth-on up` on a free port, as a user runs it; returns once it says it is up, with its URL."""
     runner = subprocess.Popen(
-        [sys.executable, "-m", "services.runner.cli", "up", "--port", "0", "--data-dir", str(tmp_path / "d")],
+        [sys.executable, "-m", "services.runner.cli", "up", "--port", "0", "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert runner.stdout is not None
+    for line in runner.stdout:
+        if line.startswith("Pyth-On is up at "):
+            return runner, line.removeprefix("Pyth-On is up at ").strip()
+    pytest.fail(f"the runner ended without coming up (status {runner.wait()})")
+
+
+def test_pyth_on_up_prints_the_url_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    runner, url = _start_pyth_on_up(tmp_path / "d")
     try:
-        assert runner.stdout is not None
-        for line in runner.stdout:
-            if line.startswith("Pyth-On is up at "):
-                url = line.removeprefix("Pyth-On is up at ").strip()
-                break
-        else:
-            pytest.fail(f"the runner ended without coming up (status {runner.wait()})")
         assert httpx.get(f"{url}/api/info", timeout=10).json()["name"] == "Pyth-On"
         children = _children_of(runner.pid)
         assert len(children) == len(BUILT) + 2  # and Envoy and OpenBao
 
         runner.send_signal(signal.SIGINT)
         assert runner.wait(timeout=30) == 0
-        assert "Stopped." in runner.stdout.read()
+        assert runner.stdout is not None and "Stopped." in runner.stdout.read()
         assert wait_gone(children) == []
     finally:
         if runner.poll() is None:
@@ -266,19 +269,8 @@ def _children_of(pid: int) -> list[int]:
 
 
 def test_a_killed_runner_leaves_no_process_behind(tmp_path: Path) -> None:
-    runner = subprocess.Popen(
-        [sys.executable, "-m", "services.runner.cli", "up", "--port", "0", "--data-dir", str(tmp_path / "d")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    runner, _url = _start_pyth_on_up(tmp_path / "d")
     try:
-        assert runner.stdout is not None
-        for line in runner.stdout:
-            if line.startswith("Pyth-On is up at "):
-                break
-        else:
-            pytest.fail(f"the runner ended without coming up (status {runner.wait()})")
         children = _children_of(runner.pid)
         assert len(children) == len(BUILT) + 2
     finally:

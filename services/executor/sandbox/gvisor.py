@@ -329,7 +329,8 @@ def _kill_tree(pid: int) -> None:
 
 def _readable_by_all(root: Path) -> None:
     """Directories 0755 and files 0644 under root, whatever the service's umask (the runner's is 077):
-    the sandbox's unprivileged uid must be able to reach its mount points and /etc."""
+    the sandbox's unprivileged uid must be able to reach its mount points and /etc. Only for trees this
+    backend wrote itself: on a hard link to a host file it would change the host file's mode."""
     for path in [root, *root.rglob("*")]:
         if not path.is_symlink():
             path.chmod(0o755 if path.is_dir() else 0o644)
