@@ -1,13 +1,16 @@
 """SQLAlchemy engines and Alembic migrations, the same on SQLite and PostgreSQL.
 
 Each service owns its tables and its own Alembic version table, so services can share one
-PostgreSQL database without reading each other's tables."""
+PostgreSQL database without reading each other's tables. Migrations run once, by an explicit step
+(`pyth-on migrate`); a service only checks at start-up that its schema is at head."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,11 +18,24 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from alembic import command, context
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.platform.settings import SettingsError
+
 T = TypeVar("T")
+SERVICES_ROOT = Path(__file__).resolve().parent.parent
+
+
+DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")
+
+
+def is_database_url(url: str) -> bool:
+    """Whether `url` names a database this code runs on (SQLite or PostgreSQL)."""
+    return url.startswith(DATABASE_SCHEMES)
 
 
 def normalize_url(url: str) -> str:
@@ -45,6 +61,64 @@ def create_engine(url: str) -> Engine:
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A service's tables: its Alembic migrations (services/<service>/migrations) and the version
+    table that records how far they ran (alembic_version_<service>)."""
+
+    service: str
+
+    @property
+    def migrations(self) -> Path:
+        return SERVICES_ROOT / self.service / "migrations"
+
+    @property
+    def version_table(self) -> str:
+        return f"alembic_version_{self.service}"
+
+    def alembic_config(self) -> Config:
+        config = Config()
+        config.set_main_option("script_location", str(self.migrations))
+        config.attributes["version_table"] = self.version_table
+        return config
+
+    def head(self) -> str:
+        """The latest revision of the migrations (a service keeps one line of them, not branches)."""
+        head = ScriptDirectory.from_config(self.alembic_config()).get_current_head()
+        if head is None:
+            raise ValueError(f"{self.migrations} holds no migrations")
+        return head
+
+    def knows(self, revision: str) -> bool:
+        script = ScriptDirectory.from_config(self.alembic_config())
+        return any(known.revision == revision for known in script.walk_revisions())
+
+    def lock_key(self) -> int:
+        """A PostgreSQL advisory lock key of its own, so migrating one service never waits on another."""
+        digest = hashlib.sha256(f"pythonon.migrate.{self.service}".encode()).digest()
+        return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """What one migration run did: the revision before (None: no schema yet) and after."""
+
+    schema: Schema
+    before: str | None
+    after: str
+
+    def describe(self) -> str:
+        if self.before == self.after:
+            return f"{self.schema.service}: already at {self.after}"
+        return f"{self.schema.service}: migrated from {self.before or 'an empty database'} to {self.after}"
+
+
+class SchemaNotAtHead(SettingsError):
+    """The database a service was given is not at the schema this code expects. Like a bad
+    setting, it is the operator's to fix, so the service refuses to start (exit 2) rather than
+    migrating itself and racing its replicas."""
 
 
 class UnitOfWork:
@@ -94,17 +168,58 @@ class Database:
         finally:
             await asyncio.to_thread(session.close)
 
-    def migrate(self, migrations: Path, version_table: str) -> None:
-        """Bring the schema up to date with the service's Alembic migrations."""
-        config = Config()
-        config.set_main_option("script_location", str(migrations))
+    def current_revision(self, schema: Schema) -> str | None:
+        with self.engine.connect() as connection:
+            return _current_revision(connection, schema)
+
+    def migrate(self, schema: Schema) -> Migration:
+        """Bring the schema to head in one transaction. Concurrent runs are serialised (a
+        PostgreSQL advisory lock, SQLite's write lock), so the second finds the work done."""
+        config = schema.alembic_config()
         with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Held until the transaction ends; a second migrator waits here, then reads the
+                # version table this one committed.
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": schema.lock_key()})
+            elif connection.dialect.name == "sqlite":
+                # pysqlite would run DDL outside any transaction; take the write lock first.
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            before = _current_revision(connection, schema)
             config.attributes["connection"] = connection
-            config.attributes["version_table"] = version_table
             command.upgrade(config, "head")
+            after = _current_revision(connection, schema)
+        if after is None:
+            raise RuntimeError(f"{schema.service}: migrating left no revision in {schema.version_table}")
+        return Migration(schema, before, after)
+
+    def require_at_head(self, schema: Schema) -> None:
+        """Raise SchemaNotAtHead unless the schema is exactly at the migrations' head."""
+        head = schema.head()
+        current = self.current_revision(schema)
+        if current == head:
+            return
+        if current is None:
+            raise SchemaNotAtHead(
+                f"the {schema.service} database has no schema yet (expected revision {head}); "
+                "run `pyth-on migrate` first"
+            )
+        if schema.knows(current):
+            raise SchemaNotAtHead(
+                f"the {schema.service} database's schema is at revision {current}, not {head}; "
+                "run `pyth-on migrate` first"
+            )
+        raise SchemaNotAtHead(
+            f"the {schema.service} database's schema is at revision {current}, which this version "
+            f"does not know (its latest is {head}): a newer version migrated it; run that version"
+        )
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _current_revision(connection: Connection, schema: Schema) -> str | None:
+    context = MigrationContext.configure(connection, opts={"version_table": schema.version_table})
+    return context.get_current_revision()
 
 
 def run_migrations_online(target_metadata: sa.MetaData) -> None:

@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from edge import config as edge_config
 from services.runner import openbao
 from services.runner.layout import DataLayout
+from services.runner.migrate import migrate_all
 
 LOOPBACK = "127.0.0.1"
 EDGE = "envoy"
@@ -366,6 +367,7 @@ class Mesh:
                 database_urls={spec.name: self.database_url(spec.name) for spec in SERVICES if spec.database},
             )
             atexit.register(self.stop)
+            migrate_all(plan.database_urls)  # once, before any service starts (services only check)
             deadline = time.monotonic() + self.config.startup_timeout_seconds
             self._start_openbao(plan, deadline)
             for spec in SERVICES:
