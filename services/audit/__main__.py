@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pythonon.audit.v1 import audit_pb2, audit_pb2_grpc
 
 from services.audit import settings as audit_settings
@@ -11,16 +9,14 @@ from services.audit.audit_log import AuditLog
 from services.audit.servicer import AuditRecorderServicer, AuditServicer
 from services.audit.settings import AuditSettings
 from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer, run
-from services.platform.db import Database
+from services.platform.db import Database, Schema
 from services.platform.settings import ServerSettings
-
-MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 async def build(server: ServerSettings, settings: AuditSettings) -> ServiceParts:
     """Wire the audit service's parts from its settings (tests call this too)."""
     db = Database(settings.database_url)
-    db.migrate(MIGRATIONS, version_table="alembic_version_audit")
+    db.require_at_head(Schema("audit"))  # `pyth-on migrate` brings it there, once
     log = AuditLog(db, settings.page_size, settings.max_page_size)
 
     async def close() -> None:

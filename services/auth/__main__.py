@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from pythonon.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -18,17 +16,15 @@ from services.auth.settings import AuthSettings
 from services.auth.tokens import AccessTokens
 from services.platform.audit import AuditClient
 from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer, run
-from services.platform.db import Database
+from services.platform.db import Database, Schema
 from services.platform.identity import IdentitySigner
 from services.platform.settings import ServerSettings
-
-MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 async def build(server: ServerSettings, settings: AuthSettings) -> ServiceParts:
     """Wire the auth service's parts from its settings (tests call this too)."""
     db = Database(settings.database_url)
-    db.migrate(MIGRATIONS, version_table="alembic_version_auth")
+    db.require_at_head(Schema("auth"))  # `pyth-on migrate` brings it there, once
     signer = IdentitySigner(settings.identity_private_key)
     audit = AuditClient(settings.audit_address)
     accounts = Accounts(

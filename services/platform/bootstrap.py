@@ -121,4 +121,8 @@ def run(definition: ServiceDefinition[S]) -> None:
         print(f"pythonon-{definition.name}: configuration error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(definition.name, server_settings.log_level)
-    asyncio.run(_serve(definition, server_settings, settings))
+    try:
+        asyncio.run(_serve(definition, server_settings, settings))
+    except SettingsError as error:  # found while building, e.g. a database schema not at head
+        print(f"pythonon-{definition.name}: configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

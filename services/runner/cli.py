@@ -11,6 +11,8 @@ from pathlib import Path
 from types import FrameType
 
 from services.executor.sandbox import BACKENDS
+from services.platform.db import is_database_url
+from services.runner import migrate as migrations
 from services.runner.mesh import Mesh, MeshConfig, MeshError
 
 
@@ -30,12 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         help="keys (OpenBao's unseal key among them: a single-machine convenience), databases, "
         "OpenBao's storage, logs (default .data)",
     )
-    up.add_argument(
-        "--database-url",
-        default=os.environ.get("PYTHONON_DATABASE_URL"),
-        help="one SQLAlchemy URL for every service (default: SQLite files in the data directory; "
-        "PYTHONON_DATABASE_URL also sets it, and keeps a password out of the process list)",
-    )
+    _add_database_url(up)
     up.add_argument(
         "--sandbox",
         choices=BACKENDS,
@@ -43,7 +40,51 @@ def _parser() -> argparse.ArgumentParser:
         help="the executor's sandbox backend (default bwrap; gvisor needs runsc installed)",
     )
     up.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    migrate = commands.add_parser(
+        "migrate",
+        help="bring every service's database schema to the latest version, then exit "
+        "(`up` does this too before the services start)",
+    )
+    migrate.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".data"),
+        help="where the SQLite databases are when no --database-url is given (default .data)",
+    )
+    _add_database_url(migrate)
+    migrate.add_argument(
+        "--service",
+        choices=migrations.DATABASE_SERVICES,
+        help="migrate only this service's database (e.g. a Kubernetes Job, with --database-url or "
+        "PYTHONON_DATABASE_URL naming that service's database)",
+    )
     return parser
+
+
+def _add_database_url(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--database-url",
+        default=os.environ.get("PYTHONON_DATABASE_URL"),
+        help="one SQLAlchemy URL for every service (default: SQLite files in the data directory; "
+        "PYTHONON_DATABASE_URL also sets it, and keeps a password out of the process list)",
+    )
+
+
+def migrate(args: argparse.Namespace) -> int:
+    """Migrate, print what was done per service; exit 1 (naming the service and why) on failure."""
+    if args.database_url is not None and not is_database_url(args.database_url):
+        # The URL is not echoed: it may carry a password.
+        print("pyth-on: --database-url must be a sqlite:// or postgresql:// URL", file=sys.stderr)
+        return 2
+    services = (args.service,) if args.service else migrations.DATABASE_SERVICES
+    try:
+        urls = migrations.database_urls(args.data_dir, args.database_url, services)
+        for service, url in urls.items():
+            print(migrations.migrate_service(service, url).describe(), flush=True)
+    except migrations.MigrationError as error:
+        print(f"pyth-on: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def up(config: MeshConfig) -> int:
@@ -76,7 +117,7 @@ def up(config: MeshConfig) -> int:
         stopping = True
         print("\nStopping Pyth-On ...", flush=True)
         return 0
-    except MeshError as error:
+    except (MeshError, migrations.MigrationError) as error:
         stopping = True
         print(f"pyth-on: {error}", file=sys.stderr, flush=True)
         return 1
@@ -89,6 +130,8 @@ def up(config: MeshConfig) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pyth-on` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "migrate":
+        return migrate(args)
     try:
         config = MeshConfig(
             port=args.port,

@@ -21,6 +21,7 @@ from services.platform.bootstrap import start_server
 from services.platform.db import create_engine
 from services.platform.identity import Identity, IdentitySigner
 from services.platform.settings import ephemeral_server_settings
+from services.runner.migrate import migrate_service
 from tests.identity_keys import Keys, make_keys  # noqa: F401 - re-exported for the audit tests
 
 # More pages than any test here needs: a cursor that does not advance fails instead of hanging.
@@ -96,6 +97,7 @@ async def audit_service(
     """The audit service as `python -m services.audit` builds it, on port 0."""
     server_settings = ephemeral_server_settings("audit", keys.public_key_file)
     settings = AuditSettings(database_url=database_url, page_size=page_size, max_page_size=max_page_size)
+    migrate_service("audit", database_url)  # as `pyth-on migrate` does before the service starts
     parts = await build(server_settings, settings)
     server, _health, port = await start_server(server_settings, parts)
     try:
