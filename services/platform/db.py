@@ -112,7 +112,9 @@ class Migration:
     def describe(self) -> str:
         if self.before == self.after:
             return f"{self.schema.service}: already at {self.after}"
-        return f"{self.schema.service}: migrated from {self.before or 'an empty database'} to {self.after}"
+        if self.before is None:
+            return f"{self.schema.service}: schema created at {self.after}"
+        return f"{self.schema.service}: migrated from {self.before} to {self.after}"
 
 
 class SchemaNotAtHead(SettingsError):

@@ -31,8 +31,12 @@ def database_urls(
 ) -> dict[str, str]:
     """Each service's URL as `pyth-on up` gives it: `database_url` for all, else a SQLite file per
     service in the data directory."""
+    if database_url is not None:
+        return dict.fromkeys(services, database_url)
     layout = DataLayout.at(data_dir)
-    return {name: database_url or layout.sqlite_url(name) for name in services}
+    for directory in (layout.root, layout.db):
+        directory.mkdir(mode=0o700, exist_ok=True, parents=True)
+    return {name: layout.sqlite_url(name) for name in services}
 
 
 def migrate_service(service: str, url: str) -> Migration:
