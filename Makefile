@@ -7,7 +7,7 @@ DATA_DIR ?= .data
 SANDBOX ?= bwrap
 PYTEST_ARGS ?=
 
-.PHONY: run test venv system-packages generate check-generated lint bench clean
+.PHONY: run test venv system-packages generate check-generated lint proto-lint proto-breaking bench clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ system-packages:
 run: venv
 	$(BIN)/pyth-on up --port $(PORT) --data-dir $(DATA_DIR) --sandbox $(SANDBOX)
 
-test: venv system-packages check-generated lint
+test: venv system-packages check-generated lint proto-lint proto-breaking
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 generate: venv
@@ -44,8 +44,25 @@ check-generated: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# buf (the npm package @bufbuild/buf, pinned with its integrity hashes in tools/buf/package-lock.json)
+# lints protos/ and checks them for breaking changes against the previous commit, offline: the
+# google/api imports are copied from the googleapis-common-protos wheel, not fetched from a registry.
+BUF := tools/buf/node_modules/.bin/buf
+BUF_AGAINST ?= HEAD~1
+
+$(BUF): tools/buf/package.json tools/buf/package-lock.json
+	cd tools/buf && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+proto-lint: venv $(BUF)
+	$(BIN)/python tools/buf/protos.py googleapis
+	$(BUF) lint
+
+proto-breaking: proto-lint
+	$(BIN)/python tools/buf/protos.py breaking --against $(BUF_AGAINST)
+
 bench: venv
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache tools/buf/node_modules tools/buf/googleapis
