@@ -28,9 +28,11 @@ the edge answers 404 (gRPC: UNIMPLEMENTED) for it.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +40,15 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 from pythonon.api.v1 import access_pb2
 
-SECTIONS: tuple[str, ...] = ("auth", "executor", "secrets", "audit", "generator", "packages", "zk", "system")
-IDENTITY_HEADER = "x-pythonon-identity"
-CLIENT_IP_HEADER = "x-pythonon-client-ip"
-HTTP_STATUS_HEADER = "x-pythonon-http-status"
+from services.platform.service_graph import (
+    CLIENT_IP_HEADER,
+    EXT_AUTHZ,
+    HTTP_STATUS_HEADER,
+    IDENTITY_HEADER,
+    SECTIONS,
+    split_address,
+)
+
 DESCRIPTOR_SET: Path = Path(__file__).resolve().parent / "pythonon.pb"
 
 # The ext_authz check is a key digest look-up or a JWT verification: it answers in
@@ -267,11 +274,52 @@ def _local_reply_config(max_request_bytes: int) -> dict:
     return {"mappers": mappers}
 
 
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _cluster(section: str, host: str, port: int) -> dict:
+    """The upstream cluster of a section: gRPC over h2c to host:port."""
+    name = _cluster_name(section)
+    cluster = {
+        "name": name,
+        # An address is taken as it is; a name is resolved, and re-resolved as it changes (every
+        # address it has is an endpoint: all the replicas behind a Kubernetes Service's name).
+        "type": "STATIC" if _is_ip_address(host) else "STRICT_DNS",
+        "connect_timeout": f"{CONNECT_TIMEOUT_SECONDS}s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                    ]
+                }
+            ],
+        },
+    }
+    if cluster["type"] == "STRICT_DNS":
+        # IPv4 when the name has an IPv4 address: "localhost" is also ::1, where a service
+        # listening on 127.0.0.1 refuses.
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    return cluster
+
+
 def render(
     *,
     listen_port: int,
     admin_port: int,
-    upstreams: dict[str, int],
+    upstreams: Mapping[str, str],
     host: str = "127.0.0.1",
     max_request_bytes: int = 4 * 1_048_576,
     max_response_bytes: int = 16 * 1_048_576,
@@ -280,16 +328,24 @@ def render(
 ) -> dict:
     """The Envoy bootstrap (as a JSON-ready dict) for the edge.
 
-    ``upstreams`` maps a section name to the loopback port of the gRPC (h2c) server serving it;
-    "auth" and "system" are required. Sections that are absent are routed to the system server,
-    which answers UNIMPLEMENTED for them (HTTP 501 on REST).
+    ``upstreams`` maps a section name to "host:port" of the gRPC (h2c) server serving it: an IP
+    address (``127.0.0.1:50051`` under ``make run``) or a DNS name, resolved by Envoy and kept
+    up to date (``auth.pythonon.svc.cluster.local:50051`` in Kubernetes). "auth" (which also
+    answers ext_authz) and "system" are required. Sections that are absent are routed to the
+    system server, which answers UNIMPLEMENTED for them (HTTP 501 on REST).
     """
     unknown = set(upstreams) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections in upstreams: {sorted(unknown)}")
-    missing = {"auth", "system"} - set(upstreams)
+    missing = {EXT_AUTHZ, "system"} - set(upstreams)
     if missing:
         raise ValueError(f"upstreams must include {sorted(missing)}")
+    endpoints = {}
+    for section, address in upstreams.items():
+        try:
+            endpoints[section] = split_address(address)
+        except ValueError as error:
+            raise ValueError(f"upstream of {section}: {error}") from None
 
     routed = services()
     skip_authz = public_methods()["skip_authz"]
@@ -372,7 +428,7 @@ def render(
             "typed_config": {
                 "@type": _TYPE + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
                 "grpc_service": {
-                    "envoy_grpc": {"cluster_name": _cluster_name("auth")},
+                    "envoy_grpc": {"cluster_name": _cluster_name(EXT_AUTHZ)},
                     "timeout": f"{AUTHZ_TIMEOUT_SECONDS}s",
                 },
                 "transport_api_version": "V3",
@@ -437,43 +493,7 @@ def render(
             }
         ]
 
-    clusters = []
-    for section in SECTIONS:
-        if section not in upstreams:
-            continue
-        name = _cluster_name(section)
-        clusters.append(
-            {
-                "name": name,
-                "type": "STATIC",
-                "connect_timeout": f"{CONNECT_TIMEOUT_SECONDS}s",
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {"http2_protocol_options": {}},
-                    }
-                },
-                "load_assignment": {
-                    "cluster_name": name,
-                    "endpoints": [
-                        {
-                            "lb_endpoints": [
-                                {
-                                    "endpoint": {
-                                        "address": {
-                                            "socket_address": {
-                                                "address": "127.0.0.1",
-                                                "port_value": upstreams[section],
-                                            }
-                                        }
-                                    }
-                                }
-                            ]
-                        }
-                    ],
-                },
-            }
-        )
+    clusters = [_cluster(section, *endpoints[section]) for section in SECTIONS if section in endpoints]
 
     return {
         "node": {"id": "pythonon-edge", "cluster": "pythonon-edge"},

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.config import IDENTITY_HEADER
 from services.platform.identity import Identity, IdentitySigner, generate_private_key_pem, public_key_pem
+from services.platform.service_graph import IDENTITY_HEADER
 
 SOME_USER = Identity("user-1", "a@example.com")
 

@@ -12,11 +12,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, status_pb2
 from pythonon.auth.v1 import auth_pb2, auth_pb2_grpc
 
-from edge.config import IDENTITY_HEADER
 from services.auth.accounts import Accounts, Credentials, UserView
 from services.auth.edge_check import Decision, EdgeCheck
 from services.platform.identity import IdentitySigner, require_identity
 from services.platform.rest import set_http_status
+from services.platform.service_graph import IDENTITY_HEADER
 
 # Credentials stay at the edge: services get the identity assertion instead.
 _CREDENTIAL_HEADERS = ("x-api-key", "authorization")

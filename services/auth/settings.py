@@ -6,7 +6,13 @@ import base64
 import binascii
 from dataclasses import dataclass
 
-from services.platform.settings import Environment, ServerSettings, SettingsError, database_url
+from services.platform.settings import (
+    Environment,
+    ServerSettings,
+    SettingsError,
+    database_url,
+    service_address,
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class AuthSettings:
             raise SettingsError("PYTHONON_AUTH_SECRET_KEY_FILE must hold at least 32 random bytes")
         return cls(
             database_url=database_url(env, "auth"),
-            audit_address=env.text("PYTHONON_AUDIT_ADDRESS"),
+            audit_address=service_address(env, "audit"),
             identity_private_key=env.existing_file("PYTHONON_AUTH_IDENTITY_KEY_FILE").read_bytes(),
             access_token_private_key=env.existing_file("PYTHONON_AUTH_ACCESS_TOKEN_KEY_FILE").read_bytes(),
             secret_key=secret,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.executor.sandbox import BACKENDS, Limits
-from services.platform.settings import Environment, ServerSettings, SettingsError
+from services.platform.settings import Environment, ServerSettings, SettingsError, service_address
 
 MiB = 1024 * 1024
 
@@ -54,8 +54,8 @@ class ExecutorSettings:
             max_timeout_seconds=float(max_timeout),
             max_code_bytes=env.integer("PYTHONON_EXECUTOR_MAX_CODE_BYTES", 256 * 1024, minimum=1),
             max_stdin_bytes=env.integer("PYTHONON_EXECUTOR_MAX_STDIN_BYTES", 1 * MiB, minimum=0),
-            secrets_address=env.text("PYTHONON_SECRETS_ADDRESS"),
-            audit_address=env.text("PYTHONON_AUDIT_ADDRESS"),
+            secrets_address=service_address(env, "secrets"),
+            audit_address=service_address(env, "audit"),
         )
 
 

@@ -9,7 +9,7 @@ import importlib
 from google.protobuf import descriptor_pool
 from pythonon.api.v1 import access_pb2
 
-from edge.config import SECTIONS
+from services.platform.service_graph import SECTIONS
 
 # Load every section's descriptors so any service (auth's edge check above all) can judge any path.
 for _section in SECTIONS:

@@ -10,7 +10,6 @@ from typing import Any
 
 import grpc
 
-from edge.config import CLIENT_IP_HEADER, IDENTITY_HEADER
 from services.platform.access import AccessPolicy
 from services.platform.errors import DomainError, ResourceExhausted
 from services.platform.identity import (
@@ -19,6 +18,7 @@ from services.platform.identity import (
     RequestScope,
     current_request,
 )
+from services.platform.service_graph import CLIENT_IP_HEADER, IDENTITY_HEADER, REQUEST_ID_HEADER
 
 log = logging.getLogger("pythonon.requests")
 
@@ -57,7 +57,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid identity")
             scope = RequestScope(
                 identity=identity,
-                request_id=str(metadata.get("x-request-id", "")),
+                request_id=str(metadata.get(REQUEST_ID_HEADER, "")),
                 client_ip=str(metadata.get(CLIENT_IP_HEADER, "")),
                 assertion=assertion if identity is not None else "",
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from edge.config import HTTP_STATUS_HEADER
+from services.platform.service_graph import HTTP_STATUS_HEADER
 
 
 async def set_http_status(context: grpc.aio.ServicerContext, status: int) -> None:

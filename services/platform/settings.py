@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.platform import service_graph
+
 
 class SettingsError(Exception):
     """A setting is missing or malformed; the service refuses to start."""
@@ -99,10 +101,22 @@ def ephemeral_server_settings(service: str, identity_public_key_file: Path) -> S
 
 def database_url(env: Environment, service: str) -> str:
     """The service's SQLAlchemy URL: PYTHONON_<SERVICE>_DATABASE_URL, else PYTHONON_DATABASE_URL."""
-    specific = f"PYTHONON_{service.upper()}_DATABASE_URL"
+    specific = service_graph.database_variable(service)
     url = env.optional(specific) or env.optional("PYTHONON_DATABASE_URL")
     if not url:
         raise SettingsError(f"{specific} (or PYTHONON_DATABASE_URL) is required but not set")
     if not url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")):
         raise SettingsError(f"{specific} must be a sqlite:// or postgresql:// URL")
     return url
+
+
+def service_address(env: Environment, service: str) -> str:
+    """host:port of a service this one calls, from the variable the service graph names for it
+    (e.g. PYTHONON_AUDIT_ADDRESS); SettingsError naming the variable when it is missing or malformed."""
+    variable = service_graph.address_variable(service)
+    address = env.text(variable).strip()
+    try:
+        service_graph.split_address(address)
+    except ValueError as error:
+        raise SettingsError(f"{variable}: {error}") from None
+    return address

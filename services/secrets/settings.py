@@ -6,7 +6,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.platform.settings import Environment, ServerSettings, SettingsError
+from services.platform.settings import Environment, ServerSettings, SettingsError, service_address
 
 _SEGMENT_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -97,7 +97,7 @@ class SecretsSettings:
     def load(cls, env: Environment) -> SecretsSettings:
         return cls(
             vault=VaultSettings.load(env),
-            audit_address=env.text("PYTHONON_AUDIT_ADDRESS"),
+            audit_address=service_address(env, "audit"),
             max_value_bytes=env.integer("PYTHONON_SECRETS_MAX_VALUE_BYTES", 64 * 1024, minimum=1),
             max_secrets_per_user=env.integer("PYTHONON_SECRETS_MAX_PER_USER", 100, minimum=1),
         )

@@ -6,7 +6,7 @@ import importlib.metadata
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from edge.config import SECTIONS
+from services.platform.service_graph import SECTIONS
 
 PRODUCT_NAME = "Pyth-On"
 MIB = 1024 * 1024

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pythonon.system.v1 import system_pb2, system_pb2_grpc
 
-from edge.config import SECTIONS
 from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer
+from services.platform.service_graph import SECTIONS
 from services.platform.settings import ServerSettings
 from services.system.capabilities import ExecutorCapabilities
 from services.system.health import HealthChecker

@@ -6,7 +6,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from edge.config import SECTIONS
+from services.platform.service_graph import SECTIONS, split_address
 from services.platform.settings import Environment, ServerSettings, SettingsError
 
 SERVICES_VARIABLE = "PYTHONON_SYSTEM_SERVICES"
@@ -53,11 +53,12 @@ def parse_services(raw: str) -> dict[str, str]:
             )
         if name in services:
             raise SettingsError(f"{SERVICES_VARIABLE}: service {name!r} is listed twice")
-        host, colon, port = address.rpartition(":")
-        if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        try:
+            split_address(address)
+        except ValueError:
             raise SettingsError(
                 f"{SERVICES_VARIABLE}: {name} needs host:port with a port 1-65535, got {address!r}"
-            )
+            ) from None
         services[name] = address
     return services
 

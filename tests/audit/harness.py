@@ -14,12 +14,12 @@ import sqlalchemy as sa
 from pythonon.audit.v1 import audit_pb2, audit_pb2_grpc
 from sqlalchemy.sql.expression import Executable
 
-from edge.config import IDENTITY_HEADER
 from services.audit.__main__ import build
 from services.audit.settings import AuditSettings
 from services.platform.bootstrap import start_server
 from services.platform.db import create_engine
 from services.platform.identity import Identity, IdentitySigner
+from services.platform.service_graph import IDENTITY_HEADER
 from services.platform.settings import ephemeral_server_settings
 from services.runner.migrate import migrate_service
 from tests.identity_keys import Keys, make_keys  # noqa: F401 - re-exported for the audit tests

@@ -10,8 +10,8 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from pythonon.audit.v1 import audit_pb2
 
-from edge.config import IDENTITY_HEADER
 from services.platform.identity import Identity, IdentitySigner, generate_private_key_pem
+from services.platform.service_graph import IDENTITY_HEADER
 from tests.audit.harness import Keys, audit_service, new_user, run
 
 

@@ -31,6 +31,7 @@ from pythonon.auth.v1 import auth_pb2, auth_pb2_grpc
 from pythonon.system.v1 import system_pb2, system_pb2_grpc
 
 from edge import config
+from services.platform import service_graph
 
 IDENTITY = "signed-assertion-for-user-1"
 
@@ -72,7 +73,7 @@ def allow(request: external_auth_pb2.CheckRequest, context=None) -> external_aut
         ok_response=external_auth_pb2.OkHttpResponse(
             headers=[
                 base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=config.IDENTITY_HEADER, value=IDENTITY),
+                    header=base_pb2.HeaderValue(key=service_graph.IDENTITY_HEADER, value=IDENTITY),
                     append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
                 )
             ]
@@ -143,7 +144,7 @@ class AuthDouble(_Double, external_auth_pb2_grpc.AuthorizationServicer, auth_pb2
     def Register(self, request, context):  # noqa: N802
         def created(request, context):
             # The edge turns this header into the REST response's status.
-            context.send_initial_metadata(((config.HTTP_STATUS_HEADER, "201"),))
+            context.send_initial_metadata(((service_graph.HTTP_STATUS_HEADER, "201"),))
             return auth_pb2.AuthResponse(
                 token="jwt",
                 refresh_token="refresh",
@@ -164,7 +165,7 @@ class AuthDouble(_Double, external_auth_pb2_grpc.AuthorizationServicer, auth_pb2
 
     def Verify(self, request, context):  # noqa: N802
         def echo_identity(request, context):
-            identity = dict(context.invocation_metadata()).get(config.IDENTITY_HEADER, "")
+            identity = dict(context.invocation_metadata()).get(service_graph.IDENTITY_HEADER, "")
             return auth_pb2.VerifyResponse(valid=True, id=identity)
 
         return self._call("Verify", request, context, echo_identity)
@@ -214,11 +215,11 @@ class Edge:
 
 @dataclass
 class Mesh:
-    """The auth and system doubles and the ports they serve on."""
+    """The auth and system doubles and the addresses ("host:port") they serve on."""
 
     auth: AuthDouble
     system: SystemDouble
-    ports: dict[str, int]
+    addresses: dict[str, str]
 
 
 @pytest.fixture(scope="session")
@@ -234,7 +235,7 @@ def mesh() -> Iterator[Mesh]:
     system_server, system_port = serve(
         lambda server: system_pb2_grpc.add_SystemServiceServicer_to_server(system, server)
     )
-    yield Mesh(auth, system, {"auth": auth_port, "system": system_port})
+    yield Mesh(auth, system, {"auth": f"127.0.0.1:{auth_port}", "system": f"127.0.0.1:{system_port}"})
     auth_server.stop(grace=None)
     system_server.stop(grace=None)
 
@@ -266,7 +267,7 @@ def start_edge(tmp_path_factory) -> Iterator[Callable[..., Edge]]:
     """Start a real Envoy with ``config.render(upstreams=..., **kwargs)``; all are stopped at the end."""
     started: list[subprocess.Popen] = []
 
-    def start(upstreams: dict[str, int], **kwargs) -> Edge:
+    def start(upstreams: dict[str, str], **kwargs) -> Edge:
         directory = tmp_path_factory.mktemp("edge")
         port, admin_port = free_port(), free_port()
         path = config.write_config(
@@ -313,18 +314,18 @@ def start_edge(tmp_path_factory) -> Iterator[Callable[..., Edge]]:
 
 
 @pytest.fixture(scope="session")
-def dead_port() -> Iterator[int]:
-    """A loopback port that refuses connections: bound but never listening, so no one else takes it."""
+def dead_address() -> Iterator[str]:
+    """A loopback address that refuses connections: bound but never listening, so no one else takes it."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    yield s.getsockname()[1]
+    yield f"127.0.0.1:{s.getsockname()[1]}"
     s.close()
 
 
 @pytest.fixture(scope="session")
-def edge(mesh: Mesh, start_edge, dead_port: int) -> Edge:
+def edge(mesh: Mesh, start_edge, dead_address: str) -> Edge:
     """The edge in front of the doubles: executor (and the rest) not built, secrets built but down."""
-    return start_edge({**mesh.ports, "secrets": dead_port})
+    return start_edge({**mesh.addresses, "secrets": dead_address})
 
 
 @pytest.fixture()

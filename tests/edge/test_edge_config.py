@@ -22,7 +22,10 @@ from pythonon.secrets.v1 import secrets_pb2, secrets_pb2_grpc
 from pythonon.system.v1 import system_pb2, system_pb2_grpc
 
 from edge import config
+from services.platform import service_graph
 
+# Upstreams for renders that start no Envoy.
+LOCAL = {"auth": "127.0.0.1:3", "system": "127.0.0.1:4"}
 INFO_JSON = {
     "name": "pyth-on",
     "version": "0.1.0",
@@ -54,7 +57,7 @@ def status_json(response: httpx.Response) -> dict:
 
 
 def degraded(request, context):
-    context.send_initial_metadata(((config.HTTP_STATUS_HEADER, "503"),))
+    context.send_initial_metadata(((service_graph.HTTP_STATUS_HEADER, "503"),))
     return system_pb2.HealthResponse(status="degraded", version="0.1.0", services={"auth": "down"})
 
 
@@ -93,9 +96,9 @@ def test_services_without_a_rest_mapping_are_internal_and_not_routed(tmp_path):
 
 
 def test_filters_run_in_the_documented_order():
-    hcm = config.render(listen_port=1, admin_port=2, upstreams={"auth": 3, "system": 4})["static_resources"][
-        "listeners"
-    ][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm = config.render(listen_port=1, admin_port=2, upstreams=LOCAL)["static_resources"]["listeners"][0][
+        "filter_chains"
+    ][0]["filters"][0]["typed_config"]
     assert [f["name"] for f in hcm["http_filters"]] == [
         "envoy.filters.http.lua",
         "envoy.filters.http.buffer",
@@ -108,7 +111,7 @@ def test_filters_run_in_the_documented_order():
 
 
 def test_absent_sections_are_routed_to_the_system_upstream():
-    rendered = config.render(listen_port=1, admin_port=2, upstreams={"auth": 3, "system": 4, "secrets": 5})
+    rendered = config.render(listen_port=1, admin_port=2, upstreams={**LOCAL, "secrets": "127.0.0.1:5"})
     routes = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
         "route_config"
     ]["virtual_hosts"][0]["routes"]
@@ -121,11 +124,89 @@ def test_absent_sections_are_routed_to_the_system_upstream():
 
 
 @pytest.mark.parametrize(
-    "upstreams", [{"system": 1}, {"auth": 1}, {"auth": 1, "system": 2, "billing": 3}], ids=str
+    ("upstreams", "complaint"),
+    [
+        ({"system": "127.0.0.1:1"}, "upstreams must include ['auth']"),
+        ({"auth": "127.0.0.1:1"}, "upstreams must include ['system']"),
+        ({**LOCAL, "billing": "127.0.0.1:3"}, "unknown sections in upstreams: ['billing']"),
+        ({**LOCAL, "secrets": "127.0.0.1"}, "upstream of secrets: expected host:port"),
+        ({**LOCAL, "secrets": "secrets:0"}, "upstream of secrets: expected host:port with a port 1-65535"),
+        ({**LOCAL, "secrets": "::1:80"}, "upstream of secrets: expected host:port"),
+        ({**LOCAL, "secrets": "http://secrets:80"}, "upstream of secrets: expected host:port"),
+    ],
+    ids=str,
 )
-def test_render_refuses_incomplete_or_unknown_upstreams(upstreams):
-    with pytest.raises(ValueError):
+def test_render_refuses_incomplete_unknown_or_malformed_upstreams(upstreams, complaint):
+    with pytest.raises(ValueError) as refused:
         config.render(listen_port=1, admin_port=2, upstreams=upstreams)
+    assert complaint in str(refused.value)
+
+
+def _clusters(upstreams: dict[str, str]) -> dict[str, dict]:
+    rendered = config.render(listen_port=1, admin_port=2, upstreams=upstreams)
+    return {cluster["name"]: cluster for cluster in rendered["static_resources"]["clusters"]}
+
+
+def _endpoint(cluster: dict) -> dict:
+    return cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"
+    ]
+
+
+def test_upstreams_by_address_are_static_and_by_name_are_resolved():
+    clusters = _clusters(
+        {
+            "auth": "auth.pythonon.svc.cluster.local:50051",
+            "system": "127.0.0.1:4",
+            "secrets": "[::1]:5",
+        }
+    )
+    auth, system, secrets = (
+        clusters["pythonon_auth"],
+        clusters["pythonon_system"],
+        clusters["pythonon_secrets"],
+    )
+    assert (auth["type"], auth["dns_lookup_family"]) == ("STRICT_DNS", "V4_PREFERRED")
+    assert _endpoint(auth) == {"address": "auth.pythonon.svc.cluster.local", "port_value": 50051}
+    assert (system["type"], _endpoint(system)) == ("STATIC", {"address": "127.0.0.1", "port_value": 4})
+    assert (secrets["type"], _endpoint(secrets)) == ("STATIC", {"address": "::1", "port_value": 5})
+    assert "dns_lookup_family" not in system
+
+
+def test_envoy_accepts_a_config_with_cluster_dns_names(tmp_path):
+    # The names a Kubernetes Deployment of the edge would use; --mode validate resolves nothing.
+    path = config.write_config(
+        tmp_path / "envoy.json",
+        listen_port=8080,
+        admin_port=9901,
+        upstreams={
+            name: f"{name}.pythonon.svc.cluster.local:50051" for name in ("auth", "system", "executor")
+        },
+    )
+    checked = subprocess.run(
+        [config.envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"configuration '{path}' OK" in checked.stdout + checked.stderr
+
+
+def test_upstreams_named_by_dns_serve_rest_grpc_and_the_check(mesh, doubles, start_edge):
+    by_name = {
+        section: address.replace("127.0.0.1:", "localhost:") for section, address in mesh.addresses.items()
+    }
+    edge = start_edge(by_name)
+    assert all(
+        c["type"] == "STRICT_DNS"
+        for c in json.loads(edge.config_path.read_text())["static_resources"]["clusters"]
+    )
+    with httpx.Client(base_url=edge.url, timeout=10) as client:
+        assert client.get("/api/info").json() == INFO_JSON  # system, public
+        verified = client.post("/api/verify", headers={"x-api-key": "k"})  # auth, after ext_authz
+    assert verified.status_code == 200, verified.text
+    assert [c.method for c in doubles.auth.recorder.calls] == ["Check", "Verify"]
 
 
 def test_envoy_binary_runs():
@@ -164,7 +245,7 @@ def test_register_answers_201_from_the_status_header(client, doubles):
         "expiresIn": 900,
         "user": {"id": "u1", "email": "ada@example.com", "createdAt": "2023-11-14T22:13:20Z"},
     }
-    assert config.HTTP_STATUS_HEADER not in response.headers
+    assert service_graph.HTTP_STATUS_HEADER not in response.headers
     request = doubles.auth.recorder.only("Register").request
     assert (request.email, request.password) == ("ada@example.com", "pw")
 
@@ -179,24 +260,24 @@ def test_degraded_health_answers_503_from_the_status_header(client, doubles):
         "services": {"auth": "down"},
         "uptimeSeconds": 0,
     }
-    assert config.HTTP_STATUS_HEADER not in response.headers
+    assert service_graph.HTTP_STATUS_HEADER not in response.headers
 
 
 @pytest.mark.parametrize("value", ["abc", "999", "20"])
 def test_invalid_status_header_is_dropped(client, doubles, value):
     def odd(request, context):
-        context.send_initial_metadata(((config.HTTP_STATUS_HEADER, value),))
+        context.send_initial_metadata(((service_graph.HTTP_STATUS_HEADER, value),))
         return system_pb2.HealthResponse(status="ok")
 
     doubles.system.answer("Health", odd)
     response = client.get("/health")
     assert response.status_code == 200
-    assert config.HTTP_STATUS_HEADER not in response.headers
+    assert service_graph.HTTP_STATUS_HEADER not in response.headers
 
 
 def test_status_header_does_not_override_an_error(client, doubles):
     def created_then_failed(request, context):
-        context.send_initial_metadata(((config.HTTP_STATUS_HEADER, "201"),))
+        context.send_initial_metadata(((service_graph.HTTP_STATUS_HEADER, "201"),))
         context.abort(grpc.StatusCode.ALREADY_EXISTS, "email taken")
 
     doubles.auth.answer("Register", created_then_failed)
@@ -296,13 +377,15 @@ def test_malformed_json_answers_400_json(client, doubles):
 
 
 def test_check_sees_the_grpc_path_and_the_client_address(client, doubles):
-    assert client.post("/api/verify", headers={config.CLIENT_IP_HEADER: "203.0.113.9"}).status_code == 200
+    assert (
+        client.post("/api/verify", headers={service_graph.CLIENT_IP_HEADER: "203.0.113.9"}).status_code == 200
+    )
     check = doubles.auth.recorder.only("Check").request
     assert check.attributes.request.http.path == "/pythonon.auth.v1.AuthService/Verify"
     assert check.attributes.source.address.socket_address.address == "127.0.0.1"
     # The client's own claim about its address is replaced by the real peer address.
-    assert check.attributes.request.http.headers[config.CLIENT_IP_HEADER] == "127.0.0.1"
-    assert doubles.auth.recorder.only("Verify").metadata[config.CLIENT_IP_HEADER] == "127.0.0.1"
+    assert check.attributes.request.http.headers[service_graph.CLIENT_IP_HEADER] == "127.0.0.1"
+    assert doubles.auth.recorder.only("Verify").metadata[service_graph.CLIENT_IP_HEADER] == "127.0.0.1"
     assert doubles.auth.recorder.only("Verify").metadata["x-request-id"]
 
 
@@ -321,21 +404,23 @@ def test_rate_limited_public_calls_are_checked(client, doubles):
 
 
 def test_client_supplied_identity_never_reaches_a_service(client, doubles):
-    forged = {config.IDENTITY_HEADER: "forged"}
+    forged = {service_graph.IDENTITY_HEADER: "forged"}
     response = client.post("/api/verify", headers=forged)
     assert response.status_code == 200
     # The double echoes the identity it received: the one ext_authz added, not the client's.
     assert response.json() == {"valid": True, "id": doubles.auth.identity, "email": ""}
-    assert doubles.auth.recorder.only("Verify").metadata[config.IDENTITY_HEADER] == doubles.auth.identity
+    assert (
+        doubles.auth.recorder.only("Verify").metadata[service_graph.IDENTITY_HEADER] == doubles.auth.identity
+    )
 
     # Stripped, not merely overwritten: a Check that adds no identity leaves none at all...
     doubles.auth.allow_without_identity()
     doubles.auth.recorder.calls.clear()
     assert client.post("/api/verify", headers=forged).json()["id"] == ""
-    assert config.IDENTITY_HEADER not in doubles.auth.recorder.only("Verify").metadata
+    assert service_graph.IDENTITY_HEADER not in doubles.auth.recorder.only("Verify").metadata
     # ... and neither does a public call, where ext_authz does not run.
     assert client.get("/health", headers=forged).status_code == 200
-    assert config.IDENTITY_HEADER not in doubles.system.recorder.only("Health").metadata
+    assert service_graph.IDENTITY_HEADER not in doubles.system.recorder.only("Health").metadata
 
 
 def test_denial_401_passes_through(client, doubles):
@@ -377,8 +462,8 @@ def test_slow_check_fails_closed_with_503(client, doubles):
     assert "Verify" not in [c.method for c in doubles.auth.recorder.calls]
 
 
-def test_auth_service_down_fails_closed_but_public_routes_answer(mesh, doubles, start_edge, dead_port):
-    edge = start_edge({"auth": dead_port, "system": mesh.ports["system"]})
+def test_auth_service_down_fails_closed_but_public_routes_answer(mesh, doubles, start_edge, dead_address):
+    edge = start_edge({"auth": dead_address, "system": mesh.addresses["system"]})
     with httpx.Client(base_url=edge.url, timeout=10) as client:
         response = client.get("/api/v1/secrets")
         assert response.status_code == 503
@@ -400,7 +485,7 @@ def test_native_grpc_works_through_the_same_port(channel, doubles):
     assert (info.name, info.limits.timeout_default_seconds) == ("pyth-on", 10)
 
     verify = auth_pb2_grpc.AuthServiceStub(channel).Verify(
-        auth_pb2.VerifyRequest(), metadata=[(config.IDENTITY_HEADER, "forged")], timeout=10
+        auth_pb2.VerifyRequest(), metadata=[(service_graph.IDENTITY_HEADER, "forged")], timeout=10
     )
     assert verify.id == doubles.auth.identity
     assert doubles.auth.recorder.only("Check").request.attributes.request.http.path == (
@@ -461,7 +546,7 @@ def test_native_grpc_errors_and_local_replies(channel, doubles):
 
 
 def test_route_timeout_answers_504_json(mesh, doubles, start_edge):
-    edge = start_edge(mesh.ports, route_timeout_seconds=1)
+    edge = start_edge(mesh.addresses, route_timeout_seconds=1)
 
     def slow(request, context):
         time.sleep(2)
@@ -475,7 +560,7 @@ def test_route_timeout_answers_504_json(mesh, doubles, start_edge):
 
 def test_body_cap_and_access_log_follow_the_parameters(mesh, doubles, start_edge, tmp_path):
     log = tmp_path / "access.log"
-    edge = start_edge(mesh.ports, max_request_bytes=100, access_log_path=str(log))
+    edge = start_edge(mesh.addresses, max_request_bytes=100, access_log_path=str(log))
     response = httpx.post(f"{edge.url}/api/login", json={"email": "a" * 200, "password": "pw"}, timeout=10)
     assert response.status_code == 413
     assert status_json(response)["message"] == "request body larger than 100 bytes"

@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from pythonon.secrets.v1 import secrets_pb2, secrets_pb2_grpc
 
-from edge.config import IDENTITY_HEADER
 from services.platform.identity import Identity, IdentitySigner
+from services.platform.service_graph import IDENTITY_HEADER
 from services.runner.mesh import Mesh, MeshConfig
 from services.secrets.vault import UNAVAILABLE_MESSAGE
 from tests.integration.conftest import PASSWORD, RFC3339, error_message, new_email

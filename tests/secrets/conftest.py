@@ -27,9 +27,9 @@ from google.protobuf import json_format
 from pythonon.audit.v1 import audit_pb2, audit_pb2_grpc
 from pythonon.secrets.v1 import secrets_pb2_grpc
 
-from edge.config import IDENTITY_HEADER
 from services.platform.bootstrap import start_server
 from services.platform.identity import Identity
+from services.platform.service_graph import IDENTITY_HEADER
 from services.platform.settings import ephemeral_server_settings
 from services.runner import openbao
 from services.secrets.__main__ import build

@@ -22,9 +22,9 @@ from grpc_health.v1 import health, health_pb2_grpc
 from pythonon.secrets.v1 import secrets_pb2
 from pythonon.system.v1 import system_pb2, system_pb2_grpc
 
-from edge.config import HTTP_STATUS_HEADER
 from services.platform.bootstrap import start_server
 from services.platform.identity import Identity
+from services.platform.service_graph import HTTP_STATUS_HEADER
 from services.platform.settings import Environment, SettingsError, ephemeral_server_settings
 from services.runner import openbao
 from services.secrets.settings import SecretsSettings

@@ -22,8 +22,8 @@ from pythonon.auth.v1 import auth_pb2
 from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
 from pythonon.system.v1 import system_pb2, system_pb2_grpc
 
-from edge.config import HTTP_STATUS_HEADER, SECTIONS
 from services.platform.bootstrap import start_server
+from services.platform.service_graph import HTTP_STATUS_HEADER, SECTIONS
 from services.platform.settings import Environment, SettingsError, ephemeral_server_settings
 from services.system.service import build
 from services.system.settings import SystemSettings, parse_database_urls, parse_services
