@@ -9,13 +9,13 @@ import logging
 import uuid
 from typing import Any
 
-import grpc
 from google.protobuf import struct_pb2
 from pythonon.audit.v1 import audit_pb2, audit_pb2_grpc
 
-from edge.config import IDENTITY_HEADER
-from services.platform.errors import Unavailable
+from services.platform.client import connect
+from services.platform.errors import DomainError, Unavailable
 from services.platform.identity import request_scope
+from services.platform.service_graph import IDENTITY_HEADER
 
 log = logging.getLogger("pythonon.audit_client")
 
@@ -26,10 +26,9 @@ UNAVAILABLE_MESSAGE = "the audit log is unavailable, so the request was not carr
 class AuditClient:
     """Records actions in the audit service for the user of the request in hand."""
 
-    def __init__(self, address: str, timeout_seconds: float = 3.0) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str | None = None, timeout_seconds: float = 3.0) -> None:
+        self._channel = connect("audit", address, timeout_seconds=timeout_seconds)
         self._stub = audit_pb2_grpc.AuditRecorderServiceStub(self._channel)
-        self._timeout = timeout_seconds
 
     async def record(
         self,
@@ -53,21 +52,20 @@ class AuditClient:
         )
         if details:
             request.details.CopyFrom(_struct(details))
-        metadata = [(IDENTITY_HEADER, assertion or scope.assertion)]
-        if scope.request_id:
-            metadata.append(("x-request-id", scope.request_id))
+        # The channel forwards the request's own assertion; an explicit one (an event signed for a
+        # user who is not yet the request's, e.g. at login) takes its place.
+        metadata = ((IDENTITY_HEADER, assertion),) if assertion else None
         # One retry with the same record_id: the audit service stores it once either way.
         for attempt in (1, 2):
             try:
-                response = await self._stub.Record(request, metadata=metadata, timeout=self._timeout)
+                response = await self._stub.Record(request, metadata=metadata)
                 return response.entry
-            except grpc.aio.AioRpcError as error:
-                retryable = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            except DomainError as error:
+                code = error.upstream_code or error.code
                 log.warning(
-                    "audit record failed",
-                    extra={"action": action, "attempt": attempt, "code": error.code().name},
+                    "audit record failed", extra={"action": action, "attempt": attempt, "code": code.name}
                 )
-                if not retryable or attempt == 2:
+                if not isinstance(error, Unavailable) or attempt == 2:
                     raise Unavailable(UNAVAILABLE_MESSAGE) from None
         raise AssertionError("unreachable")
 

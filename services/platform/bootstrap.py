@@ -93,6 +93,8 @@ async def start_server(
 
 
 async def _serve(definition: ServiceDefinition[S], server_settings: ServerSettings, settings: S) -> None:
+    # Before build: the clients it connects are traced by the same provider as the server.
+    telemetry.configure(server_settings.service, server_settings.otlp_endpoint)
     parts = await definition.build(server_settings, settings)
     server, health_servicer, port = await start_server(server_settings, parts)
     log.info("serving", extra={"host": server_settings.host, "port": port})

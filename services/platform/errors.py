@@ -9,10 +9,19 @@ class DomainError(Exception):
     """An expected refusal, with a message safe to show to the caller."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # The status of the internal call this error came from, when it came from one (for logs:
+    # both UNAVAILABLE and DEADLINE_EXCEEDED become Unavailable).
+    upstream_code: grpc.StatusCode | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class Internal(DomainError):
+    """Something failed that the caller can neither fix nor learn more about."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 class InvalidArgument(DomainError):

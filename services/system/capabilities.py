@@ -3,14 +3,15 @@ the host it runs on), remembered once known."""
 
 from __future__ import annotations
 
-import grpc
 from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
+
+from services.platform.client import connect
+from services.platform.errors import DomainError
 
 
 class ExecutorCapabilities:
     def __init__(self, address: str | None, timeout_seconds: float = 2.0) -> None:
-        self._channel = grpc.aio.insecure_channel(address) if address else None
-        self._timeout = timeout_seconds
+        self._channel = connect("executor", address, timeout_seconds=timeout_seconds) if address else None
         self._known: executor_pb2.Capabilities | None = None
 
     async def get(self) -> executor_pb2.Capabilities:
@@ -19,10 +20,8 @@ class ExecutorCapabilities:
             return self._known or executor_pb2.Capabilities()
         stub = executor_pb2_grpc.ExecutorCapabilitiesServiceStub(self._channel)
         try:
-            self._known = await stub.GetCapabilities(
-                executor_pb2.GetCapabilitiesRequest(), timeout=self._timeout
-            )
-        except grpc.aio.AioRpcError:
+            self._known = await stub.GetCapabilities(executor_pb2.GetCapabilitiesRequest())
+        except DomainError:
             return executor_pb2.Capabilities()
         return self._known
 

@@ -12,13 +12,14 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-import grpc
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import NullPool
 
+from services.platform.client import connect
 from services.platform.db import normalize_url
+from services.platform.errors import DomainError
 
 log = logging.getLogger("pythonon.system.health")
 
@@ -30,13 +31,6 @@ DATABASE = "database"
 VAULT = "vault"
 
 DEFAULT_TIMEOUT_SECONDS = 1.0
-
-# A restarted service should read "ok" on the next check, not after grpc's default back-off (up to 2 min).
-_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 
 
 @dataclass(frozen=True)
@@ -54,20 +48,18 @@ class HealthReport:
 
 
 class ServiceProbe:
-    """Asks one service's grpc.health.v1 for the overall ("") status over a kept-open channel."""
+    """Asks one service's grpc.health.v1 for the overall ("") status over a kept-open channel
+    (whose short reconnect back-off lets a restarted service read "ok" on the next check)."""
 
-    def __init__(self, address: str, timeout: float) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    def __init__(self, service: str, address: str, timeout: float) -> None:
+        self._channel = connect(service, address, timeout_seconds=timeout)
         self._stub = health_pb2_grpc.HealthStub(self._channel)
-        self._timeout = timeout
 
     async def healthy(self) -> bool:
         try:
             # wait_for_ready: a channel still in reconnect back-off gets the whole timeout to connect.
-            response = await self._stub.Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=self._timeout, wait_for_ready=True
-            )
-        except grpc.RpcError:
+            response = await self._stub.Check(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True)
+        except DomainError:
             return False
         return response.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -174,7 +166,7 @@ class HealthChecker:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sections = list(sections)
-        self._probes = {name: ServiceProbe(address, timeout) for name, address in services.items()}
+        self._probes = {name: ServiceProbe(name, address, timeout) for name, address in services.items()}
         urls = list(database_urls)
         self._database = DatabaseProbe(urls, timeout) if urls else None
         self._vault = VaultProbe(vault_address, timeout) if vault_address else None

@@ -1,0 +1,177 @@
+"""The one way a service calls another: `connect("<service>")`, the client-side twin of
+bootstrap.py.
+
+The channel it returns does, on every call, what every internal call needs:
+
+- a default deadline when the caller gave none, so no call waits forever on a hung service;
+- the identity assertion, request id and client address of the request in hand (see
+  identity.request_scope), unless the caller set them, so the callee acts for the same user and
+  its logs and audit entries name the same request;
+- a trace span whose context travels with the call (when tracing is on), so a trace runs on
+  from the edge's request through every service it reaches;
+- gRPC errors mapped to the domain errors of errors.py here and nowhere else: a caller catches
+  `Unavailable`, `InvalidArgument`, ... (to reword them if it wants), never `grpc.RpcError`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from services.platform import service_graph, telemetry
+from services.platform.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from services.platform.identity import request_scope
+from services.platform.settings import Environment, service_address
+
+DEFAULT_TIMEOUT_SECONDS = 5.0
+
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    # A restarted service is reached on the next call, not after grpc's default back-off (up to 2 min).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+# Codes whose message is a callee's domain error: written to be shown to a user, passed on as it is.
+_PASSED_ON: dict[grpc.StatusCode, type[DomainError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+}
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def connect(
+    service: str, address: str | None = None, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+) -> grpc.aio.Channel:
+    """A channel to `service` (a name of the service graph) for its generated stubs.
+
+    `address` ("host:port") is normally the one the service's settings read at start-up (with
+    settings.service_address); without it, it is read now from the variable the graph names
+    (PYTHONON_<SERVICE>_ADDRESS; SettingsError naming it when missing or malformed).
+    `timeout_seconds` is the deadline of a call whose caller gives none."""
+    service_graph.service(service)  # an unknown name is a programming error: ValueError
+    if address is None:
+        address = service_address(Environment(), service)
+    interceptors: list[grpc.aio.ClientInterceptor] = [
+        # First, so that the tracing interceptors see the completed call and record the error
+        # before it is mapped.
+        _UnaryCall(service, timeout_seconds),
+        _StreamingResponseCall(service, timeout_seconds),
+        *telemetry.client_interceptors(),
+    ]
+    return _open_channel(address, interceptors)
+
+
+def _channel_credentials() -> grpc.ChannelCredentials | None:
+    """How internal calls are secured: the one place to choose it. None: plaintext, as services
+    listen on loopback today (mutual TLS with a per-mesh CA comes here: issue 10)."""
+    return None
+
+
+def _open_channel(address: str, interceptors: list[grpc.aio.ClientInterceptor]) -> grpc.aio.Channel:
+    credentials = _channel_credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+def domain_error(service: str, error: grpc.aio.AioRpcError) -> DomainError:
+    """The domain error for a failed call to `service`. Messages of the callee's domain errors pass
+    on; anything else gets a fixed message (grpc's own text names addresses and internals)."""
+    code = error.code()
+    mapped: DomainError
+    if code in _UNREACHABLE:
+        mapped = Unavailable(f"the {service} service is unavailable; retry later")
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        mapped = ResourceExhausted(error.details() or "too many requests", _retry_after(error))
+    elif code in _PASSED_ON:
+        mapped = _PASSED_ON[code](error.details() or code.name.lower())
+    else:
+        mapped = Internal("internal error")
+    mapped.upstream_code = code
+    return mapped
+
+
+def _retry_after(error: grpc.aio.AioRpcError) -> int:
+    for key, value in (*(error.initial_metadata() or ()), *(error.trailing_metadata() or ())):
+        if key == "retry-after" and str(value).isdigit():
+            return int(value)
+    return 1
+
+
+class _MeshCall:
+    """Deadline, forwarded request facts and error mapping (see the module docstring)."""
+
+    def __init__(self, service: str, timeout_seconds: float) -> None:
+        self._service = service
+        self._timeout = timeout_seconds
+
+    def _complete(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        scope = request_scope()
+        for key, value in (
+            (service_graph.IDENTITY_HEADER, scope.assertion),
+            (service_graph.REQUEST_ID_HEADER, scope.request_id),
+            (service_graph.CLIENT_IP_HEADER, scope.client_ip),
+        ):
+            if value and key not in metadata:
+                metadata.add(key, value)
+        return grpc.aio.ClientCallDetails(
+            method=details.method,
+            timeout=self._timeout if details.timeout is None else details.timeout,
+            metadata=metadata,
+            credentials=details.credentials,
+            wait_for_ready=details.wait_for_ready,
+        )
+
+
+# grpc.aio files an interceptor under the first call kind it implements, so one class per kind.
+class _UnaryCall(_MeshCall, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        try:
+            call = await continuation(self._complete(client_call_details), request)
+            return await call
+        except grpc.aio.AioRpcError as error:
+            raise domain_error(self._service, error) from error
+
+
+class _StreamingResponseCall(_MeshCall, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> AsyncIterator[Any]:
+        try:
+            call = await continuation(self._complete(client_call_details), request)
+        except grpc.aio.AioRpcError as error:
+            raise domain_error(self._service, error) from error
+        return self._mapped(call)
+
+    async def _mapped(self, call: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as error:
+            raise domain_error(self._service, error) from error
