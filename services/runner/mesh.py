@@ -28,9 +28,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge import config as edge_config
+from services.platform import service_graph
+from services.platform.service_graph import ServiceNode
 from services.runner import openbao
 from services.runner.layout import DataLayout
 from services.runner.migrate import migrate_all
+from services.system import settings as system_settings
 
 LOOPBACK = "127.0.0.1"
 EDGE = "envoy"
@@ -75,64 +78,49 @@ class MeshPlan:
         return openbao.OpenBaoFiles.at(self.layout.root)
 
 
-@dataclass(frozen=True)
-class ServiceSpec:
-    """A built service: started as `python -m services.<name>`.
-
-    `env` adds the service's own variables to the common ones (host, port, log level, identity
-    public key, database URL when `database` is true); `passthrough` names variables it may take
-    from the runner's environment (e.g. an API key of an outside provider)."""
-
-    name: str
-    database: bool = False
-    env: Callable[[MeshPlan], Mapping[str, str]] = lambda _plan: {}
-    passthrough: tuple[str, ...] = ()
+# The services this runner starts: the built ones of the service graph. Their wiring (the
+# addresses of the services each calls, its database URL, its outside variables) comes from the
+# graph; what only this machine knows is added by the hooks below.
+SERVICES: tuple[ServiceNode, ...] = service_graph.built_services()
 
 
-def _auth_env(plan: MeshPlan) -> dict[str, str]:
+def _auth_keys(plan: MeshPlan) -> dict[str, str]:
+    """The keys the runner generated in the data directory."""
     keys = plan.layout
     return {
         "PYTHONON_AUTH_IDENTITY_KEY_FILE": str(keys.identity_key),
         "PYTHONON_AUTH_ACCESS_TOKEN_KEY_FILE": str(keys.access_token_key),
         "PYTHONON_AUTH_SECRET_KEY_FILE": str(keys.auth_secret_key),
-        **_records_audit(plan),
     }
 
 
-def _records_audit(plan: MeshPlan) -> dict[str, str]:
-    """What a service that records actions needs: where the audit service listens."""
-    return {"PYTHONON_AUDIT_ADDRESS": plan.address("audit")}
-
-
-def _executor_env(plan: MeshPlan) -> dict[str, str]:
-    return {"PYTHONON_SECRETS_ADDRESS": plan.address("secrets"), **_records_audit(plan)}
-
-
-def _secrets_env(plan: MeshPlan) -> dict[str, str]:
+def _openbao_login(plan: MeshPlan) -> dict[str, str]:
     """The local OpenBao and the policy-limited token the runner issued (never the root token)."""
     return {
         "PYTHONON_SECRETS_VAULT_ADDR": plan.vault_address,
         "PYTHONON_SECRETS_VAULT_TOKEN_FILE": str(plan.openbao.service_token),
-        **_records_audit(plan),
     }
 
 
-def _system_env(plan: MeshPlan) -> dict[str, str]:
+def _system_view(plan: MeshPlan) -> dict[str, str]:
+    """What the system service watches: every service it calls, and itself; every database; the
+    local OpenBao."""
+    watched = [*service_graph.calls("system"), "system"]
     return {
-        "PYTHONON_SYSTEM_SERVICES": ",".join(f"{name}={plan.address(name)}" for name in plan.ports.services),
-        "PYTHONON_SYSTEM_DATABASE_URLS": ",".join(dict.fromkeys(plan.database_urls.values())),
-        "PYTHONON_SYSTEM_VAULT_ADDR": plan.vault_address,
+        system_settings.SERVICES_VARIABLE: ",".join(f"{name}={plan.address(name)}" for name in watched),
+        system_settings.DATABASE_URLS_VARIABLE: ",".join(
+            dict.fromkeys(plan.database_urls[service.name] for service in SERVICES if service.database)
+        ),
+        system_settings.VAULT_ADDRESS_VARIABLE: plan.vault_address,
     }
 
 
-# The built services, in start order. A new service is one line here.
-SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec("audit", database=True),
-    ServiceSpec("auth", database=True, env=_auth_env),
-    ServiceSpec("secrets", env=_secrets_env),
-    ServiceSpec("executor", env=_executor_env),
-    ServiceSpec("system", env=_system_env),
-)
+# Settings of a service that depend on this machine rather than on the graph.
+_LOCAL_SETTINGS: dict[str, Callable[[MeshPlan], dict[str, str]]] = {
+    "auth": _auth_keys,
+    "secrets": _openbao_login,
+    "system": _system_view,
+}
 
 
 @dataclass(frozen=True)
@@ -156,7 +144,7 @@ class MeshConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise MeshError(f"--port must be 0-65535, got {self.port}")
-        unknown = set(self.service_env) - {spec.name for spec in SERVICES}
+        unknown = set(self.service_env) - {service.name for service in SERVICES}
         if unknown:
             raise MeshError(f"service_env names services that are not built: {sorted(unknown)}")
         # The URL is not echoed: it may carry a password.
@@ -174,7 +162,9 @@ class MeshConfig:
             else:
                 edge = _bound_port(held.enter_context(_bind(self.host, 0)))
             admin = _bound_port(held.enter_context(_bind(LOOPBACK, 0)))
-            services = {spec.name: _bound_port(held.enter_context(_bind(LOOPBACK, 0))) for spec in SERVICES}
+            services = {
+                service.name: _bound_port(held.enter_context(_bind(LOOPBACK, 0))) for service in SERVICES
+            }
             vault = _bound_port(held.enter_context(_bind(LOOPBACK, 0)))
         return MeshPorts(edge=edge, admin=admin, services=services, vault=vault)
 
@@ -364,18 +354,22 @@ class Mesh:
             plan = MeshPlan(
                 layout=self.layout,
                 ports=self._ports,
-                database_urls={spec.name: self.database_url(spec.name) for spec in SERVICES if spec.database},
+                database_urls={
+                    service.name: self.database_url(service.name) for service in SERVICES if service.database
+                },
             )
             atexit.register(self.stop)
             migrate_all(plan.database_urls)  # once, before any service starts (services only check)
             deadline = time.monotonic() + self.config.startup_timeout_seconds
             self._start_openbao(plan, deadline)
-            for spec in SERVICES:
+            for service in SERVICES:
                 self._spawn(
-                    spec.name, [sys.executable, "-m", f"services.{spec.name}"], self._service_env(spec, plan)
+                    service.name,
+                    [sys.executable, "-m", f"services.{service.name}"],
+                    self._service_env(service, plan),
                 )
-            for spec in SERVICES:
-                self._wait_serving(spec.name, plan.address(spec.name), deadline)
+            for service in SERVICES:
+                self._wait_serving(service.name, plan.address(service.name), deadline)
             self._start_edge(plan)
             self._wait_edge(deadline)
         except BaseException:
@@ -460,21 +454,23 @@ class Mesh:
         env.update({k: v for k, v in os.environ.items() if k.startswith(_PASSED_THROUGH_PREFIXES)})
         return env
 
-    def _service_env(self, spec: ServiceSpec, plan: MeshPlan) -> dict[str, str]:
+    def _service_env(self, service: ServiceNode, plan: MeshPlan) -> dict[str, str]:
         env = self._base_env()
-        env.update({name: os.environ[name] for name in spec.passthrough if name in os.environ})
+        env.update({name: os.environ[name] for name in service.outside_variables if name in os.environ})
         env.update(
             {
                 "PYTHONON_HOST": LOOPBACK,
-                "PYTHONON_PORT": str(plan.ports.services[spec.name]),
+                "PYTHONON_PORT": str(plan.ports.services[service.name]),
                 "PYTHONON_LOG_LEVEL": self.config.log_level,
                 "PYTHONON_IDENTITY_PUBLIC_KEY_FILE": str(self.layout.identity_public_key),
             }
         )
-        if spec.database:
-            env[f"PYTHONON_{spec.name.upper()}_DATABASE_URL"] = plan.database_urls[spec.name]
-        env.update(spec.env(plan))
-        env.update(self.config.service_env.get(spec.name, {}))
+        env.update(
+            service_graph.wiring_environment(service.name, plan.address, plan.database_urls.get(service.name))
+        )
+        if service.name in _LOCAL_SETTINGS:
+            env.update(_LOCAL_SETTINGS[service.name](plan))
+        env.update(self.config.service_env.get(service.name, {}))
         return env
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> None:
@@ -523,7 +519,7 @@ class Mesh:
             **{
                 "listen_port": plan.ports.edge,
                 "admin_port": plan.ports.admin,
-                "upstreams": dict(plan.ports.services),
+                "upstreams": {name: plan.address(name) for name in service_graph.edge_calls()},
                 "host": self.config.host,
                 **self.config.edge_options,
             },

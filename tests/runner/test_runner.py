@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -18,10 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.platform import service_graph
 from services.platform.identity import Identity, IdentitySigner, IdentityVerifier, public_key_pem
 from services.runner.cli import main
 from services.runner.layout import DataLayout
-from services.runner.mesh import SERVICES, Mesh, MeshConfig, MeshError
+from services.runner.mesh import SERVICES, Mesh, MeshConfig, MeshError, MeshPlan, MeshPorts
 
 BUILT = [spec.name for spec in SERVICES]
 
@@ -163,6 +165,61 @@ def test_a_data_directory_in_use_is_refused(tmp_path: Path) -> None:
             Mesh(MeshConfig(port=0, data_dir=tmp_path)).start()
 
 
+# -- Wiring, from the service graph ---------------------------------------------------------------
+
+
+def _plan_for_every_service(mesh: Mesh) -> MeshPlan:
+    """A plan with a port for every service of the graph, built or not (nothing is started)."""
+    ports = {name: 5000 + index for index, name in enumerate(service_graph.SECTIONS)}
+    return MeshPlan(
+        layout=mesh.layout,
+        ports=MeshPorts(edge=8080, admin=9901, services=ports, vault=8200),
+        database_urls={
+            node.name: f"sqlite:///{node.name}.db" for node in service_graph.SERVICES if node.database
+        },
+    )
+
+
+def _addresses(env: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in env.items() if name.endswith("_ADDRESS")}
+
+
+def test_each_service_gets_the_addresses_of_what_it_calls_and_its_outside_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-outside")
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+    monkeypatch.setenv("PYTHONON_RUNNER_CANARY", "must-not-leak")
+    mesh = Mesh(MeshConfig(port=0, data_dir=tmp_path))
+    plan = _plan_for_every_service(mesh)
+    env = {node.name: mesh._service_env(node, plan) for node in service_graph.SERVICES}
+
+    # generator and zk are not built yet: what they will get once they are (packages, unbuilt, left out).
+    assert _addresses(env["generator"]) == {
+        "PYTHONON_EXECUTOR_ADDRESS": "127.0.0.1:5001",
+        "PYTHONON_SECRETS_ADDRESS": "127.0.0.1:5002",
+        "PYTHONON_AUDIT_ADDRESS": "127.0.0.1:5003",
+    }
+    assert env["generator"]["ANTHROPIC_API_KEY"] == "sk-outside"
+    assert "ANTHROPIC_BASE_URL" not in env["generator"]  # not set here: not invented
+    assert all("ANTHROPIC_API_KEY" not in env[name] for name in env if name != "generator")
+    assert all("PYTHONON_RUNNER_CANARY" not in variables for variables in env.values())
+
+    assert _addresses(env["executor"]) == {
+        "PYTHONON_SECRETS_ADDRESS": "127.0.0.1:5002",
+        "PYTHONON_AUDIT_ADDRESS": "127.0.0.1:5003",
+    }
+    assert _addresses(env["audit"]) == {}
+    assert env["auth"]["PYTHONON_AUTH_DATABASE_URL"] == "sqlite:///auth.db"
+    assert "PYTHONON_SECRETS_DATABASE_URL" not in env["secrets"]
+    assert env["secrets"]["PYTHONON_SECRETS_VAULT_ADDR"] == "http://127.0.0.1:8200"
+    assert env["system"]["PYTHONON_SYSTEM_SERVICES"] == (
+        "auth=127.0.0.1:5000,executor=127.0.0.1:5001,secrets=127.0.0.1:5002,audit=127.0.0.1:5003,"
+        "system=127.0.0.1:5007"
+    )
+    assert env["system"]["PYTHONON_SYSTEM_DATABASE_URLS"] == "sqlite:///auth.db,sqlite:///audit.db"
+
+
 # -- A real mesh ----------------------------------------------------------------------------------
 
 
@@ -197,8 +254,25 @@ def test_a_mesh_starts_serves_and_stops_every_process(
             f"{name}={mesh.service_address(name)}" for name in BUILT
         )
         assert system["PYTHONON_SYSTEM_DATABASE_URLS"].split(",") == [
-            f"sqlite:///{mesh.layout.db / f'{spec.name}.db'}" for spec in SERVICES if spec.database
+            f"sqlite:///{mesh.layout.db / f'{service.name}.db'}" for service in SERVICES if service.database
         ]
+        for name, env in environments.items():
+            wired = {variable: env[variable] for variable in env if variable.endswith("_ADDRESS")}
+            expected = service_graph.calls(name) if name in BUILT else ()
+            assert wired == {
+                service_graph.address_variable(callee): mesh.service_address(callee) for callee in expected
+            }, name
+        # The edge's upstreams: every built section, by address.
+        clusters = json.loads(mesh.layout.envoy_config.read_text())["static_resources"]["clusters"]
+        upstreams = {
+            cluster["name"].removeprefix("pythonon_"): "{address}:{port_value}".format(
+                **cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+                    "socket_address"
+                ]
+            )
+            for cluster in clusters
+        }
+        assert upstreams == {name: mesh.service_address(name) for name in BUILT}
         assert mode(mesh.layout.db / "auth.db") == 0o600
         assert mesh.exited() is None
 
