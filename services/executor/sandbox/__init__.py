@@ -1,10 +1,13 @@
-"""Sandboxes that run untrusted code: the contract (interface), the bubblewrap backend (bwrap) with
-its warm pool, and the gVisor backend (gvisor). No gRPC here: the executor service wraps this."""
+"""Sandboxes that run untrusted code: the contract (interface), the language table (languages), the
+parts every host backend shares (host_backend, warm_pool, admission), and the backends: bubblewrap
+(bwrap) and gVisor (gvisor). No gRPC here: the executor service wraps this."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from services.executor.sandbox.host_backend import BackendOptionError, BackendOptions, HostBackend
 from services.executor.sandbox.interface import (
     Limits,
     RunResult,
@@ -14,26 +17,43 @@ from services.executor.sandbox.interface import (
     SandboxError,
     SandboxUnavailable,
 )
+from services.executor.sandbox.languages import LANGUAGES
 
 BACKENDS = ("bwrap", "gvisor")
 
 
-def create_backend(name: str = "bwrap", **options: Any) -> SandboxBackend:
-    """A backend by name ("bwrap", the default, or "gvisor"); options go to its constructor.
-    Raises SandboxUnavailable when it cannot run on this host, with the reason."""
+def backend_class(name: str) -> type[HostBackend[Any, Any]]:
+    """The backend class by name; ValueError for an unknown one."""
     if name == "bwrap":
         from services.executor.sandbox.bwrap import BwrapBackend
 
-        return BwrapBackend(**options)
+        return BwrapBackend
     if name == "gvisor":
         from services.executor.sandbox.gvisor import GvisorBackend
 
-        return GvisorBackend(**options)
+        return GvisorBackend
     raise ValueError(f"unknown sandbox backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def backend_options(name: str, options: Mapping[str, Any]) -> BackendOptions:
+    """The options of backend `name`, validated: BackendOptionError names an unknown option or a bad
+    value (checked without starting anything, e.g. while the executor reads its settings)."""
+    cls = backend_class(name)
+    return cls.options_type.parse(name, options)
+
+
+def create_backend(name: str = "bwrap", **options: Any) -> SandboxBackend:
+    """A backend by name ("bwrap", the default, or "gvisor") with validated options. Raises
+    BackendOptionError for an unknown option or a bad value, and SandboxUnavailable when the backend
+    cannot run on this host, with the reason."""
+    cls = backend_class(name)
+    return cls(cls.options_type.parse(name, options))
 
 
 __all__ = [
     "BACKENDS",
+    "LANGUAGES",
+    "BackendOptionError",
     "Limits",
     "RunResult",
     "RunSpec",
@@ -41,5 +61,7 @@ __all__ = [
     "SandboxBusy",
     "SandboxError",
     "SandboxUnavailable",
+    "backend_class",
+    "backend_options",
     "create_backend",
 ]

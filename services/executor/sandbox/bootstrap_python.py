@@ -1,21 +1,26 @@
 """The first thing a warm Python sandbox runs, as `python -I -S -u -B -c <this file's source>`.
 
 It signals that the interpreter is up, waits (for as long as the sandbox sits in the pool) for one
-payload on fd 4, closes that pipe so the program cannot reach it, sets the environment, writes the
-files and the code into the working directory, and then becomes the program: the code runs as
-`__main__` with fresh globals, and a failure prints the traceback a plain `python main.py` would.
+payload, sets the environment, writes the files and the code into the working directory, and then
+becomes the program: the code runs as `__main__` with fresh globals, and a failure prints the
+traceback a plain `python main.py` would.
+
+The payload is one frame, b"<decimal length>\n" + a JSON object (runtimes.py writes it): plain
+data, so that this interpreter's version need not match the executor's. Under bwrap the ready
+signal is b"R" on fd 5 and the frame comes on fd 4, closed once read so the program cannot reach
+it. Under gVisor, which hands a container nothing but stdio, it runs as `... -c <source> stdin`:
+the ready signal is b"R" on stdout (read by the backend before any output), the frame comes first
+on stdin, and it carries the private input, which the bootstrap puts on fd 3 itself.
 
 It ends the way the interpreter would (non-daemon threads joined, atexit callbacks run, the exit
 status of SystemExit), then leaves with os._exit instead of tearing the interpreter down, which
 here costs more than the whole run: the sandbox, with every file the program left unflushed, is
-destroyed next anyway.
+destroyed next anyway. When the payload has an `end_token`, the last thing written on stderr is
+b"\\0pythonon-exit <token> <status>\\n", for the backend. Importing this module elsewhere does nothing."""
 
-Under gVisor, which hands a container nothing but stdio, it runs as `... -c <source> stdin`: the
-payload then comes first on stdin, framed as b"<length>\n", and carries the private input, which
-the bootstrap puts on fd 3 itself. Importing this module elsewhere does nothing."""
-
+import binascii
 import builtins
-import marshal
+import json
 import os
 import resource
 import sys
@@ -25,39 +30,42 @@ READY_FD = 5
 
 
 def _warm_up():
-    """Touch the compiler once before waiting, so that the run does not pay for its first use."""
+    """Touch the compiler and the decoder once before waiting, so that the run does not pay for
+    their first use."""
     compile("def f(x):\n    return [str(i) for i in x if i]\nprint(f(range(3)))\n", "<warm-up>", "exec")
+    json.loads('{"a": ["b", 1]}')
+
+
+def _read_exactly(fd, size):
+    data = bytearray()
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            os._exit(70)
+        data += chunk
+    return bytes(data)
+
+
+def _read_frame(fd):
+    """One frame: its length, then exactly that many bytes (whatever follows is not read)."""
+    header = b""
+    while not header.endswith(b"\n"):
+        header += _read_exactly(fd, 1)
+    return json.loads(_read_exactly(fd, int(header)))
 
 
 def _receive():
     os.write(READY_FD, b"R")
     os.close(READY_FD)
-    chunks = []
-    while True:
-        chunk = os.read(PAYLOAD_FD, 1 << 20)
-        if not chunk:
-            break
-        chunks.append(chunk)
+    payload = _read_frame(PAYLOAD_FD)
     os.close(PAYLOAD_FD)
-    return marshal.loads(b"".join(chunks))  # noqa: S302 - written by the backend, before the program runs
+    return payload
 
 
 def _receive_from_stdin():
-    header = b""
-    while not header.endswith(b"\n"):
-        byte = os.read(0, 1)
-        if not byte:
-            os._exit(70)
-        header += byte
-    size = int(header)
-    data = bytearray()
-    while len(data) < size:
-        chunk = os.read(0, size - len(data))
-        if not chunk:
-            os._exit(70)
-        data += chunk
-    payload = marshal.loads(bytes(data))  # noqa: S302 - written by the backend, before the program runs
-    private = memoryview(payload.pop("private", b""))
+    os.write(1, b"R")
+    payload = _read_frame(0)
+    private = memoryview(binascii.a2b_base64(payload.pop("private", "")))
     fd = os.memfd_create("private-input")
     while private:
         private = private[os.write(fd, private) :]
@@ -88,10 +96,11 @@ def _main():
     os.environ.update(payload["env"])  # through putenv, so child processes see it too
     os.chdir(workdir)
     for name, data in payload["files"].items():
-        _write(os.path.join(workdir, name), data)
+        _write(os.path.join(workdir, name), binascii.a2b_base64(data))
     path = os.path.join(workdir, payload["main"])
     source = payload["code"]
     _write(path, source.encode())
+    end_token = payload.get("end_token")
     del payload
 
     main = type(sys)("__main__")
@@ -112,7 +121,7 @@ def _main():
         error = error.with_traceback(error.__traceback__.tb_next if error.__traceback__ else None)
         sys.excepthook(type(error), error, error.__traceback__)
         status = 1
-    _finish(status)
+    _finish(status, end_token)
 
 
 def _exit_status(code):
@@ -127,7 +136,7 @@ def _exit_status(code):
     return 1
 
 
-def _finish(status):
+def _finish(status, end_token):
     threading = sys.modules.get("threading")
     if threading is not None and hasattr(threading, "_shutdown"):
         threading._shutdown()  # joins non-daemon threads, as interpreter shutdown does
@@ -139,6 +148,8 @@ def _finish(status):
             stream.flush()
         except Exception:  # noqa: BLE001, S110 - a closed or broken stream has nothing left to flush
             pass
+    if end_token is not None:
+        os.write(2, b"\0pythonon-exit %s %d\n" % (end_token.encode(), status))
     os._exit(status)
 
 

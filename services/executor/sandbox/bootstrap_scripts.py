@@ -1,8 +1,9 @@
 """The first thing a warm JavaScript or Bash sandbox runs: the same protocol as bootstrap_python.py
-(say "R" on fd 5, read one payload from fd 4 until EOF, close it, then become the program), or,
-under gVisor, the payload first on stdin framed as b"<length>\n"."""
+(say "R" on fd 5, read one payload frame, b"<length>\n" + body, from fd 4, close it, then become
+the program), or, under gVisor, "R" on stdout and the frame first on stdin."""
 
-# node -e <this>. The payload is JSON: {workdir, main, code, env, files: {name: base64}}.
+# node -e <this>. The payload is the JSON object of runtimes.py:
+# {workdir, main, code, env, files: {name: base64}, end_token?}.
 NODE_BOOTSTRAP = r"""
 'use strict';
 (() => {
@@ -15,32 +16,30 @@ NODE_BOOTSTRAP = r"""
   require(warm);
   delete require.cache[warm];
   fs.unlinkSync(warm);
-  let payload;
-  if (process.argv[1] === 'stdin') {
-    const readExactly = (size) => {
-      const data = Buffer.alloc(size);
-      for (let got = 0; got < size; ) {
-        const count = fs.readSync(0, data, got, size - got, null);
-        if (count === 0) process.exit(70);
-        got += count;
-      }
-      return data;
-    };
-    let header = '';
-    while (!header.endsWith('\n')) header += readExactly(1).toString();
-    payload = JSON.parse(readExactly(Number(header)).toString('utf8'));
+  const stdinMode = process.argv[1] === 'stdin';
+  const source = stdinMode ? 0 : 4;
+  const readExactly = (size) => {
+    const data = Buffer.alloc(size);
+    for (let got = 0; got < size; ) {
+      const count = fs.readSync(source, data, got, size - got, null);
+      if (count === 0) process.exit(70);
+      got += count;
+    }
+    return data;
+  };
+  if (stdinMode) {
+    fs.writeSync(1, 'R');
   } else {
     fs.writeSync(5, 'R');
     fs.closeSync(5);
-    const chunks = [];
-    const buffer = Buffer.allocUnsafe(1 << 20);
-    for (;;) {
-      const count = fs.readSync(4, buffer, 0, buffer.length, null);
-      if (count === 0) break;
-      chunks.push(Buffer.from(buffer.subarray(0, count)));
-    }
-    fs.closeSync(4);
-    payload = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+  }
+  let header = '';
+  while (!header.endsWith('\n')) header += readExactly(1).toString();
+  const payload = JSON.parse(readExactly(Number(header)).toString('utf8'));
+  if (!stdinMode) fs.closeSync(4);
+  if (payload.end_token !== undefined) {
+    const token = payload.end_token;
+    process.on('exit', (code) => fs.writeSync(2, `\0pythonon-exit ${token} ${code}\n`));
   }
   for (const name of Object.keys(process.env)) delete process.env[name];
   Object.assign(process.env, payload.env);
@@ -57,10 +56,10 @@ NODE_BOOTSTRAP = r"""
 })();
 """
 
-# bash -c <this>. The payload is a script written by the backend (see runtimes.bash_payload): it
-# closes fd 4, writes the files and the code, and execs a fresh bash on the code with the run's
-# environment only. `.` reads a pipe to its end before running any of it.
-BASH_BOOTSTRAP = "printf R >&5; exec 5>&-; . /dev/fd/4"
-# `read -N` takes exactly that many characters (the payload script is ASCII), leaving the rest of
-# stdin to the program.
-BASH_BOOTSTRAP_STDIN = 'IFS= read -r size && IFS= read -r -N "$size" script && eval "$script"'
+# bash -c <this>. The payload is a script written by the backend (see runtimes._bash_payload): it
+# closes fd 4, writes the files and the code, and runs a fresh bash on the code with the run's
+# environment only. Under bwrap the frame is the pipe's only content: after its length, `.` reads
+# the rest to its end before running any of it. Under gVisor, `read -N` takes exactly that many
+# characters (the payload script is ASCII), leaving the rest of stdin to the program.
+BASH_BOOTSTRAP = "printf R >&5; exec 5>&-; IFS= read -r size <&4 && . /dev/fd/4"
+BASH_BOOTSTRAP_STDIN = 'printf R; IFS= read -r size && IFS= read -r -N "$size" script && eval "$script"'

@@ -169,6 +169,16 @@ def detect(instance: str, proc: Path = Path("/proc"), parent: Path | None = None
     return support
 
 
+def v1_mountpoint(controller: str, proc: Path = Path("/proc")) -> Path | None:
+    """Where the cgroup v1 hierarchy holding `controller` is mounted; None without one."""
+    try:
+        mounts = _parse_mountinfo((proc / "self/mountinfo").read_text())
+    except OSError:
+        return None
+    found = next((m for m in mounts if m.fstype == "cgroup" and controller in m.options), None)
+    return Path(found.mountpoint) if found is not None and found.root == "/" else None
+
+
 def _detect_v2(
     support: CgroupSupport,
     mounts: list[_Mount],

@@ -1,16 +1,19 @@
-"""The gVisor backend: each run in its own `runsc` container (OCI bundle, ptrace platform by
-default, no network), with the same contract as the bwrap backend.
+"""The gVisor backend: each run in its own single-use `runsc` container (OCI bundle, ptrace
+platform by default, no network), with the same contract as the bwrap backend, taken warm from the
+pool.
 
 The container's root is an empty read-only directory holding only mount points; the language's
 runtime and the system libraries are bound read-only, /tmp, /dev/shm and the working directory are
-size-limited tmpfs, the program runs as uid 65534 with rlimits from the spec, and runsc puts the
-sandbox in a memory and pids cgroup from the spec's resources. gVisor's own kernel stands between
-the program and the host's.
+size-limited tmpfs, the program runs as uid 65534 with rlimits from the profile, and runsc puts the
+sandbox in a pids cgroup from the profile and in a memory cgroup this backend makes (so that it
+sets each run's memory limit and reads whether the kernel killed the sandbox for memory). gVisor's
+own kernel stands between the program and the host's.
 
-runsc hands a container nothing but stdio, so the payload (code, environment, files and the
-private input, which the bootstrap puts on fd 3) travels first on stdin, framed as b"<length>\\n",
-followed by the run's own stdin. There is no warm pool: a container starts per run (a few hundred
-milliseconds), and the timeout counts from the moment the container is asked to start."""
+runsc hands a container nothing but stdio, so a warm container's bootstrap says "R" on stdout when
+it waits, and the payload frame (code, environment, files and the private input, which the
+bootstrap puts on fd 3) comes first on stdin, followed by the run's own stdin. The bootstrap ends
+stderr with an end marker giving the exit status, so that a run is answered without waiting ~10 ms
+for runsc to tear the sandbox down (it does so in the background, or is killed after a grace)."""
 
 from __future__ import annotations
 
@@ -23,81 +26,91 @@ import math
 import os
 import shutil
 import signal
-import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.executor.sandbox import runtimes
-from services.executor.sandbox.admission import Admission
+from services.executor.sandbox import cgroups, runtimes
+from services.executor.sandbox.host_backend import (
+    NOBODY,
+    BackendOptions,
+    HostBackend,
+    HostSandbox,
+    raise_option,
+)
 from services.executor.sandbox.interface import (
     WORKDIR,
+    Limits,
     RunResult,
     RunSpec,
     SandboxError,
     SandboxUnavailable,
-    describe_bytes,
-    result_of,
-    validate_spec,
 )
-from services.executor.sandbox.process import Outcome, children_of, spawn
+from services.executor.sandbox.process import PayloadRefused, children_of, spawn
 
 log = logging.getLogger("pythonon.executor.sandbox.gvisor")
 
-NOBODY = 65534
 OPEN_FILES = 1024
 SENTRY_THREADS = 64
 PRIVATE_TMPFS = ("/tmp", "/dev/shm")  # noqa: S108 - inside the container
+PLATFORMS = ("ptrace", "kvm", "systrap")
+# After the end marker, runsc tears the sandbox down by itself; past this, it is killed.
+TEARDOWN_GRACE_SECONDS = 2.0
 
 
-class GvisorBackend:
+@dataclass(frozen=True)
+class GvisorOptions(BackendOptions):
+    runsc_path: str | None = None  # default: runsc on PATH
+    platform: str = "ptrace"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.runsc_path is not None and (
+            not isinstance(self.runsc_path, str) or not os.path.isabs(self.runsc_path)
+        ):
+            raise_option("runsc_path", "an absolute path", self.runsc_path)
+        if self.platform not in PLATFORMS:
+            raise_option("platform", f"one of {', '.join(PLATFORMS)}", self.platform)
+
+
+@dataclass(frozen=True)
+class _Profile:
+    language: str
+    tmp_bytes: int
+    file_bytes: int
+    processes: int
+    memory_bytes: int  # only where runsc makes the memory cgroup (else set per run)
+    readonly_paths: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(eq=False)
+class _Container(HostSandbox):
+    name: str = ""
+    bundle: Path | None = None
+    memory: Path | None = None  # the memory cgroup this backend made for it
+    ended: bool = False  # its program said how it ended; runsc is tearing it down
+    killed: bool = False
+
+
+class GvisorBackend(HostBackend[GvisorOptions, _Container]):
     name = "gvisor"
+    options_type = GvisorOptions
 
-    def __init__(
-        self,
-        *,
-        runsc_path: str | None = None,
-        platform: str = "ptrace",
-        max_concurrent: int | None = None,
-        max_waiting: int | None = None,
-        languages: Iterable[str] | None = None,
-        python: str | None = None,
-        node: str | None = None,
-        bash: str | None = None,
-        max_timeout_seconds: float = 60.0,
-        **_ignored: Any,  # options meant for the bwrap backend (pool_size, default_limits, ...)
-    ) -> None:
-        runsc = runsc_path or shutil.which("runsc")
+    def __init__(self, options: GvisorOptions | None = None) -> None:
+        options = options or GvisorOptions()
+        runsc = options.runsc_path or shutil.which("runsc")
         if not runsc:
             raise SandboxUnavailable("gVisor's runsc is not installed (on Debian: apt-get install runsc)")
         if os.geteuid() != 0:
             raise SandboxUnavailable("the gvisor backend runs runsc as root, and this process is not root")
         self._runsc = runsc
-        self._platform = platform
-        self.max_concurrent = max_concurrent or 2 * (os.cpu_count() or 1)
-        waiting = self.max_concurrent if max_waiting is None else max_waiting
-        self._admission = Admission(self.max_concurrent, waiting)
-        self._cpu_ceiling = math.ceil(max_timeout_seconds) + 1
-        self._dir = Path(tempfile.mkdtemp(prefix="pythonon-gvisor-"))
-        self._dir.chmod(0o755)
-        found, self.unavailable = runtimes.discover(
-            self._dir, {"python": python, "javascript": node, "bash": bash}
-        )
-        wanted = set(languages) if languages is not None else None
-        self._runtimes = {k: v for k, v in found.items() if wanted is None or k in wanted}
-        (self._dir / "etc").mkdir(mode=0o755)
-        (self._dir / "etc" / "passwd").write_text(f"nobody:x:{NOBODY}:{NOBODY}:nobody:{WORKDIR}:/bin/sh\n")
-        (self._dir / "etc" / "group").write_text(f"nogroup:x:{NOBODY}:\n")
-        (self._dir / "etc" / "hosts").write_text("127.0.0.1 localhost sandbox\n")
-        _readable_by_all(self._dir / "etc")
+        super().__init__(options)
+        self._etc = self._write_etc(())
         self._ids = itertools.count()
         self._cgroup_parent = f"{_own_cgroup('memory').rstrip('/')}/pythonon-gvisor-{os.getpid()}"
-        self._running: set[str] = set()
-        self._cleanups: set[asyncio.Task[None]] = set()
-        self._closed = False
-
-    def languages(self) -> list[str]:
-        return sorted(self._runtimes)
+        memory_root = cgroups.v1_mountpoint("memory")
+        self._memory_parent = memory_root / self._cgroup_parent.lstrip("/") if memory_root else None
 
     def enforced_limits(self) -> dict[str, bool]:
         return {
@@ -113,121 +126,132 @@ class GvisorBackend:
             "seccomp": True,  # gVisor's own: the program never reaches the host kernel directly
         }
 
-    async def start(self) -> None:
-        """Run one hello-world per language; drop a language that fails, raise when all do."""
-        failures = {}
-        for language in self.languages():
-            code = {"python": "print('ok')", "javascript": "console.log('ok')", "bash": "echo ok"}[language]
-            try:
-                result = await self.run(RunSpec(language, code))
-            except SandboxError as error:
-                failures[language] = str(error)
-                continue
-            if result.stdout != "ok\n":
-                failures[language] = result.stderr.strip() or f"exit status {result.exit_code}"
-        for language, reason in failures.items():
-            log.warning("gVisor sandbox for %s cannot start: %s", language, reason)
-            self.unavailable[language] = reason
-            del self._runtimes[language]
-        if not self._runtimes:
-            await self.close()
-            raise SandboxUnavailable(
-                "runsc cannot run a sandbox here: " + "; ".join(f"{k}: {v}" for k, v in failures.items())
-            )
-
-    async def run(self, spec: RunSpec) -> RunResult:
-        validate_spec(spec, self.languages())
-        if self._closed:
-            raise SandboxError("the sandbox backend is closed")
-        runtime = self._runtimes[spec.language]
-        cpu = math.ceil(spec.limits.timeout_seconds) + 1
-        payload = runtime.payload(spec, cpu_seconds=cpu, inline_private=True)
-        async with self._admission.slot():
-            container = f"pythonon-{os.getpid()}-{next(self._ids)}"
-            bundle = self._bundle(container, runtime, spec)
-            self._running.add(container)
-            try:
-                process = spawn(
-                    [
-                        self._runsc,
-                        f"--root={self._dir / 'state'}",
-                        "--network=none",
-                        f"--platform={self._platform}",
-                        "run",
-                        f"--bundle={bundle}",
-                        container,
-                    ]
-                )
-            except OSError as error:
-                self._running.discard(container)
-                shutil.rmtree(bundle, ignore_errors=True)
-                raise SandboxError(f"cannot start runsc: {error}") from error
-            loop = asyncio.get_running_loop()
-            killing: list[asyncio.Task[None]] = []
-
-            def kill() -> None:
-                # runsc's own processes (the sandbox's kernel and its gofer): gone at once, so is the
-                # container; `delete` then clears runsc's state.
-                _kill_tree(process.pid)
-                if not killing:
-                    killing.append(loop.create_task(self._delete(container)))
-
-            try:
-                outcome = await process.execute(
-                    payload=b"",
-                    stdin=f"{len(payload)}\n".encode() + payload + spec.stdin.encode(),
-                    private_input=b"",
-                    timeout=spec.limits.timeout_seconds,
-                    output_cap=spec.limits.output_bytes,
-                    kill=kill,
-                )
-            finally:
-                process.kill()
-                process.close()
-                cleanup = loop.create_task(self._clean_up(container, bundle))
-                self._cleanups.add(cleanup)
-                cleanup.add_done_callback(self._cleanups.discard)
-        return self._result(spec, outcome)
-
-    async def _clean_up(self, container: str, bundle: Path) -> None:
-        try:
-            await self._delete(container)
-        finally:
-            self._running.discard(container)
-            shutil.rmtree(bundle, ignore_errors=True)
-
-    def replenish(self) -> None:
-        """Nothing to make up: there is no warm pool."""
-
-    async def close(self) -> None:
-        self._closed = True
-        await asyncio.gather(*self._cleanups, return_exceptions=True)
-        await asyncio.gather(*(self._delete(c) for c in list(self._running)), return_exceptions=True)
-        shutil.rmtree(self._dir, ignore_errors=True)
+    async def _close_host(self) -> None:
         for hierarchy in Path("/sys/fs/cgroup").iterdir():  # what runsc left of our parent cgroup
             with contextlib.suppress(OSError):
                 (hierarchy / self._cgroup_parent.lstrip("/")).rmdir()
 
-    def _result(self, spec: RunSpec, outcome: Outcome) -> RunResult:
-        limits = spec.limits
-        # runsc reports no OOM event here: a kill that was not the timeout is most likely the memory cap.
-        killed = outcome.exit_code == 137 and not outcome.timed_out
-        memory = describe_bytes(limits.memory_bytes)
-        return result_of(
-            limits,
-            stdout=outcome.stdout,
-            stderr=outcome.stderr,
-            exit_code=outcome.exit_code,
-            duration_seconds=outcome.duration_seconds,
-            timed_out=outcome.timed_out,
-            overflowed=outcome.overflowed,
-            memory_note=f"killed; the memory limit of {memory} was probably exceeded" if killed else None,
+    # -- one container --------------------------------------------------------------------------
+
+    def _profile(self, language: str, limits: Limits, readonly_paths: Iterable[tuple[str, str]]) -> _Profile:
+        return _Profile(
+            language=language,
+            tmp_bytes=limits.tmp_bytes,
+            file_bytes=limits.file_bytes,
+            processes=limits.processes,
+            memory_bytes=0 if self._memory_parent else limits.memory_bytes,
+            readonly_paths=tuple((host, inside) for host, inside in readonly_paths),
         )
+
+    async def _spawn(self, profile: _Profile) -> _Container:
+        runtime = self._runtime(profile.language)
+        name = f"pythonon-{os.getpid()}-{next(self._ids)}"
+        memory = None
+        try:
+            bundle = self._bundle(name, runtime, profile)
+            if self._memory_parent is not None:
+                memory = self._memory_parent / name
+                memory.mkdir(parents=True)
+            process = spawn(
+                [
+                    self._runsc,
+                    f"--root={self._runtime_dir / 'state'}",
+                    "--network=none",
+                    f"--platform={self.options.platform}",
+                    "run",
+                    f"--bundle={bundle}",
+                    name,
+                ]
+            )
+        except OSError as error:
+            shutil.rmtree(self._runtime_dir / "bundles" / name, ignore_errors=True)
+            if memory is not None:
+                with contextlib.suppress(OSError):
+                    memory.rmdir()
+            raise SandboxError(f"cannot start runsc: {error}") from error
+        container = self._track(_Container(profile, process, name=name, bundle=bundle, memory=memory))
+        try:
+            if not await process.wait_ready(self.options.spawn_timeout, on_stdout=True):
+                message = process.read_available_stderr().decode(errors="replace").strip()
+                raise SandboxError(
+                    f"the {profile.language} container did not start: {message or 'no message'}"
+                )
+        except BaseException:
+            self._dispose(container)
+            raise
+        return container
+
+    async def _execute(self, sandbox: _Container, spec: RunSpec) -> RunResult:
+        runtime = self._runtime(spec.language)
+        limits = spec.limits
+        token = os.urandom(8).hex()
+        cpu = math.ceil(limits.timeout_seconds) + 1
+        payload = runtime.payload(spec, cpu_seconds=cpu, inline_private=True, end_token=token)
+        if sandbox.memory is not None:
+            try:
+                cgroups.SandboxCgroup(
+                    [(cgroups.Hierarchy(1, frozenset({"memory"}), sandbox.memory.parent), sandbox.memory)]
+                ).set_limits(limits.memory_bytes, limits.processes)
+            except OSError as error:
+                raise SandboxError(f"cannot apply limits to a container: {error}") from error
+        try:
+            outcome = await sandbox.process.execute(
+                payload=b"",
+                stdin=runtimes.frame(payload) + spec.stdin.encode(),
+                private_input=b"",
+                timeout=limits.timeout_seconds,
+                output_cap=limits.output_bytes,
+                kill=lambda: self._kill_now(sandbox),
+                end_marker=runtimes.END_MARKER + token.encode() + b" ",
+            )
+        except PayloadRefused:
+            raise SandboxError("the container died before taking its payload") from None
+        sandbox.ended = sandbox.process.returncode is None and not sandbox.killed
+        if sandbox.memory is not None:
+            oom = _oom_killed(sandbox.memory)
+        else:
+            # runsc's own cgroup is gone by now: a kill that was not the timeout is most likely memory.
+            oom = outcome.exit_code == 137 and not outcome.timed_out
+        return self._result(limits, outcome, out_of_memory=oom)
+
+    def _kill(self, sandbox: _Container) -> None:
+        if sandbox.ended and not sandbox.killed:
+            # The program is done and runsc is tearing the sandbox down; kill only a straggler.
+            loop = asyncio.get_running_loop()
+            handle = loop.call_later(TEARDOWN_GRACE_SECONDS, self._kill_now, sandbox)
+            sandbox.process.exited.add_done_callback(lambda _: handle.cancel())
+            return
+        self._kill_now(sandbox)
+
+    def _kill_now(self, sandbox: _Container) -> None:
+        # runsc's own processes (the sandbox's kernel and its gofer): gone at once, so is the
+        # container; `runsc delete` then clears runsc's state.
+        if sandbox.process.returncode is None:
+            sandbox.killed = True
+            _kill_tree(sandbox.process.pid)
+
+    async def _release(self, sandbox: _Container) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(sandbox.process.exited), TEARDOWN_GRACE_SECONDS + 10)
+        sandbox.process.close()
+        if sandbox.killed or sandbox.process.returncode is None:
+            await self._delete(sandbox.name)
+        if sandbox.bundle is not None:
+            shutil.rmtree(sandbox.bundle, ignore_errors=True)
+        if sandbox.memory is not None:
+            for attempt in range(50):
+                try:
+                    sandbox.memory.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    await asyncio.sleep(0.01 * min(attempt + 1, 10))
 
     async def _delete(self, container: str) -> None:
         process = await asyncio.create_subprocess_exec(
             self._runsc,
-            f"--root={self._dir / 'state'}",
+            f"--root={self._runtime_dir / 'state'}",
             "delete",
             "--force",
             container,
@@ -239,13 +263,12 @@ class GvisorBackend:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(process.wait(), 30)
 
-    def _bundle(self, container: str, runtime: runtimes.Runtime, spec: RunSpec) -> Path:
-        limits = spec.limits
-        bundle = self._dir / "bundles" / container
+    def _bundle(self, container: str, runtime: runtimes.Runtime, profile: _Profile) -> Path:
+        bundle = self._runtime_dir / "bundles" / container
         rootfs = bundle / "rootfs"
         rootfs.mkdir(parents=True)
         lib_binds, lib_links = runtimes.system_library_binds()
-        binds = [*lib_binds, *runtime.binds, (str(self._dir / "etc"), "/etc"), *spec.readonly_paths]
+        binds = [*lib_binds, *runtime.binds, (str(self._etc), "/etc"), *profile.readonly_paths]
         mounts: list[dict[str, Any]] = [{"destination": "/proc", "type": "proc", "source": "proc"}]
         for host, inside in binds:
             _mount_point(rootfs, inside, directory=os.path.isdir(host))
@@ -256,10 +279,10 @@ class GvisorBackend:
             path.symlink_to(target)
         for inside in (*PRIVATE_TMPFS, WORKDIR):
             _mount_point(rootfs, inside, directory=True)
-            options = ["nosuid", "nodev", f"size={limits.tmp_bytes}", "mode=1777"]
+            options = ["nosuid", "nodev", f"size={profile.tmp_bytes}", "mode=1777"]
             mounts.append({"destination": inside, "type": "tmpfs", "source": "tmpfs", "options": options})
         _readable_by_all(bundle)
-        env = runtime.environment(RunSpec(spec.language, ""))
+        env = runtime.environment(RunSpec(profile.language, ""))
 
         def rlimit(name: str, value: int, hard: int | None = None) -> dict[str, Any]:
             return {"type": name, "soft": value, "hard": value if hard is None else hard}
@@ -282,7 +305,7 @@ class GvisorBackend:
                 },
                 "rlimits": [
                     rlimit("RLIMIT_CPU", self._cpu_ceiling, self._cpu_ceiling + 1),
-                    rlimit("RLIMIT_FSIZE", limits.file_bytes),
+                    rlimit("RLIMIT_FSIZE", profile.file_bytes),
                     rlimit("RLIMIT_NOFILE", OPEN_FILES),
                     rlimit("RLIMIT_CORE", 0),
                     # No RLIMIT_NPROC: runsc applies it to its own host processes too, and the
@@ -297,9 +320,10 @@ class GvisorBackend:
                 # Under the process's own cgroup, not at the root of the hierarchy.
                 "cgroupsPath": f"{self._cgroup_parent}/{container}",
                 "resources": {
-                    "memory": {"limit": limits.memory_bytes, "swap": limits.memory_bytes},
+                    # Ignored where this backend made the memory cgroup itself (it sets the run's own).
+                    "memory": {"limit": profile.memory_bytes, "swap": profile.memory_bytes},
                     # The cgroup counts the sandbox's own kernel threads too (ptrace platform).
-                    "pids": {"limit": limits.processes + SENTRY_THREADS},
+                    "pids": {"limit": profile.processes + SENTRY_THREADS},
                 },
             },
         }
@@ -314,6 +338,15 @@ def _own_cgroup(controller: str) -> str:
             if controller in controllers.split(",") or (not controllers and controller == ""):
                 return path
     return "/"
+
+
+def _oom_killed(memory: Path) -> bool:
+    with contextlib.suppress(OSError):
+        for line in (memory / "memory.oom_control").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value) > 0
+    return False
 
 
 def _kill_tree(pid: int) -> None:

@@ -15,8 +15,6 @@ MiB = 1024 * 1024
 # Where a run's code and files live inside every sandbox; also its HOME.
 WORKDIR = "/workspace"
 
-MAIN_FILE = {"python": "main.py", "javascript": "main.js", "bash": "main.sh"}
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -113,10 +111,11 @@ class SandboxBackend(Protocol):
 _ENV_NAME = re.compile(r"[^=\x00]+")
 
 
-def validate_spec(spec: RunSpec, languages: Sequence[str]) -> None:
-    """Refuse a spec that no sandbox should be asked to run (a caller's mistake, not the program's)."""
-    if spec.language not in languages:
-        raise ValueError(f"unsupported language {spec.language!r}; available: {', '.join(languages)}")
+def validate_spec(spec: RunSpec, main_files: Mapping[str, str]) -> None:
+    """Refuse a spec that no sandbox should be asked to run (a caller's mistake, not the program's).
+    `main_files`: the languages available, each with the file its code is written to."""
+    if spec.language not in main_files:
+        raise ValueError(f"unsupported language {spec.language!r}; available: {', '.join(main_files)}")
     if "\x00" in spec.code:
         raise ValueError("code must not contain NUL characters")
     for name, value in spec.env.items():
@@ -124,7 +123,7 @@ def validate_spec(spec: RunSpec, languages: Sequence[str]) -> None:
             raise ValueError(f"invalid environment variable name {name!r}")
         if "\x00" in value:
             raise ValueError(f"environment variable {name} contains a NUL character")
-    main = MAIN_FILE[spec.language]
+    main = main_files[spec.language]
     total = len(spec.code.encode())
     for name, data in spec.files.items():
         clean = safe_relative_path(name)

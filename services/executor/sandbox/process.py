@@ -5,7 +5,11 @@ through a pidfd — all on the event loop, without threads or a child watcher.
 File descriptors inside the sandbox:
   0 stdin · 1 stdout · 2 stderr · 3 private input · 4 payload (closed by the bootstrap once read)
   · 5 ready signal (the bootstrap writes "R" when it waits for the payload) · 6 seccomp filter for
-  bwrap, when there is one (bwrap consumes it)."""
+  bwrap, when there is one (bwrap consumes it).
+
+A sandbox that gets nothing but stdio (gVisor) says "R" on stdout instead, takes its payload first
+on stdin, and may end its stderr with an end marker (runtimes.END_MARKER) giving the exit status
+before the sandbox has finished tearing down."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -176,11 +181,12 @@ class SandboxProcess:
                     os.close(fd)
                 setattr(self, name, None)
 
-    async def wait_ready(self, timeout: float) -> bool:
-        """True once the bootstrap says it is waiting for the payload; False if it never will."""
-        assert self._ready_r is not None
+    async def wait_ready(self, timeout: float, on_stdout: bool = False) -> bool:
+        """True once the bootstrap says it is waiting for the payload; False if it never will.
+        `on_stdout`: the signal is the first byte of stdout, not a byte on the ready pipe."""
+        assert self._ready_r is not None and self._stdout_r is not None
         ready: asyncio.Future[bool] = self._loop.create_future()
-        fd = self._ready_r
+        fd = self._stdout_r if on_stdout else self._ready_r
 
         def on_readable() -> None:
             try:
@@ -201,7 +207,7 @@ class SandboxProcess:
         finally:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(fd)
-            os.close(fd)
+            os.close(self._ready_r)
             self._ready_r = None
 
     def read_available_stderr(self, limit: int = 4096) -> bytes:
@@ -223,9 +229,11 @@ class SandboxProcess:
         timeout: float,
         output_cap: int,
         kill: Callable[[], None],
+        end_marker: bytes | None = None,
     ) -> Outcome:
-        """Send the payload, then feed input and collect output until the process exits, the
-        timeout passes, or an output stream passes `output_cap` (then the sandbox is killed)."""
+        """Send the payload, then feed input and collect output until the process exits (or its
+        stderr ends with `end_marker` and a status: see runtimes.END_MARKER), the timeout passes,
+        or an output stream passes `output_cap` (then the sandbox is killed)."""
         assert self._stdout_r is not None and self._stderr_r is not None
         overflowed = False
 
@@ -235,7 +243,7 @@ class SandboxProcess:
             kill()
 
         stdout = _Capture(self._loop, self._stdout_r, output_cap, overflow)
-        stderr = _Capture(self._loop, self._stderr_r, output_cap, overflow)
+        stderr = _Capture(self._loop, self._stderr_r, output_cap, overflow, end_marker)
         started = self._loop.time()
         sent = _Feeder(self._loop, self._payload_w, payload)
         self._payload_w = None
@@ -252,27 +260,36 @@ class SandboxProcess:
                 if not await asyncio.wait_for(sent.done, timeout):
                     kill()
                     raise PayloadRefused()
-                await asyncio.wait_for(
-                    asyncio.shield(self.exited), max(0.0, started + timeout - self._loop.time())
-                )
+                finished = {self.exited, stderr.ended}
+                remaining = max(0.0, started + timeout - self._loop.time())
+                if not (await asyncio.wait(finished, timeout=remaining, return_when=asyncio.FIRST_COMPLETED))[
+                    0
+                ]:
+                    raise TimeoutError
             except TimeoutError:
                 timed_out = True
                 kill()
                 await asyncio.wait_for(asyncio.shield(self.exited), 10)
             ended = self._loop.time()
-            # Every holder of the output pipes is gone once the sandbox's init has exited.
-            await asyncio.wait({stdout.eof, stderr.eof}, timeout=2)
+            if stderr.ended.done() and not timed_out:
+                exit_code = stderr.ended.result()
+                # The program wrote its output before the marker: all of it is in the pipe now.
+                stdout.drain()
+            else:
+                # Every holder of the output pipes is gone once the sandbox's init has exited.
+                await asyncio.wait({stdout.eof, stderr.eof}, timeout=2)
+                assert self.returncode is not None
+                exit_code = self.returncode
         finally:
             for feeder in (sent, *feeders):
                 feeder.stop()
             stdout.stop()
             stderr.stop()
             self._stdout_r = self._stderr_r = None
-        assert self.returncode is not None
         return Outcome(
             stdout=bytes(stdout.data),
             stderr=bytes(stderr.data),
-            exit_code=self.returncode,
+            exit_code=exit_code,
             duration_seconds=ended - started,
             timed_out=timed_out,
             overflowed=overflowed,
@@ -280,15 +297,25 @@ class SandboxProcess:
 
 
 class _Capture:
-    """Reads one output pipe into memory up to a cap; past it, reports once and discards."""
+    """Reads one output pipe into memory up to a cap; past it, reports once and discards. With an
+    end marker, `ended` gets the status once the stream ends with the marker (which is stripped)."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, fd: int, cap: int, on_overflow: Callable[[], None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        cap: int,
+        on_overflow: Callable[[], None],
+        end_marker: bytes | None = None,
     ) -> None:
         self._loop, self._fd, self._cap, self._on_overflow = loop, fd, cap, on_overflow
         self.data = bytearray()
         self.overflowed = False
         self.eof: asyncio.Future[None] = loop.create_future()
+        self.ended: asyncio.Future[int] = loop.create_future()
+        self._end = re.compile(re.escape(end_marker) + rb"(\d{1,3})\n\Z") if end_marker else None
+        self._tail = b""  # the stream's last bytes, uncapped, where the marker would be
+        self._total = 0
         loop.add_reader(fd, self._on_readable)
 
     def _on_readable(self) -> None:
@@ -303,12 +330,36 @@ class _Capture:
             if not self.eof.done():
                 self.eof.set_result(None)
             return
+        self._take(chunk)
+
+    def _take(self, chunk: bytes) -> None:
+        self._total += len(chunk)
         room = self._cap - len(self.data)
         if room > 0:
             self.data += chunk[:room]
-        if len(chunk) > room and not self.overflowed:
+        if self._end is not None and not self.ended.done():
+            self._tail = (self._tail + chunk)[-256:]
+            found = self._end.search(self._tail)
+            if found:
+                content = self._total - (found.end() - found.start())
+                del self.data[content:]
+                self.ended.set_result(int(found[1]))
+                if content <= self._cap:
+                    return
+        if self._total > self._cap and not self.overflowed:
             self.overflowed = True
             self._on_overflow()
+
+    def drain(self) -> None:
+        """Read, without waiting, what the pipe holds now."""
+        while not self.eof.done():
+            try:
+                chunk = os.read(self._fd, _CHUNK)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self._take(chunk)
 
     def stop(self) -> None:
         with contextlib.suppress(ValueError, OSError):

@@ -1,11 +1,15 @@
-"""The languages a sandbox can run: for each, the few host paths it needs (mounted read-only), the
-command that starts its warm bootstrap, and how a run's payload is encoded for that bootstrap."""
+"""How each language's runtime is found on this host and started in a sandbox: the few host paths
+it needs (mounted read-only), the command that starts its warm bootstrap, and how a run's payload is
+encoded for that bootstrap. Which languages exist is said once, in languages.py.
+
+Payloads are plain data, never a Python-specific serialisation, so that the sandbox's interpreter
+need not be the executor's: for Python and JavaScript a JSON object (file contents in base64), for
+Bash a script. Either way it travels as one frame, b"<decimal length>\n" + body (see `frame`)."""
 
 from __future__ import annotations
 
 import base64
 import json
-import marshal
 import os
 import posixpath
 import shutil
@@ -13,10 +17,14 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.executor.sandbox import bootstrap_python
 from services.executor.sandbox.bootstrap_scripts import BASH_BOOTSTRAP, BASH_BOOTSTRAP_STDIN, NODE_BOOTSTRAP
-from services.executor.sandbox.interface import MAIN_FILE, WORKDIR, RunSpec, safe_relative_path
+from services.executor.sandbox.interface import WORKDIR, RunSpec, safe_relative_path
+
+if TYPE_CHECKING:
+    from services.executor.sandbox.languages import Language
 
 # What a program finds in its environment besides the run's own variables.
 SAFE_ENV = {
@@ -25,6 +33,11 @@ SAFE_ENV = {
     "PYTHONDONTWRITEBYTECODE": "1",
     "PYTHONUNBUFFERED": "1",
 }
+
+# Written by a bootstrap on stderr as the very last thing, when the payload asks for it (`end_token`):
+# b"\0pythonon-exit <token> <status>\n". It tells the backend the program's exit status before the
+# sandbox itself has finished tearing down (gVisor takes ~10 ms more); the backend strips it.
+END_MARKER = b"\x00pythonon-exit "
 
 # Shared libraries every runtime loads; kept as the host has them (directories or merged-/usr links).
 SYSTEM_LIBRARY_DIRS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32")
@@ -46,24 +59,33 @@ BASH_TOOLS = (
 @dataclass(frozen=True)
 class Runtime:
     language: str
-    command: tuple[str, ...]  # inside the sandbox; the payload comes on fd 4
-    command_stdin: tuple[str, ...]  # the same, the payload coming first on stdin (gVisor)
+    main_file: str
+    command: tuple[str, ...]  # inside the sandbox; the payload frame comes on fd 4
+    command_stdin: tuple[str, ...]  # the same, the payload frame coming first on stdin (gVisor)
     binds: tuple[tuple[str, str], ...]  # (host path, sandbox path), read-only
     symlinks: tuple[tuple[str, str], ...]  # (target, link)
     path: str  # PATH inside
     # RLIMIT_AS is a sane memory fallback for Python and Bash, never for node (V8 reserves far
     # more address space than it uses).
     limit_address_space: bool
-    encoder: Callable[[RunSpec, Mapping[str, str], int, bool], bytes]
+    encoder: Callable[[Runtime, RunSpec, Mapping[str, str], int, bool, str | None], bytes]
 
     def environment(self, spec: RunSpec) -> dict[str, str]:
         return {"PATH": self.path, **SAFE_ENV, **spec.env}
 
-    def payload(self, spec: RunSpec, cpu_seconds: int, inline_private: bool = False) -> bytes:
-        """What the bootstrap reads; `cpu_seconds` lowers RLIMIT_CPU where the runtime can. With
-        `inline_private`, the private input travels in the payload and the bootstrap puts it on
-        fd 3 (for a sandbox that cannot be handed a pipe there)."""
-        return self.encoder(spec, self.environment(spec), cpu_seconds, inline_private)
+    def payload(
+        self, spec: RunSpec, cpu_seconds: int, inline_private: bool = False, end_token: str | None = None
+    ) -> bytes:
+        """What the bootstrap reads (unframed); `cpu_seconds` lowers RLIMIT_CPU where the runtime
+        can. With `inline_private`, the private input travels in the payload and the bootstrap puts it
+        on fd 3 (for a sandbox that cannot be handed a pipe there). With `end_token`, the bootstrap
+        ends with END_MARKER, the token and the exit status on stderr."""
+        return self.encoder(self, spec, self.environment(spec), cpu_seconds, inline_private, end_token)
+
+
+def frame(body: bytes) -> bytes:
+    """One payload as the bootstraps read it: its length in decimal, a newline, the bytes."""
+    return b"%d\n" % len(body) + body
 
 
 def system_library_binds() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -76,21 +98,7 @@ def system_library_binds() -> tuple[list[tuple[str, str]], list[tuple[str, str]]
     return binds, links
 
 
-def discover(
-    runtime_dir: Path, options: Mapping[str, str | None]
-) -> tuple[dict[str, Runtime], dict[str, str]]:
-    """The runtimes present on this host, and for each missing one the reason."""
-    found: dict[str, Runtime] = {}
-    missing: dict[str, str] = {}
-    for language, finder in (("python", _python), ("javascript", _node), ("bash", _bash)):
-        try:
-            found[language] = finder(options.get(language), runtime_dir)
-        except LookupError as error:
-            missing[language] = str(error)
-    return found, missing
-
-
-def _python(executable: str | None, runtime_dir: Path) -> Runtime:
+def find_python(language: Language, executable: str | None, runtime_dir: Path) -> Runtime:
     candidates = (
         [executable]
         if executable
@@ -111,14 +119,15 @@ def _python(executable: str | None, runtime_dir: Path) -> Runtime:
     symlinks = [(exe.name, str(exe.parent / name)) for name in ("python3", "python") if name != exe.name]
     bootstrap = Path(bootstrap_python.__file__).read_text()
     return Runtime(
-        language="python",
+        language=language.name,
+        main_file=language.main_file,
         command=(str(exe), "-I", "-S", "-u", "-B", "-c", bootstrap),
         command_stdin=(str(exe), "-I", "-S", "-u", "-B", "-c", bootstrap, "stdin"),
         binds=tuple(binds),
         symlinks=tuple(symlinks),
         path=f"{exe.parent}:/usr/local/bin:/usr/bin:/bin",
         limit_address_space=True,
-        encoder=_python_payload,
+        encoder=_json_payload,
     )
 
 
@@ -129,13 +138,14 @@ def _python_version_dir(prefix: Path) -> str | None:
     return None
 
 
-def _node(executable: str | None, runtime_dir: Path) -> Runtime:
+def find_node(language: Language, executable: str | None, runtime_dir: Path) -> Runtime:
     found = executable or shutil.which("node", path="/usr/local/bin:/usr/bin:/bin")
     if not found or not os.access(found, os.X_OK):
         raise LookupError("node is not installed")
     exe = Path(found).resolve()
     return Runtime(
-        language="javascript",
+        language=language.name,
+        main_file=language.main_file,
         command=(str(exe), "-e", NODE_BOOTSTRAP),
         command_stdin=(str(exe), "-e", NODE_BOOTSTRAP, "stdin"),
         binds=((str(exe), str(exe)),),
@@ -146,7 +156,7 @@ def _node(executable: str | None, runtime_dir: Path) -> Runtime:
     )
 
 
-def _bash(executable: str | None, runtime_dir: Path) -> Runtime:
+def find_bash(language: Language, executable: str | None, runtime_dir: Path) -> Runtime:
     bash = executable or shutil.which("bash", path="/usr/bin:/bin")
     if not bash or not os.access(bash, os.X_OK):
         raise LookupError("bash is not installed")
@@ -159,7 +169,8 @@ def _bash(executable: str | None, runtime_dir: Path) -> Runtime:
             continue
         _link_or_copy(Path(host).resolve(), toolbox / tool)
     return Runtime(
-        language="bash",
+        language=language.name,
+        main_file=language.main_file,
         command=("/usr/bin/bash", "-c", BASH_BOOTSTRAP),
         command_stdin=("/usr/bin/bash", "-c", BASH_BOOTSTRAP_STDIN),
         binds=((str(toolbox), "/usr/bin"),),
@@ -180,41 +191,56 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def _files(spec: RunSpec) -> list[tuple[str, bytes]]:
-    files = [(safe_relative_path(name), bytes(data)) for name, data in spec.files.items()]
-    return [*files, (MAIN_FILE[spec.language], spec.code.encode())]
+    return [(safe_relative_path(name), bytes(data)) for name, data in spec.files.items()]
 
 
-def _python_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int, inline_private: bool) -> bytes:
+def _json_payload(
+    runtime: Runtime,
+    spec: RunSpec,
+    env: Mapping[str, str],
+    cpu_seconds: int,
+    inline_private: bool,
+    end_token: str | None,
+) -> bytes:
+    """The payload of the Python and JavaScript bootstraps: one JSON object."""
     message: dict[str, object] = {
         "workdir": WORKDIR,
-        "main": MAIN_FILE["python"],
+        "main": runtime.main_file,
         "code": spec.code,
         "env": dict(env),
-        "files": dict(_files(spec)[:-1]),
+        "files": {name: base64.b64encode(data).decode() for name, data in _files(spec)},
         "cpu_seconds": cpu_seconds,
     }
     if inline_private:
-        message["private"] = bytes(spec.private_input)
-    return marshal.dumps(message)
+        message["private"] = base64.b64encode(spec.private_input).decode()
+    if end_token is not None:
+        message["end_token"] = end_token
+    return json.dumps(message).encode()
 
 
-def _node_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int, inline_private: bool) -> bytes:
+def _node_payload(
+    runtime: Runtime,
+    spec: RunSpec,
+    env: Mapping[str, str],
+    cpu_seconds: int,
+    inline_private: bool,
+    end_token: str | None,
+) -> bytes:
     if inline_private and spec.private_input:
         raise ValueError(
             "this backend cannot give a JavaScript program private input (node cannot dup2 it to fd 3)"
         )
-    files = {name: base64.b64encode(data).decode() for name, data in _files(spec)[:-1]}
-    message = {
-        "workdir": WORKDIR,
-        "main": MAIN_FILE["javascript"],
-        "code": spec.code,
-        "env": dict(env),
-        "files": files,
-    }
-    return json.dumps(message).encode()
+    return _json_payload(runtime, spec, env, cpu_seconds, False, end_token)
 
 
-def _bash_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int, inline_private: bool) -> bytes:
+def _bash_payload(
+    runtime: Runtime,
+    spec: RunSpec,
+    env: Mapping[str, str],
+    cpu_seconds: int,
+    inline_private: bool,
+    end_token: str | None,
+) -> bytes:
     end = "__PYTHONON_END_OF_FILE__"  # cannot occur in base64
     lines = ["exec 4<&-", f"ulimit -t {cpu_seconds} 2>/dev/null", f"cd {_quote(WORKDIR)} || exit 70"]
     if inline_private:
@@ -225,14 +251,22 @@ def _bash_payload(spec: RunSpec, env: Mapping[str, str], cpu_seconds: int, inlin
             end,
         ]
         lines += [f"exec 3< {staged}", f"rm -f {staged}"]
-    for name, data in _files(spec):
+    for name, data in [*_files(spec), (runtime.main_file, spec.code.encode())]:
         directory = posixpath.dirname(name)
         if directory:
             lines.append(f"mkdir -p -- {_quote(directory)} || exit 70")
         lines += [f"base64 -d > {_quote(name)} <<'{end}' || exit 70", base64.encodebytes(data).decode(), end]
     assignments = " ".join(_quote(f"{name}={value}") for name, value in env.items())
-    main = posixpath.join(WORKDIR, MAIN_FILE["bash"])
-    lines.append(f"exec /usr/bin/env -i -- {assignments} /usr/bin/bash {_quote(main)}")
+    main = posixpath.join(WORKDIR, runtime.main_file)
+    program = f"/usr/bin/env -i -- {assignments} /usr/bin/bash {_quote(main)}"
+    if end_token is None:
+        lines.append(f"exec {program}")
+    else:
+        # The program as a child, so that this shell can say how it ended.
+        lines.append(f"{program}; status=$?")
+        lines.append(
+            f'printf \'\\000pythonon-exit %s %d\\n\' {_quote(end_token)} "$status" >&2; exit "$status"'
+        )
     return "\n".join(lines).encode() + b"\n"
 
 
