@@ -14,10 +14,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
 
 from services.platform import service_graph
 from services.platform.identity import Identity, IdentitySigner, IdentityVerifier, public_key_pem
@@ -279,6 +284,103 @@ def test_a_mesh_starts_serves_and_stops_every_process(
     assert wait_gone(list(pids.values())) == []
     assert (tmp_path / "data" / "db" / "auth.db").exists()  # state is kept
     assert (tmp_path / "data" / "mesh.lock").exists()
+
+
+@dataclass(frozen=True)
+class ExportedSpan:
+    service: str
+    name: str
+    kind: int
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP trace collector that keeps every span it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[ExportedSpan] = []
+
+    def Export(self, request, context):  # noqa: N802 (gRPC method name)
+        for resource_spans in request.resource_spans:
+            attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            for scope in resource_spans.scope_spans:
+                self.spans.extend(
+                    ExportedSpan(
+                        attributes.get("service.name", ""),
+                        span.name,
+                        span.kind,
+                        span.trace_id.hex(),
+                        span.span_id.hex(),
+                        span.parent_span_id.hex(),
+                    )
+                    for span in scope.spans
+                )
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+SERVER, CLIENT = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT
+
+
+def test_a_trace_runs_from_the_edge_through_the_executor_to_secrets_and_audit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    collector = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        with (
+            Mesh(MeshConfig(port=0, data_dir=tmp_path / "data")) as mesh,
+            httpx.Client(base_url=mesh.url, timeout=30) as client,
+        ):
+            user = client.post(
+                "/api/register",
+                json={"email": "trace@example.com", "password": "correct horse battery staple"},
+            ).json()
+            headers = {"x-api-key": user["apiKey"]}
+            assert (
+                client.put("/api/v1/secrets/TOKEN", json={"value": "v"}, headers=headers).status_code == 200
+            )
+            ran = client.post(
+                "/api/v1/execute",
+                json={"code": "print(1)", "secrets": ["TOKEN"]},
+                headers={**headers, "traceparent": f"00-{trace_id}-{caller_span}-01"},
+            )
+            assert ran.status_code == 200, ran.text
+
+            def traced() -> dict[tuple[str, int, str], ExportedSpan]:
+                return {(s.service, s.kind, s.name): s for s in collector.spans if s.trace_id == trace_id}
+
+            execute = "/pythonon.executor.v1.ExecutorService/Execute"
+            resolve = "/pythonon.secrets.v1.SecretsResolverService/ResolveSecrets"
+            record = "/pythonon.audit.v1.AuditRecorderService/Record"
+            wanted = {
+                ("pythonon-executor", SERVER, execute),
+                ("pythonon-executor", CLIENT, resolve),
+                ("pythonon-secrets", SERVER, resolve),
+                ("pythonon-executor", CLIENT, record),
+                ("pythonon-audit", SERVER, record),
+            }
+            deadline = time.monotonic() + 15
+            while not wanted <= set(traced()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        server.stop(None)
+    spans = traced()
+    assert wanted <= set(spans), sorted(spans)
+    # The caller's context crossed the edge; each internal call is a child of the span that made it.
+    assert spans[("pythonon-executor", SERVER, execute)].parent_span_id == caller_span
+    executor_span = spans[("pythonon-executor", SERVER, execute)].span_id
+    for callee, method in (("pythonon-secrets", resolve), ("pythonon-audit", record)):
+        client_span = spans[("pythonon-executor", CLIENT, method)]
+        assert client_span.parent_span_id == executor_span, method
+        assert spans[(callee, SERVER, method)].parent_span_id == client_span.span_id, method
 
 
 def test_a_service_that_dies_is_named(tmp_path: Path) -> None:
