@@ -14,11 +14,13 @@ from alembic.util import CommandError
 from sqlalchemy.engine import make_url
 
 from services.platform.db import Database, Migration, Schema, normalize_url
+from services.platform.service_graph import built_services
 from services.runner.layout import DataLayout
 
-# The services that own a database, in the order they are migrated. Their migrations live in
-# services/<name>/migrations and their version table is alembic_version_<name> (see Schema).
-DATABASE_SERVICES: tuple[str, ...] = ("audit", "auth")
+# The built services that own a database (the service graph says which), in the graph's order.
+# Their migrations live in services/<name>/migrations, their version table is alembic_version_<name>
+# (see Schema).
+DATABASE_SERVICES: tuple[str, ...] = tuple(node.name for node in built_services() if node.database)
 
 
 class MigrationError(Exception):
@@ -43,7 +45,7 @@ def migrate_service(service: str, url: str) -> Migration:
     """Bring one service's schema to head (a Kubernetes Job runs this with the service's URL)."""
     if service not in DATABASE_SERVICES:
         raise MigrationError(
-            f"{service!r} owns no database; the services that do: {', '.join(DATABASE_SERVICES)}"
+            f"{service!r} is not a built service with a database; those are: {', '.join(DATABASE_SERVICES)}"
         )
     _create_private_sqlite_file(url)
     database = Database(url)
