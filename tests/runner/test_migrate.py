@@ -193,9 +193,9 @@ def test_bad_arguments_are_refused_before_anything_is_touched(
     assert main(["migrate", "--database-url", url, "--data-dir", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert err == "pyth-on: --database-url must be a sqlite:// or postgresql:// URL\n"
-    with pytest.raises(SystemExit) as refused:
+    with pytest.raises(SystemExit) as exited:
         main(["migrate", "--service", "secrets", "--data-dir", str(tmp_path / "d")])
-    assert refused.value.code == 2
+    assert exited.value.code == 2
     assert "invalid choice: 'secrets'" in capsys.readouterr().err
     for service in ("secrets", "packages"):  # no database; a database but not built yet
         with pytest.raises(MigrationError) as refused:
