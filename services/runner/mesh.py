@@ -103,11 +103,9 @@ def _openbao_login(plan: MeshPlan) -> dict[str, str]:
 
 
 def _system_view(plan: MeshPlan) -> dict[str, str]:
-    """What the system service watches: every service it calls, and itself; every database; the
-    local OpenBao."""
-    watched = [*service_graph.calls("system"), "system"]
+    """What the system service watches besides the services it calls (their addresses come from
+    the graph): every database and the local OpenBao."""
     return {
-        system_settings.SERVICES_VARIABLE: ",".join(f"{name}={plan.address(name)}" for name in watched),
         system_settings.DATABASE_URLS_VARIABLE: ",".join(
             dict.fromkeys(plan.database_urls[service.name] for service in SERVICES if service.database)
         ),

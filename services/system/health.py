@@ -162,10 +162,13 @@ class HealthChecker:
         database_urls: Iterable[str],
         version: str,
         vault_address: str | None = None,
+        own_section: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sections = list(sections)
+        # The section the checker itself serves: it is up, since it is answering.
+        self._own_section = own_section
         self._probes = {name: ServiceProbe(name, address, timeout) for name, address in services.items()}
         urls = list(database_urls)
         self._database = DatabaseProbe(urls, timeout) if urls else None
@@ -187,6 +190,8 @@ class HealthChecker:
         results = dict(zip(names, await asyncio.gather(*checks), strict=True))
 
         statuses = {section: NOT_BUILT for section in self._sections}
+        if self._own_section is not None:
+            statuses[self._own_section] = OK
         statuses.update({name: OK if healthy else DOWN for name, healthy in results.items()})
         return HealthReport(
             status=OK if all(results.values()) else DEGRADED,

@@ -25,6 +25,7 @@ async def build(server_settings: ServerSettings, settings: SystemSettings) -> Se
         database_urls=settings.database_urls,
         version=version,
         vault_address=settings.vault_address,
+        own_section="system",
     )
     executor = ExecutorCapabilities(settings.services.get("executor"))
     servicer = SystemServicer(health, deployment_info(built, version), executor)

@@ -6,10 +6,9 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.platform.service_graph import SECTIONS, split_address
+from services.platform import service_graph
 from services.platform.settings import Environment, ServerSettings, SettingsError
 
-SERVICES_VARIABLE = "PYTHONON_SYSTEM_SERVICES"
 DATABASE_URLS_VARIABLE = "PYTHONON_SYSTEM_DATABASE_URLS"
 VAULT_ADDRESS_VARIABLE = "PYTHONON_SYSTEM_VAULT_ADDR"
 _DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")
@@ -17,7 +16,8 @@ _DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:
 
 @dataclass(frozen=True)
 class SystemSettings:
-    """`services`: section name → "host:port" of its gRPC server, for every built section.
+    """`services`: section name → "host:port" of its gRPC server, for every built section but the
+    system service itself.
     `database_urls`: the SQLAlchemy URLs the services use (the "database" dependency).
     `vault_address`: the Vault the secrets service uses (the "vault" dependency), if any."""
 
@@ -28,7 +28,7 @@ class SystemSettings:
     @classmethod
     def load(cls, env: Environment) -> SystemSettings:
         return cls(
-            services=parse_services(env.optional(SERVICES_VARIABLE) or ""),
+            services=parse_services(env),
             database_urls=parse_database_urls(env.optional(DATABASE_URLS_VARIABLE) or ""),
             vault_address=parse_vault_address(env.optional(VAULT_ADDRESS_VARIABLE) or ""),
         )
@@ -38,26 +38,20 @@ class SystemSettings:
         return section == "system" or section in self.services
 
 
-def parse_services(raw: str) -> dict[str, str]:
-    """Parse `auth=127.0.0.1:5001,system=127.0.0.1:5002` into {"auth": "127.0.0.1:5001", ...}."""
+def parse_services(env: Environment) -> dict[str, str]:
+    """Where every service the system service watches listens, from the address variables the
+    service graph names (e.g. PYTHONON_AUTH_ADDRESS); a service without one is not built here."""
     services: dict[str, str] = {}
-    for entry in (part.strip() for part in raw.split(",")):
-        if not entry:
+    for name in service_graph.calls("system", built_only=False):
+        variable = service_graph.address_variable(name)
+        address = (env.optional(variable) or "").strip()
+        if not address:
             continue
-        name, equals, address = (piece.strip() for piece in entry.partition("="))
-        if not equals or not name or not address:
-            raise SettingsError(f"{SERVICES_VARIABLE}: expected name=host:port, got {entry!r}")
-        if name not in SECTIONS:
-            raise SettingsError(
-                f"{SERVICES_VARIABLE}: unknown service {name!r} (known: {', '.join(SECTIONS)})"
-            )
-        if name in services:
-            raise SettingsError(f"{SERVICES_VARIABLE}: service {name!r} is listed twice")
         try:
-            split_address(address)
+            service_graph.split_address(address)
         except ValueError:
             raise SettingsError(
-                f"{SERVICES_VARIABLE}: {name} needs host:port with a port 1-65535, got {address!r}"
+                f"{variable} must be host:port with a port 1-65535, got {address!r}"
             ) from None
         services[name] = address
     return services

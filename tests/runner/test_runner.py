@@ -218,10 +218,12 @@ def test_each_service_gets_the_addresses_of_what_it_calls_and_its_outside_variab
     assert env["auth"]["PYTHONON_AUTH_DATABASE_URL"] == "sqlite:///auth.db"
     assert "PYTHONON_SECRETS_DATABASE_URL" not in env["secrets"]
     assert env["secrets"]["PYTHONON_SECRETS_VAULT_ADDR"] == "http://127.0.0.1:8200"
-    assert env["system"]["PYTHONON_SYSTEM_SERVICES"] == (
-        "auth=127.0.0.1:5000,executor=127.0.0.1:5001,secrets=127.0.0.1:5002,audit=127.0.0.1:5003,"
-        "system=127.0.0.1:5007"
-    )
+    assert _addresses(env["system"]) == {
+        "PYTHONON_AUTH_ADDRESS": "127.0.0.1:5000",
+        "PYTHONON_EXECUTOR_ADDRESS": "127.0.0.1:5001",
+        "PYTHONON_SECRETS_ADDRESS": "127.0.0.1:5002",
+        "PYTHONON_AUDIT_ADDRESS": "127.0.0.1:5003",
+    }
     assert env["system"]["PYTHONON_SYSTEM_DATABASE_URLS"] == "sqlite:///auth.db,sqlite:///audit.db"
 
 
@@ -255,9 +257,9 @@ def test_a_mesh_starts_serves_and_stops_every_process(
         assert auth["PYTHONON_AUTH_IDENTITY_KEY_FILE"] == str(mesh.identity_key_path)
         assert auth["PYTHONON_AUTH_DATABASE_URL"] == f"sqlite:///{mesh.layout.db / 'auth.db'}"
         assert auth["PYTHONON_AUTH_USER_RATE_BURST"] == "7"
-        assert system["PYTHONON_SYSTEM_SERVICES"] == ",".join(
-            f"{name}={mesh.service_address(name)}" for name in BUILT
-        )
+        assert {name: system[f"PYTHONON_{name.upper()}_ADDRESS"] for name in BUILT if name != "system"} == {
+            name: mesh.service_address(name) for name in BUILT if name != "system"
+        }
         assert system["PYTHONON_SYSTEM_DATABASE_URLS"].split(",") == [
             f"sqlite:///{mesh.layout.db / f'{service.name}.db'}" for service in SERVICES if service.database
         ]

@@ -122,8 +122,8 @@ def as_dict(response: system_pb2.HealthResponse) -> dict[str, Any]:
 
 def test_health_is_ok_when_every_built_service_serves(keys: Keys) -> None:
     async def test() -> None:
-        async with fake_service() as auth, fake_service() as system:
-            async with system_service(keys, {"auth": auth, "system": system}) as channel:
+        async with fake_service() as auth:
+            async with system_service(keys, {"auth": auth}) as channel:
                 response, metadata = await health_of(channel)
         assert as_dict(response) == {
             "status": "ok",
@@ -139,10 +139,7 @@ def test_health_is_ok_when_every_built_service_serves(keys: Keys) -> None:
 def test_health_is_degraded_with_503_when_a_built_service_is_down(keys: Keys) -> None:
     async def test() -> None:
         auth = await stopped_service()
-        async with (
-            fake_service() as system,
-            system_service(keys, {"auth": auth, "system": system}) as channel,
-        ):
+        async with system_service(keys, {"auth": auth}) as channel:
             response, metadata = await health_of(channel)
         assert as_dict(response) == {
             "status": "degraded",
@@ -173,7 +170,7 @@ def test_unbuilt_sections_do_not_degrade_health(keys: Keys) -> None:
         assert response.status == "ok"
         assert {name for name, status in response.services.items() if status == "not_built"} == set(
             SECTIONS
-        ) - {"auth"}
+        ) - {"auth", "system"}
         assert HTTP_STATUS_HEADER not in metadata
 
     run(test)
@@ -231,7 +228,7 @@ def test_checking_a_sqlite_database_never_creates_it(keys: Keys, tmp_path: Path)
 
 def test_info_reports_name_version_limits_and_built_features(keys: Keys) -> None:
     async def test() -> None:
-        async with system_service(keys, {"auth": "127.0.0.1:1", "system": "127.0.0.1:2"}) as channel:
+        async with system_service(keys, {"auth": "127.0.0.1:1"}) as channel:
             response = await system_pb2_grpc.SystemServiceStub(channel).Info(
                 system_pb2.InfoRequest(), timeout=5
             )
@@ -337,36 +334,28 @@ def test_the_unbuilt_handler_ignores_other_paths() -> None:
 # -- Settings -------------------------------------------------------------------------------------
 
 
-def test_settings_read_services_and_database_urls(keys: Keys) -> None:
+def test_settings_read_services_from_the_graphs_address_variables(keys: Keys) -> None:
     env = Environment(
         {
-            "PYTHONON_SYSTEM_SERVICES": " auth=127.0.0.1:5001, system=127.0.0.1:5002 ,",
+            "PYTHONON_AUTH_ADDRESS": " 127.0.0.1:5001 ",
+            "PYTHONON_EXECUTOR_ADDRESS": "executor.pythonon.svc.cluster.local:50051",
             "PYTHONON_SYSTEM_DATABASE_URLS": "sqlite:////d/auth.db,postgresql://u:p@h/db,sqlite:////d/auth.db",
         }
     )
     settings = SystemSettings.load(env)
-    assert dict(settings.services) == {"auth": "127.0.0.1:5001", "system": "127.0.0.1:5002"}
+    assert dict(settings.services) == {
+        "auth": "127.0.0.1:5001",
+        "executor": "executor.pythonon.svc.cluster.local:50051",
+    }
+    assert settings.is_built("system") and settings.is_built("auth") and not settings.is_built("zk")
     assert settings.database_urls == ("sqlite:////d/auth.db", "postgresql://u:p@h/db")
     assert SystemSettings.load(Environment({})) == SystemSettings(services={}, database_urls=())
 
 
-@pytest.mark.parametrize(
-    ("raw", "complaint"),
-    [
-        ("auth", "expected name=host:port"),
-        ("auth=", "expected name=host:port"),
-        ("=127.0.0.1:1", "expected name=host:port"),
-        ("billing=127.0.0.1:1", "unknown service 'billing'"),
-        ("auth=127.0.0.1", "needs host:port"),
-        ("auth=127.0.0.1:http", "needs host:port"),
-        ("auth=127.0.0.1:70000", "needs host:port"),
-        ("auth=127.0.0.1:1,auth=127.0.0.1:2", "listed twice"),
-    ],
-)
-def test_malformed_services_are_refused_clearly(raw: str, complaint: str) -> None:
-    with pytest.raises(SettingsError, match="PYTHONON_SYSTEM_SERVICES") as refused:
-        parse_services(raw)
-    assert complaint in str(refused.value)
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000", "http://a:1/"])
+def test_a_malformed_address_is_refused_naming_its_variable(address: str) -> None:
+    with pytest.raises(SettingsError, match="PYTHONON_AUDIT_ADDRESS must be host:port"):
+        parse_services(Environment({"PYTHONON_AUDIT_ADDRESS": address}))
 
 
 def test_a_malformed_database_url_is_refused_without_echoing_it() -> None:
