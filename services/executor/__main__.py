@@ -17,14 +17,7 @@ from services.platform.settings import ServerSettings
 
 async def build(server: ServerSettings, settings: ExecutorSettings) -> ServiceParts:
     """Wire the executor's parts; the warm pool is filled before the server reports SERVING."""
-    backend = create_backend(
-        settings.backend,
-        pool_size=settings.pool_size,
-        max_concurrent=settings.max_concurrent,
-        max_waiting=settings.max_waiting,
-        max_timeout_seconds=settings.max_timeout_seconds,
-        default_limits=settings.default_limits,
-    )
+    backend = create_backend(settings.backend, **settings.backend_options)
     await backend.start()
     secrets = SecretsClient(settings.secrets_address)
     audit = AuditClient(settings.audit_address)

@@ -10,13 +10,20 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from services.executor.sandbox import Limits, RunResult, RunSpec, SandboxBackend, SandboxBusy, SandboxError
+from services.executor.sandbox import (
+    LANGUAGES,
+    Limits,
+    RunResult,
+    RunSpec,
+    SandboxBackend,
+    SandboxBusy,
+    SandboxError,
+)
 from services.executor.secrets_client import SecretsClient
 from services.platform.audit import FAILURE, SUCCESS, AuditClient
 from services.platform.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.platform.sandbox_environment import is_reserved
 
-LANGUAGES = ("python", "javascript", "bash")
 MAX_ENV_VARIABLES = 64
 MAX_ENV_VALUE_BYTES = 32 * 1024
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")

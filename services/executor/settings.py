@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from services.executor.sandbox import BACKENDS, Limits
+from services.executor.sandbox import BACKENDS, BackendOptionError, Limits, backend_options
 from services.platform.settings import Environment, ServerSettings, SettingsError, service_address
 
 MiB = 1024 * 1024
@@ -13,9 +16,8 @@ MiB = 1024 * 1024
 @dataclass(frozen=True)
 class ExecutorSettings:
     backend: str
-    pool_size: int
-    max_concurrent: int | None
-    max_waiting: int | None
+    # Validated by the backend's options type; from the settings below and PYTHONON_EXECUTOR_BACKEND_OPTIONS.
+    backend_options: Mapping[str, Any]
     default_limits: Limits
     max_timeout_seconds: float
     max_code_bytes: int
@@ -38,25 +40,57 @@ class ExecutorSettings:
             )
         max_concurrent = env.integer("PYTHONON_EXECUTOR_MAX_CONCURRENT", 0)
         max_waiting = env.optional("PYTHONON_EXECUTOR_MAX_WAITING")
+        default_limits = Limits(
+            timeout_seconds=float(default_timeout),
+            memory_bytes=env.integer("PYTHONON_EXECUTOR_MEMORY_MIB", 256, minimum=16) * MiB,
+            processes=env.integer("PYTHONON_EXECUTOR_PROCESSES", 64, minimum=1),
+            output_bytes=env.integer("PYTHONON_EXECUTOR_OUTPUT_BYTES", 1 * MiB, minimum=1024),
+            file_bytes=env.integer("PYTHONON_EXECUTOR_FILE_MIB", 16, minimum=1) * MiB,
+            tmp_bytes=env.integer("PYTHONON_EXECUTOR_TMP_MIB", 64, minimum=1) * MiB,
+        )
+        options: dict[str, Any] = {
+            "pool_size": env.integer("PYTHONON_EXECUTOR_POOL_SIZE", 2),
+            "max_concurrent": max_concurrent or None,
+            "max_waiting": env.integer("PYTHONON_EXECUTOR_MAX_WAITING") if max_waiting else None,
+            "max_timeout_seconds": float(max_timeout),
+            "default_limits": default_limits,
+            **_extra_backend_options(env),
+        }
+        try:
+            backend_options(backend, options)
+        except BackendOptionError as error:
+            raise SettingsError(f"the {backend} sandbox backend refuses its options: {error}") from None
         return cls(
             backend=backend,
-            pool_size=env.integer("PYTHONON_EXECUTOR_POOL_SIZE", 2),
-            max_concurrent=max_concurrent or None,
-            max_waiting=env.integer("PYTHONON_EXECUTOR_MAX_WAITING") if max_waiting else None,
-            default_limits=Limits(
-                timeout_seconds=float(default_timeout),
-                memory_bytes=env.integer("PYTHONON_EXECUTOR_MEMORY_MIB", 256, minimum=16) * MiB,
-                processes=env.integer("PYTHONON_EXECUTOR_PROCESSES", 64, minimum=1),
-                output_bytes=env.integer("PYTHONON_EXECUTOR_OUTPUT_BYTES", 1 * MiB, minimum=1024),
-                file_bytes=env.integer("PYTHONON_EXECUTOR_FILE_MIB", 16, minimum=1) * MiB,
-                tmp_bytes=env.integer("PYTHONON_EXECUTOR_TMP_MIB", 64, minimum=1) * MiB,
-            ),
+            backend_options=options,
+            default_limits=default_limits,
             max_timeout_seconds=float(max_timeout),
             max_code_bytes=env.integer("PYTHONON_EXECUTOR_MAX_CODE_BYTES", 256 * 1024, minimum=1),
             max_stdin_bytes=env.integer("PYTHONON_EXECUTOR_MAX_STDIN_BYTES", 1 * MiB, minimum=0),
             secrets_address=service_address(env, "secrets"),
             audit_address=service_address(env, "audit"),
         )
+
+
+def _extra_backend_options(env: Environment) -> dict[str, Any]:
+    """PYTHONON_EXECUTOR_BACKEND_OPTIONS: a JSON object of backend options, e.g.
+    {"platform": "ptrace"} for gvisor or {"seccomp_filter": true} for bwrap."""
+    raw = env.optional("PYTHONON_EXECUTOR_BACKEND_OPTIONS")
+    if raw is None:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as error:
+        raise SettingsError(f"PYTHONON_EXECUTOR_BACKEND_OPTIONS is not JSON: {error}") from None
+    if not isinstance(options, dict):
+        raise SettingsError(
+            "PYTHONON_EXECUTOR_BACKEND_OPTIONS must be a JSON object of option names to values"
+        )
+    if "default_limits" in options:
+        raise SettingsError(
+            "PYTHONON_EXECUTOR_BACKEND_OPTIONS cannot set default_limits: use PYTHONON_EXECUTOR_* limits"
+        )
+    return options
 
 
 def load() -> tuple[ServerSettings, ExecutorSettings]:

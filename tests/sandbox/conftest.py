@@ -1,4 +1,4 @@
-"""A sandbox backend shared by the tests of a module, driven from an event loop of its own in a
+"""Starting a sandbox backend for tests, driven from an event loop of its own in a
 background thread (so that the warm pool refills between tests, as it would in the service).
 
 The canary is set in this process's environment before any backend exists: no sandbox may see it."""
@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
@@ -46,7 +47,13 @@ class Sandbox:
         self.backend = backend
 
     def run(self, spec: RunSpec) -> RunResult:
-        return self.loop.call(self.backend.run(spec))
+        async def run_and_replenish() -> RunResult:
+            try:
+                return await self.backend.run(spec)
+            finally:
+                self.backend.replenish()  # as the executor does once the answer is sent
+
+        return self.loop.call(run_and_replenish())
 
     def python(self, code: str, **fields: Any) -> RunResult:
         return self.run(RunSpec("python", code, **fields))
@@ -86,8 +93,18 @@ def started_backend(name: str, **options: Any) -> Iterator[Sandbox]:
         loop.stop()
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    # Enough room for the 20-in-parallel test; the saturation test makes a backend of its own.
-    with started_backend("bwrap", pool_size=2, max_concurrent=24, max_waiting=8) as backend:
-        yield backend
+@dataclass(frozen=True)
+class BackendFactory:
+    """How the contract suite starts one backend: its name and the options of the suite's shared
+    instance; a test that needs other options (saturation, no pool) passes overrides."""
+
+    name: str
+    options: Mapping[str, Any]
+
+    def __call__(self, **overrides: Any) -> contextlib.AbstractContextManager[Sandbox]:
+        return started_backend(self.name, **{**self.options, **overrides})
+
+
+# Enough room for the runs-in-parallel test; saturation tests make a backend of their own.
+bwrap_factory = BackendFactory("bwrap", {"pool_size": 2, "max_concurrent": 24, "max_waiting": 8})
+gvisor_factory = BackendFactory("gvisor", {"pool_size": 2, "max_concurrent": 12, "max_waiting": 24})

@@ -38,8 +38,12 @@ NODE_BOOTSTRAP = r"""
   const payload = JSON.parse(readExactly(Number(header)).toString('utf8'));
   if (!stdinMode) fs.closeSync(4);
   if (payload.end_token !== undefined) {
+    // Node prints an uncaught exception after 'exit': then no marker, and the backend waits for
+    // the sandbox to end instead.
     const token = payload.end_token;
-    process.on('exit', (code) => fs.writeSync(2, `\0pythonon-exit ${token} ${code}\n`));
+    let fatal = false;
+    process.on('uncaughtExceptionMonitor', () => { fatal = true; });
+    process.on('exit', (code) => { if (!fatal) fs.writeSync(2, `\0pythonon-exit ${token} ${code}\n`); });
   }
   for (const name of Object.keys(process.env)) delete process.env[name];
   Object.assign(process.env, payload.env);

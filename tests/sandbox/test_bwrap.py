@@ -1,0 +1,79 @@
+"""What only the bwrap backend does (the contract suite covers what every backend does): its host
+uid per sandbox, its seccomp filter, its bubblewrap version check, and a warm start cheaper than a
+bare interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.executor.sandbox import SandboxUnavailable, create_backend
+from services.executor.sandbox.bwrap import DEFAULT_UID_BASE
+from tests.sandbox.conftest import Sandbox, bwrap_factory
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    with bwrap_factory() as started:
+        yield started
+
+
+def test_an_old_bubblewrap_is_refused_with_the_reason(tmp_path: Path) -> None:
+    old = tmp_path / "bwrap"
+    old.write_text("#!/bin/sh\necho bubblewrap 0.8.0\n")
+    old.chmod(0o755)
+    with pytest.raises(SandboxUnavailable, match=r"0\.10 or later"):
+        create_backend("bwrap", bwrap_path=str(old))
+
+
+def test_each_sandbox_has_a_host_uid_of_its_own_and_no_new_privileges(sandbox: Sandbox) -> None:
+    code = """
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+import os
+print(os.getuid(), status["NoNewPrivs"].strip(), *open("/proc/self/uid_map").read().split())
+"""
+    first = sandbox.python(code).stdout.split()
+    second = sandbox.python(code).stdout.split()
+    assert first[1] == "1"
+    if os.geteuid() == 0:
+        # No user namespace: the uid inside is the uid on the host, so it is not root there either.
+        assert first[2:] == ["0", "0", "4294967295"] and int(first[0]) >= DEFAULT_UID_BASE
+        assert first[0] != second[0]
+
+
+def test_the_seccomp_filter_refuses_user_namespaces(sandbox: Sandbox) -> None:
+    if not sandbox.backend.enforced_limits().get("seccomp"):
+        pytest.skip("no seccomp filter on this architecture")
+    code = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+print(libc.unshare(0x10000000), ctypes.get_errno(), libc.unshare(0x00020000), ctypes.get_errno())
+"""
+    result = sandbox.python(code)
+    assert result.stdout.split() == ["-1", "1", "-1", "1"], result.stderr  # EPERM
+
+
+def test_warm_start_is_faster_than_a_bare_interpreter(sandbox: Sandbox) -> None:
+    """The pool's point: a hello-world run costs less than starting `python3 -I -S` at all."""
+
+    def median(samples: list[float]) -> float:
+        return sorted(samples)[len(samples) // 2]
+
+    bare = []
+    for _ in range(9):
+        started = time.perf_counter()
+        subprocess.run([os.path.realpath(sys.executable), "-I", "-S", "-c", "pass"], check=True)
+        bare.append(time.perf_counter() - started)
+    warm = []
+    for _ in range(9):
+        time.sleep(0.05)  # let the pool refill, as between requests
+        started = time.perf_counter()
+        assert sandbox.python("print('hello')").stdout == "hello\n"
+        warm.append(time.perf_counter() - started)
+    assert median(warm) < median(bare), (median(warm), median(bare))

@@ -1,0 +1,610 @@
+"""The sandbox contract, run against every backend: what an ordinary program gets (output, input,
+environment, files, private input, exit status, tracebacks, as a plain interpreter would give
+them), the limits, and every attack — each must fail or be contained, and the very next run on the
+same backend must answer normally.
+
+A backend added later gets the whole suite by adding its factory to BACKENDS. A backend that cannot
+run on this host (gvisor without runsc, or where runsc cannot start a sandbox) is skipped with the
+reason. Backend-specific tests live in their own files (test_bwrap.py, test_backends.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.executor.sandbox import Limits, RunSpec, SandboxBusy, SandboxError
+from tests.host_processes import no_process_left
+from tests.sandbox.conftest import (
+    CANARY_NAME,
+    CANARY_VALUE,
+    BackendFactory,
+    Sandbox,
+    bwrap_factory,
+    gvisor_factory,
+)
+
+BACKENDS = [bwrap_factory, gvisor_factory]
+
+NOBODY = 65534
+
+
+@pytest.fixture(scope="module", params=BACKENDS, ids=lambda factory: factory.name)
+def factory(request: pytest.FixtureRequest) -> BackendFactory:
+    return request.param  # type: ignore[no-any-return]  # pytest's param is untyped
+
+
+@pytest.fixture(scope="module")
+def sandbox(factory: BackendFactory) -> Iterator[Sandbox]:
+    with factory() as started:
+        yield started
+
+
+def nothing_left(uid: int) -> bool:
+    """No host process of the sandbox's uid remains. A sandbox running as nobody (gVisor: its
+    processes live inside its own kernel, not on the host) shares that uid with the host's other
+    nobody processes, so nothing can be concluded from it."""
+    return uid == NOBODY or no_process_left(uid)
+
+
+def needs(sandbox: Sandbox, language: str) -> None:
+    if language not in sandbox.backend.languages():
+        pytest.skip(f"{language} is not available on this host")
+
+
+# -- results ----------------------------------------------------------------------------------------
+
+
+def test_hello_world(sandbox: Sandbox) -> None:
+    result = sandbox.python("print('hello, world')")
+    assert (result.stdout, result.stderr, result.exit_code) == ("hello, world\n", "", 0)
+    assert not result.timed_out and not result.truncated and result.duration_ms >= 0
+
+
+def test_stdin_is_delivered(sandbox: Sandbox) -> None:
+    text = "first line\nsecond line\n" + "x" * 200_000  # more than a pipe holds at once
+    result = sandbox.python(
+        "import sys\ndata = sys.stdin.read()\nprint(len(data), data.splitlines()[1])", stdin=text
+    )
+    assert result.stdout == f"{len(text)} second line\n", result.stderr
+    assert sandbox.python("import sys\nprint(repr(sys.stdin.read()))").stdout == "''\n"
+
+
+def test_env_is_delivered_and_inherited_by_child_processes(sandbox: Sandbox) -> None:
+    code = """
+import os, subprocess, sys
+print(os.environ["GREETING"])
+show = "import os; print(os.environ['GREETING'])"
+child = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True)
+print(child.stdout.strip(), child.returncode)
+"""
+    result = sandbox.python(code, env={"GREETING": "héllo wörld $HOME 'quoted'"})
+    assert result.stdout == "héllo wörld $HOME 'quoted'\nhéllo wörld $HOME 'quoted' 0\n", result.stderr
+
+
+def test_private_input_is_on_fd_3_and_nowhere_else(sandbox: Sandbox) -> None:
+    secret = b"correct horse battery staple"
+    code = """
+import os
+data = b""
+while chunk := os.read(3, 4096):
+    data += chunk
+print(data.decode())
+everywhere = open("/proc/self/environ", "rb").read() + open("/proc/self/cmdline", "rb").read()
+print(b"horse" in everywhere, any("horse" in v for v in os.environ.values()))
+"""
+    result = sandbox.python(code, private_input=secret)
+    assert result.stdout == "correct horse battery staple\nFalse False\n", result.stderr
+    # Without private input, fd 3 is simply at its end.
+    assert sandbox.python("import os\nprint(os.read(3, 10))").stdout == "b''\n"
+
+
+def test_only_the_standard_descriptors_and_fd_3_are_open(sandbox: Sandbox) -> None:
+    result = sandbox.python(
+        "import os\nfds = os.listdir('/proc/self/fd')\nprint(sorted(int(f) for f in fds)[:-1])"
+    )
+    assert result.stdout == "[0, 1, 2, 3]\n", result.stderr  # the payload pipe is closed
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "stderr"),
+    [
+        ("import sys\nsys.exit(3)", 3, ""),
+        ("import os\nos._exit(7)", 7, ""),
+        ("raise SystemExit('bye')", 1, "bye\n"),
+        ("import sys\nprint('partial')\nsys.exit(0)", 0, ""),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", 137, ""),
+    ],
+)
+def test_exit_status_propagates(sandbox: Sandbox, code: str, status: int, stderr: str) -> None:
+    result = sandbox.python(code)
+    assert (result.exit_code, result.stderr) == (status, stderr)
+
+
+def test_an_exception_prints_a_normal_traceback(sandbox: Sandbox) -> None:
+    result = sandbox.python("def divide(x):\n    return x / 0\n\ndivide(1)\n")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Traceback (most recent call last):\n"
+        '  File "/workspace/main.py", line 4, in <module>\n'
+        "    divide(1)\n"
+        '  File "/workspace/main.py", line 2, in divide\n'
+        "    return x / 0\n"
+        "           ~~^~~\n"
+        "ZeroDivisionError: division by zero\n"
+    )
+
+
+def test_a_syntax_error_is_reported_like_the_interpreter_does(sandbox: Sandbox) -> None:
+    result = sandbox.python("print('a'\n")
+    assert result.exit_code == 1
+    assert result.stderr.startswith('  File "/workspace/main.py", line 1\n')
+    assert result.stderr.rstrip().endswith("SyntaxError: '(' was never closed")
+
+
+def test_the_program_runs_as_main_with_clean_globals(sandbox: Sandbox) -> None:
+    code = "import sys\nprint(__name__, __file__, sys.argv, sorted(k for k in globals() if k[0] != '_'))"
+    result = sandbox.python(code)
+    assert result.stdout == "__main__ /workspace/main.py ['/workspace/main.py'] ['sys']\n", result.stderr
+
+
+def test_threads_and_atexit_finish_before_the_end(sandbox: Sandbox) -> None:
+    code = """
+import atexit, threading, time
+atexit.register(lambda: print("atexit ran"))
+def late():
+    time.sleep(0.2)
+    print("thread done")
+threading.Thread(target=late).start()
+print("main done")
+"""
+    result = sandbox.python(code)
+    assert result.stdout == "main done\nthread done\natexit ran\n", result.stderr
+
+
+def test_files_are_placed_in_the_working_directory(sandbox: Sandbox) -> None:
+    files = {"helper.py": b"VALUE = 42\n", "data/blob.bin": bytes(range(256)) * 10}
+    code = (
+        "import helper\nblob = open('data/blob.bin', 'rb').read()\nprint(helper.VALUE, len(blob), blob[:3])"
+    )
+    result = sandbox.python(code, files=files)
+    assert result.stdout == "42 2560 b'\\x00\\x01\\x02'\n", result.stderr
+
+
+def test_readonly_paths_are_mounted_read_only(sandbox: Sandbox, tmp_path: Path) -> None:
+    package = tmp_path / "site" / "greeting"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("WORD = 'from the package'\n")
+    for directory in (tmp_path, tmp_path / "site", package):
+        directory.chmod(0o755)
+    (package / "__init__.py").chmod(0o644)
+    code = """
+import greeting
+print(greeting.WORD)
+try:
+    open("/opt/env/greeting/new.py", "w")
+except OSError as error:
+    print(type(error).__name__)
+"""
+    result = sandbox.python(
+        code, env={"PYTHONPATH": "/opt/env"}, readonly_paths=[(str(tmp_path / "site"), "/opt/env")]
+    )
+    assert result.stdout.startswith("from the package\n") and result.stdout.endswith("Error\n"), result.stderr
+    assert not (package / "new.py").exists()
+
+
+def test_a_pooled_sandbox_that_waited_longer_than_the_timeout_is_fine(sandbox: Sandbox) -> None:
+    sandbox.python("print('take one, so the pool refills')")
+    time.sleep(1.5)
+    result = sandbox.python("print('ok')", limits=Limits(timeout_seconds=1))
+    assert (result.stdout, result.timed_out, result.exit_code) == ("ok\n", False, 0)
+
+
+def test_limits_other_than_the_defaults_get_a_sandbox_of_their_own(sandbox: Sandbox) -> None:
+    code = "import os\nos.write(1, b'x' * 10)\nwith open('/tmp/f', 'wb') as f:\n    f.write(b'y' * 5000)"
+    result = sandbox.python(code, limits=Limits(file_bytes=4096, tmp_bytes=1 << 20))
+    assert result.stdout == "x" * 10 and "File too large" in result.stderr
+
+
+def test_javascript_hello_world(sandbox: Sandbox) -> None:
+    needs(sandbox, "javascript")
+    code = (
+        "const fs = require('fs');\n"
+        "console.log('hi', process.env.WHO, fs.readFileSync(0, 'utf8').trim(), require.main === module)"
+    )
+    result = sandbox.run(RunSpec("javascript", code, env={"WHO": "js"}, stdin="in"))
+    assert (result.stdout, result.stderr, result.exit_code) == ("hi js in true\n", "", 0)
+    failing = sandbox.run(RunSpec("javascript", "process.exitCode = 4; throw new Error('boom')"))
+    assert failing.exit_code == 1 and "Error: boom" in failing.stderr and "main.js" in failing.stderr
+    assert "pythonon-exit" not in failing.stderr
+
+
+def test_bash_hello_world(sandbox: Sandbox) -> None:
+    needs(sandbox, "bash")
+    code = "read -r line\necho \"hi $WHO $line $(sh -c 'echo $WHO') $(cat data.txt | wc -c)\"\nexit 5"
+    result = sandbox.run(
+        RunSpec("bash", code, env={"WHO": "bash user"}, stdin="in\n", files={"data.txt": b"12345"})
+    )
+    assert (result.stdout, result.stderr, result.exit_code) == ("hi bash user in bash user 5\n", "", 5)
+    private = sandbox.run(RunSpec("bash", "cat <&3", private_input=b"secret"))
+    assert private.stdout == "secret", private.stderr
+
+
+def test_invalid_specs_are_refused_before_running(sandbox: Sandbox) -> None:
+    for spec in (
+        RunSpec("cobol", "DISPLAY 'HI'."),
+        RunSpec("python", "print(1)", files={"../escape": b""}),
+        RunSpec("python", "print(1)", files={"main.py": b""}),
+        RunSpec("python", "print(1)", env={"A=B": "c"}),
+    ):
+        with pytest.raises(ValueError):
+            sandbox.run(spec)
+
+
+def test_runs_in_parallel_each_get_their_own_output(sandbox: Sandbox) -> None:
+    specs = [
+        RunSpec("python", f"import os\nprint({i}, os.environ['N'])", env={"N": str(i)}) for i in range(10)
+    ]
+    results = sandbox.gather(specs)
+    for i, result in enumerate(results):
+        assert not isinstance(result, BaseException), result
+        assert result.stdout == f"{i} {i}\n" and result.exit_code == 0
+    sandbox.assert_healthy()
+
+
+# -- limits -----------------------------------------------------------------------------------------
+
+
+def test_cpu_spin_times_out_within_a_second_of_the_limit(sandbox: Sandbox) -> None:
+    started = time.monotonic()
+    result = sandbox.python(
+        "print('spinning', flush=True)\nwhile True:\n    pass", limits=Limits(timeout_seconds=1)
+    )
+    elapsed = time.monotonic() - started
+    assert result.timed_out and result.exit_code == 137
+    assert result.stdout == "spinning\n"  # what it printed before is kept
+    assert "execution timed out after 1 s" in result.stderr
+    assert 1000 <= result.duration_ms < 2000
+    assert elapsed < 3
+    sandbox.assert_healthy()
+
+
+def test_timeout_kills_every_child_too(sandbox: Sandbox) -> None:
+    code = """
+import os, time
+print(os.getuid(), flush=True)
+for _ in range(5):
+    if os.fork() == 0:
+        while True:
+            pass
+time.sleep(60)
+"""
+    result = sandbox.python(code, limits=Limits(timeout_seconds=1))
+    assert result.timed_out
+    assert nothing_left(int(result.stdout))
+    sandbox.assert_healthy()
+
+
+def test_memory_bomb_is_killed_with_a_clear_message(sandbox: Sandbox) -> None:
+    result = sandbox.python("data = b'x' * (1 << 30)\nprint('allocated', len(data))")
+    assert "allocated" not in result.stdout
+    if sandbox.backend.enforced_limits()["memory"]:
+        assert result.exit_code == 137
+        assert "memory limit of 256 MiB exceeded" in result.stderr
+    else:
+        assert result.exit_code == 1 and "MemoryError" in result.stderr
+    sandbox.assert_healthy()
+
+
+def test_fork_bomb_is_held_to_the_process_limit(sandbox: Sandbox) -> None:
+    code = """
+import os, time
+print(os.getuid(), flush=True)
+children = 0
+try:
+    for _ in range(10_000):
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        children += 1
+except OSError as error:
+    print("refused after", children, error.errno)
+"""
+    started = time.monotonic()
+    result = sandbox.python(code, limits=Limits(timeout_seconds=5, processes=32))
+    assert time.monotonic() - started < 8
+    uid, *words = result.stdout.split()
+    if words:  # refused by the process limit (EAGAIN)
+        assert words[:2] == ["refused", "after"] and int(words[2]) < 32 and words[3] == "11", result
+        assert result.exit_code == 0, result.stderr
+    else:  # gVisor's ptrace platform: the sandbox itself dies when its pids cgroup is full
+        assert result.exit_code != 0, result
+    assert nothing_left(int(uid))  # the sleeping children died with the sandbox
+    sandbox.assert_healthy()
+
+
+def test_shell_fork_bomb_is_contained(sandbox: Sandbox) -> None:
+    needs(sandbox, "bash")
+    started = time.monotonic()
+    result = sandbox.run(RunSpec("bash", "id -u\n:(){ :|:& };:; wait", limits=Limits(timeout_seconds=2)))
+    assert time.monotonic() - started < 5
+    assert (
+        "fork: retry: Resource temporarily unavailable" in result.stderr
+        or result.timed_out
+        or result.exit_code != 0
+    )
+    assert nothing_left(int(result.stdout.split()[0]))
+    sandbox.assert_healthy()
+
+
+@pytest.mark.parametrize("directory", ["/tmp", "/workspace", "/dev/shm"])
+def test_filling_the_disk_fails_and_stays_in_the_sandbox(sandbox: Sandbox, directory: str) -> None:
+    code = f"""
+import errno
+chunk = b"x" * (1 << 20)
+def fill(path, megabytes):
+    written = 0
+    try:
+        with open(path, "wb") as handle:
+            for _ in range(megabytes):
+                handle.write(chunk)
+                handle.flush()
+                written += 1
+    except OSError as error:
+        return written, errno.errorcode[error.errno]
+    return written, "no error"
+print(*fill("{directory}/big", 100))            # one file past the file-size limit
+results = [fill(f"{directory}/part{{i}}", 15) for i in range(8)]  # many files past the tmpfs size
+print(sum(w for w, _ in results), results[-1][1])
+"""
+    result = sandbox.python(code)
+    assert result.exit_code == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert first == "16 EFBIG"  # RLIMIT_FSIZE: 16 MiB
+    written, error = second.split()
+    assert error == "ENOSPC" and int(written) < 64
+    # The next run gets an empty, full-size directory again.
+    again = sandbox.python(
+        f"import os\nprint(os.listdir('{directory}'))\nopen('{directory}/x','wb').write(b'y'*(8<<20))"
+    )
+    expected = ["main.py"] if directory == "/workspace" else []
+    assert again.stdout == f"{expected}\n" and again.exit_code == 0, again.stderr
+    sandbox.assert_healthy()
+
+
+def test_fallocate_cannot_fill_the_disk(sandbox: Sandbox) -> None:
+    needs(sandbox, "bash")
+    result = sandbox.run(RunSpec("bash", "fallocate -l 100M /tmp/big; echo rc=$?; ls -la /tmp"))
+    assert "rc=0" not in result.stdout
+    sandbox.assert_healthy()
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_printing_forever_is_truncated_quickly(sandbox: Sandbox, stream: str) -> None:
+    started = time.monotonic()
+    result = sandbox.python(f"import sys\nwhile True:\n    print('x' * 999, file=sys.{stream})")
+    assert time.monotonic() - started < 5
+    assert result.truncated and not result.timed_out
+    flood = getattr(result, stream)
+    assert len(flood.encode()) >= (1 << 20) - 1000
+    assert len(flood.encode()) <= (1 << 20) + 200  # the cap, plus the sandbox's note on stderr
+    assert "output limit of 1 MiB per stream exceeded" in result.stderr
+    sandbox.assert_healthy()
+
+
+def test_saturation_raises_busy_with_retry_after_instead_of_queueing(factory: BackendFactory) -> None:
+    with factory(pool_size=1, max_concurrent=1, max_waiting=1, languages=["python"]) as sandbox:
+
+        async def scenario() -> tuple[list[object], float]:
+            slow = RunSpec("python", "import time\ntime.sleep(1.5)\nprint('slow')")
+            running = asyncio.ensure_future(sandbox.backend.run(slow))
+            await asyncio.sleep(0.2)
+            waiting = asyncio.ensure_future(sandbox.backend.run(RunSpec("python", "print('queued')")))
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            with pytest.raises(SandboxBusy) as refused:
+                await sandbox.backend.run(RunSpec("python", "print('refused')"))
+            refused_after = time.monotonic() - started
+            assert refused.value.retry_after >= 1
+            return list(await asyncio.gather(running, waiting)), refused_after
+
+        results, refused_after = sandbox.loop.call(scenario())
+        assert refused_after < 0.1  # refused at once, not queued
+        assert [getattr(r, "stdout", r) for r in results] == ["slow\n", "queued\n"]
+        sandbox.assert_healthy()
+
+
+def test_without_a_pool_and_after_close(factory: BackendFactory) -> None:
+    with factory(pool_size=0, languages=["python"]) as sandbox:
+        assert sandbox.python("print(1)").stdout == "1\n"  # cold start without a pool
+        sandbox.loop.call(sandbox.backend.close())
+        with pytest.raises(SandboxError):
+            sandbox.python("print(1)")
+
+
+# -- attacks ----------------------------------------------------------------------------------------
+
+
+def test_network_egress_to_a_host_listener_fails_and_only_loopback_exists(sandbox: Sandbox) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    code = f"""
+import socket
+print(sorted(name for _, name in socket.if_nameindex()))
+for host in ("127.0.0.1", "localhost"):
+    try:
+        socket.create_connection((host, {port}), timeout=2)
+        print("connected")
+    except OSError as error:
+        print("refused")
+"""
+    try:
+        result = sandbox.python(code)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nothing reached the host
+    finally:
+        listener.close()
+    assert result.stdout.splitlines() == ["['lo']", "refused", "refused"], result.stderr
+    sandbox.assert_healthy()
+
+
+def test_writing_outside_tmp_and_the_workdir_fails(sandbox: Sandbox, tmp_path: Path) -> None:
+    targets = ["/etc/evil", "/usr/evil", "/usr/lib/evil", "/evil", "/proc/sys/kernel/hostname", "/dev/evil",
+               f"{os.path.realpath(sys.base_prefix)}/evil", str(tmp_path / "evil"), "/work/evil"]  # fmt: skip
+    code = f"""
+import json
+outcome = {{}}
+for path in {targets!r}:
+    try:
+        with open(path, "w") as handle:
+            handle.write("x")
+        outcome[path] = "written"
+    except OSError as error:
+        outcome[path] = type(error).__name__
+print(json.dumps(outcome))
+"""
+    result = sandbox.python(code)
+    outcome = json.loads(result.stdout)
+    assert "written" not in outcome.values(), outcome
+    assert not (tmp_path / "evil").exists()
+    assert not Path(sys.base_prefix, "evil").exists()
+    sandbox.assert_healthy()
+
+
+def test_a_file_written_in_one_run_is_gone_in_the_next(sandbox: Sandbox) -> None:
+    first = sandbox.python(
+        "open('/tmp/left-behind', 'w').write('x')\nopen('left-behind', 'w').write('x')\n"
+        "open('/dev/shm/left-behind', 'w').write('x')\nprint('ok')"
+    )
+    assert first.stdout == "ok\n", first.stderr
+    second = sandbox.python(
+        "import os\nprint([os.path.exists(p) for p in ('/tmp/left-behind', 'left-behind', '/dev/shm/left-behind')])"
+    )
+    assert second.stdout == "[False, False, False]\n"
+
+
+def test_no_host_environment_leaks(sandbox: Sandbox) -> None:
+    code = """
+import os, json
+def read(path):
+    try:
+        return open(path, "rb").read().decode(errors="replace")
+    except OSError as error:
+        return type(error).__name__
+print(json.dumps({"init": read("/proc/1/environ"), "self": read("/proc/self/environ"),
+                  "cmdline": read("/proc/self/cmdline"), "environ": dict(os.environ)}))
+"""
+    result = sandbox.python(code, env={"ONLY_THIS": "given"})
+    seen = json.loads(result.stdout)
+    assert CANARY_VALUE not in result.stdout and CANARY_NAME not in result.stdout
+    assert set(seen["environ"]) == {
+        "PATH",
+        "HOME",
+        "LANG",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUNBUFFERED",
+        "ONLY_THIS",
+    }
+    own = " ".join(seen["environ"].values())  # e.g. the runtime's directory in PATH
+    for name, value in os.environ.items():  # nothing else of the test process's own environment
+        if len(value) > 6 and value not in own:
+            assert value not in result.stdout, name
+    sandbox.assert_healthy()
+
+
+def test_the_data_directory_and_other_host_files_are_not_readable(sandbox: Sandbox, tmp_path: Path) -> None:
+    data = tmp_path / "data"  # as `pyth-on up --data-dir` lays it out: keys, databases
+    (data / "keys").mkdir(parents=True)
+    (data / "keys" / "identity.key").write_text("host secret key")
+    (data / "keys" / "identity.key").chmod(0o644)
+    for directory in (tmp_path, data, data / "keys"):
+        directory.chmod(0o755)
+    code = f"""
+import os
+for path in ({str(data / "keys" / "identity.key")!r}, {str(data)!r}, {os.getcwd()!r}, "/root", "/home", "/var",
+             "/work", "/proc/1/root/etc/shadow"):
+    try:
+        print(path, open(path).read() if os.path.isfile(path) else os.listdir(path))
+    except OSError as error:
+        print(path, type(error).__name__)
+"""
+    result = sandbox.python(code)
+    assert "host secret key" not in result.stdout
+    assert "['keys']" not in result.stdout and "['identity.key']" not in result.stdout
+    assert f"{data / 'keys' / 'identity.key'} FileNotFoundError" in result.stdout
+    sandbox.assert_healthy()
+
+
+def test_another_runs_secrets_are_out_of_reach(sandbox: Sandbox) -> None:
+    """While one user's run holds a secret (environment, private input, a file), another run on the
+    same backend finds it nowhere it can look."""
+    secret = "s3cret-of-another-user"
+    holder = RunSpec(
+        "python",
+        "import os, time\nopen('/tmp/mine', 'w').write(os.environ['TOKEN'] + os.read(3, 100).decode())\n"
+        "time.sleep(3)\nprint('held')",
+        env={"TOKEN": secret},
+        private_input=secret.encode(),
+        files={"secret.txt": secret.encode()},
+    )
+    snoop = RunSpec(
+        "python",
+        """
+import glob, os
+found = []
+for path in glob.glob("/proc/*/environ") + glob.glob("/proc/*/cmdline") + glob.glob("/proc/*/fd/*") + [
+        "/tmp/mine", "/workspace/secret.txt", "/dev/shm"]:
+    try:
+        data = open(path, "rb").read(1 << 16) if not os.path.isdir(path) else " ".join(os.listdir(path)).encode()
+    except OSError:
+        continue
+    if b"s3cret" in data:
+        found.append(path)
+print(found)
+""",
+    )
+
+    async def both() -> list[object]:
+        holding = asyncio.ensure_future(sandbox.backend.run(holder))
+        await asyncio.sleep(1.0)
+        snooped = await sandbox.backend.run(snoop)
+        return [await holding, snooped]
+
+    held, snooped = sandbox.loop.call(both())
+    assert getattr(held, "stdout", held) == "held\n"
+    assert getattr(snooped, "stdout", snooped) == "[]\n"
+    sandbox.assert_healthy()
+
+
+def test_the_program_is_not_root_and_has_no_capabilities(sandbox: Sandbox) -> None:
+    code = """
+import os
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+print(os.getuid(), os.geteuid(), os.getgid(), status["CapEff"].strip(), status["CapPrm"].strip())
+"""
+    result = sandbox.python(code)
+    uid, euid, gid, cap_effective, cap_permitted = result.stdout.split()
+    assert int(uid) != 0 and int(euid) != 0 and int(gid) != 0
+    assert int(cap_effective, 16) == 0 and int(cap_permitted, 16) == 0
+    sandbox.assert_healthy()
+
+
+def test_mounting_is_refused(sandbox: Sandbox) -> None:
+    code = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+print(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None), libc.mount(b"/tmp", b"/workspace", None, 0x1000, None))
+"""
+    result = sandbox.python(code)
+    assert result.stdout.split() == ["-1", "-1"], result.stderr
+    sandbox.assert_healthy()

@@ -1,0 +1,194 @@
+"""The warm pool on its own, with real processes as its "sandboxes" (`sleep`): pre-started per key,
+taken once, refilled only when asked (or when a take found it empty), dead ones dropped and replaced,
+failures retried, and nothing left running after close."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from services.executor.sandbox.interface import SandboxError
+from services.executor.sandbox.warm_pool import WarmPool
+
+
+class Sleeper:
+    """A started `sleep` process standing in for a sandbox."""
+
+    def __init__(self, key: str, process: asyncio.subprocess.Process) -> None:
+        self.key = key
+        self.process = process
+        self.exited: asyncio.Future[int] = asyncio.ensure_future(process.wait())
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.started: list[Sleeper] = []
+        self.disposed: list[Sleeper] = []
+        self.failures_left = 0
+
+    async def start(self, key: str) -> Sleeper:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise SandboxError("cannot start (on purpose)")
+        process = await asyncio.create_subprocess_exec("sleep", "60")
+        sleeper = Sleeper(key, process)
+        self.started.append(sleeper)
+        return sleeper
+
+    def dispose(self, sleeper: Sleeper) -> None:
+        self.disposed.append(sleeper)
+        if sleeper.process.returncode is None:
+            sleeper.process.kill()
+
+    def alive(self) -> list[Sleeper]:
+        return [s for s in self.started if s.process.returncode is None and _exists(s.process.pid)]
+
+
+def _exists(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def in_a_loop(scenario: Callable[[Processes], Awaitable[None]]) -> Callable[[], None]:
+    """Run an async scenario on a fresh event loop (the project's tests use asyncio.run), killing
+    whatever it left running even when it fails."""
+
+    def test() -> None:
+        async def main() -> None:
+            processes = Processes()
+            try:
+                await scenario(processes)
+            finally:
+                for sleeper in processes.started:
+                    if sleeper.process.returncode is None:
+                        sleeper.process.kill()
+                        await sleeper.process.wait()
+
+        asyncio.run(main())
+
+    test.__name__, test.__doc__ = (
+        scenario.__name__,
+        scenario.__doc__,
+    )  # not wraps: pytest would see its argument
+    return test
+
+
+def make_pool(processes: Processes, size: int = 2, **options: Any) -> WarmPool[str, Sleeper]:
+    return WarmPool(size, processes.start, processes.dispose, lambda s: s.exited, **options)
+
+
+@in_a_loop
+async def test_fill_starts_size_sandboxes_per_key_and_take_hands_each_out_once(processes: Processes) -> None:
+    pool = make_pool(processes)
+    pool.keep_warm(["python", "bash"])
+    await pool.fill(2)
+    assert (pool.ready("python"), pool.ready("bash")) == (2, 2)
+    first, second = pool.take("python"), pool.take("python")
+    assert first is not None and second is not None and first is not second
+    assert first.key == second.key == "python"
+    assert pool.take("other") is None  # a key that is not kept warm is never pooled
+    await pool.close()
+
+
+@in_a_loop
+async def test_refill_happens_when_asked_not_on_take(processes: Processes) -> None:
+    pool = make_pool(processes)
+    pool.keep_warm(["python"])
+    await pool.fill(2)
+    assert pool.take("python") is not None
+    await asyncio.sleep(0.2)
+    assert pool.ready("python") == 1 and len(processes.started) == 2  # no start on the run's path
+    pool.replenish()  # what the backend calls once the answer is sent
+    await pool.fill(2)
+    assert pool.ready("python") == 2 and len(processes.started) == 3
+    await pool.close()
+
+
+@in_a_loop
+async def test_a_take_that_empties_the_pool_refills_at_once(processes: Processes) -> None:
+    pool = make_pool(processes, size=1)
+    pool.keep_warm(["python"])
+    await pool.fill(1)
+    assert pool.take("python") is not None
+    await pool.fill(1)  # without replenish: the take found the pool dry and started a refill
+    assert pool.ready("python") == 1
+    await pool.close()
+
+
+@in_a_loop
+async def test_a_sandbox_that_dies_while_pooled_is_dropped_and_replaced(processes: Processes) -> None:
+    pool = make_pool(processes, size=1)
+    pool.keep_warm(["python"])
+    await pool.fill(1)
+    victim = processes.started[0]
+    victim.process.kill()
+    await victim.exited
+    await asyncio.sleep(0)
+    assert victim in processes.disposed
+    await pool.fill(1)
+    replacement = pool.take("python")
+    assert replacement is not None and replacement is not victim
+    await pool.close()
+
+
+@in_a_loop
+async def test_a_failing_start_is_retried_with_a_delay(processes: Processes) -> None:
+    processes.failures_left = 2
+    pool = make_pool(processes, size=1, retry_delay=0.01)
+    pool.keep_warm(["python"])
+    await asyncio.wait_for(pool.fill(1), 5)
+    assert pool.ready("python") == 1 and processes.failures_left == 0
+    await pool.close()
+
+
+@in_a_loop
+async def test_close_leaves_no_process_and_disposes_late_starts(processes: Processes) -> None:
+    pool = make_pool(processes, size=3)
+    pool.keep_warm(["python", "bash"])
+    await pool.fill(1)  # some started, others still starting
+    await pool.close()
+    await asyncio.gather(*(s.exited for s in processes.started))
+    assert processes.alive() == []
+    assert set(processes.disposed) == set(processes.started)
+    assert pool.take("python") is None
+    pool.replenish()
+    await asyncio.sleep(0.1)
+    assert all(s.process.returncode is not None for s in processes.started)  # nothing new after close
+
+
+@in_a_loop
+async def test_forget_disposes_a_keys_sandboxes(processes: Processes) -> None:
+    pool = make_pool(processes, size=1)
+    pool.keep_warm(["python", "bash"])
+    await pool.fill(1)
+    pool.forget("bash")
+    assert pool.keys() == ["python"]
+    assert [s.key for s in processes.disposed] == ["bash"]
+    await pool.close()
+
+
+def test_a_negative_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="must not be negative"):
+        WarmPool(-1, lambda key: asyncio.sleep(0), lambda s: None, lambda s: asyncio.Future())
+
+
+def test_no_sleep_processes_of_this_test_remain() -> None:
+    own = str(os.getpid())
+    leftovers = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().split(") ")[1].split()
+            except OSError:
+                continue
+            if fields[1] == own and fields[0] != "Z":
+                leftovers.append(entry)
+    assert leftovers == []
