@@ -7,7 +7,7 @@ DATA_DIR ?= .data
 SANDBOX ?= bwrap
 PYTEST_ARGS ?=
 
-.PHONY: run test venv system-packages generate check-generated lint proto-lint proto-breaking bench clean
+.PHONY: run test venv system-packages generate check-generated lint typecheck proto-lint proto-breaking bench clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ system-packages:
 run: venv
 	$(BIN)/pyth-on up --port $(PORT) --data-dir $(DATA_DIR) --sandbox $(SANDBOX)
 
-test: venv system-packages check-generated lint proto-lint proto-breaking
+test: venv system-packages check-generated lint typecheck proto-lint proto-breaking
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 generate: venv
@@ -43,6 +43,11 @@ check-generated: venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# services/ and edge/ against the generated .pyi stubs (settings in pyproject.toml).
+typecheck: venv
+	$(BIN)/mypy
 
 # buf (the npm package @bufbuild/buf, pinned with its integrity hashes in tools/buf/package-lock.json)
 # lints protos/ and checks them for breaking changes against the previous commit, offline: the
@@ -65,4 +70,4 @@ bench: venv
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache tools/buf/node_modules tools/buf/googleapis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache tools/buf/node_modules tools/buf/googleapis

@@ -58,8 +58,8 @@ MAX_CONNECTIONS = 10_000
 # Connecting to a loopback (or in-cluster) upstream either works at once or not at all.
 CONNECT_TIMEOUT_SECONDS = 1.0
 
-_PUBLIC = access_pb2.DESCRIPTOR.extensions_by_name["public"]
-_LIMIT_BY_CLIENT_IP = access_pb2.DESCRIPTOR.extensions_by_name["limit_by_client_ip"]
+_PUBLIC = access_pb2.public
+_LIMIT_BY_CLIENT_IP = access_pb2.limit_by_client_ip
 _TYPE = "type.googleapis.com/"
 _DOWNSTREAM_CONNECTIONS = (
     "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"

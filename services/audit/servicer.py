@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Literal
 
 import grpc
 from google.protobuf import json_format
@@ -21,11 +22,13 @@ def _timestamp(value: datetime) -> Timestamp:
     return stamp
 
 
-def _optional_datetime(request: audit_pb2.ListEntriesRequest, field: str) -> datetime | None:
-    if not request.HasField(field):  # type: ignore[arg-type]
+def _optional_datetime(
+    request: audit_pb2.ListEntriesRequest, field: Literal["since", "until"]
+) -> datetime | None:
+    if not request.HasField(field):
         return None
     try:
-        return getattr(request, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+        return getattr(request, field).ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
         raise InvalidArgument(f"{field} is not a valid timestamp") from None
 

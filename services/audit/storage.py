@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from datetime import datetime
+from typing import cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -15,8 +16,9 @@ from services.audit.models import ChainHead, Entry
 
 # Entries read per query when walking a whole chain.
 CHAIN_BATCH = 500
-_ENTRIES = Entry.__table__
-_HEADS = ChainHead.__table__
+# Declarative classes type __table__ as a FromClause; these are the Tables themselves.
+_ENTRIES = cast(sa.Table, Entry.__table__)
+_HEADS = cast(sa.Table, ChainHead.__table__)
 # The columns an entry's view holds (all but user_id and record_id).
 _ENTRY_FIELDS = tuple(field.name for field in dataclasses.fields(ChainedEntry))
 

@@ -7,6 +7,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -161,12 +162,13 @@ class Accounts:
             rotation = await uow.run(rotate)
             user = rotation.user
             subject = ANONYMOUS if user is None else Identity(user.id, user.email)
-            outcome, details = {
+            outcomes: dict[str, tuple[str, dict[str, Any] | None]] = {
                 "unknown": (FAILURE, {"reason": "unknown_token"}),
                 "reused": (DENIED, {"reason": "refresh_token_reuse", "revoked_tokens": rotation.revoked}),
                 "expired": (FAILURE, {"reason": "expired"}),
                 "rotated": (SUCCESS, None),
-            }[rotation.outcome]
+            }
+            outcome, details = outcomes[rotation.outcome]
             await self._events.record(subject, "auth.refresh", outcome, details)
         if rotation.outcome == "reused":
             raise Unauthenticated(

@@ -118,7 +118,7 @@ class EdgeAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code, message=decision.message),
             denied_response=external_auth_pb2.DeniedHttpResponse(
-                status=http_status_pb2.HttpStatus(code=decision.http_status),  # type: ignore[arg-type]
+                status=http_status_pb2.HttpStatus(code=decision.http_status),
                 headers=headers,
                 body=body,
             ),

@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import importlib
 
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.internal import extension_dict
 from pythonon.api.v1 import access_pb2
 
 from services.platform.service_graph import SECTIONS
@@ -15,13 +16,15 @@ from services.platform.service_graph import SECTIONS
 for _section in SECTIONS:
     importlib.import_module(f"pythonon.{_section}.v1.{_section}_pb2")
 
-_PUBLIC = access_pb2.DESCRIPTOR.extensions_by_name["public"]
-_LIMIT_BY_CLIENT_IP = access_pb2.DESCRIPTOR.extensions_by_name["limit_by_client_ip"]
+_PUBLIC = access_pb2.public
+_LIMIT_BY_CLIENT_IP = access_pb2.limit_by_client_ip
 
 
 # Asked on every call (interceptor, edge check); the options never change in a running process.
 @functools.lru_cache(maxsize=1024)
-def _method_option(method: str, extension: object) -> bool:
+def _method_option(
+    method: str, extension: extension_dict._ExtensionFieldDescriptor[descriptor_pb2.MethodOptions, bool]
+) -> bool:
     """Reads a boolean method option for a gRPC path such as /pythonon.auth.v1.AuthService/Login."""
     service_name, _, method_name = method.lstrip("/").rpartition("/")
     try:
@@ -29,7 +32,7 @@ def _method_option(method: str, extension: object) -> bool:
     except KeyError:
         return False
     found = service.methods_by_name.get(method_name)
-    return bool(found and found.GetOptions().Extensions[extension])  # type: ignore[index]
+    return bool(found and found.GetOptions().Extensions[extension])
 
 
 class AccessPolicy:

@@ -9,6 +9,7 @@ old version. Only the user of the request in hand is ever acted for."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
@@ -152,11 +153,11 @@ class UserSecrets:
                 )
             raise
 
-    def _names(self, uid: str) -> list[str]:
+    def _names(self, uid: str) -> builtins.list[str]:
         # Entries put in Vault by other means, under names this API refuses, are not secrets here.
         return [name for name in self._store.names(uid) if is_allowed_name(name)]
 
-    def _describe_all(self, uid: str) -> list[SecretRecord]:
+    def _describe_all(self, uid: str) -> builtins.list[SecretRecord]:
         records = (self._store.describe(uid, name) for name in self._names(uid))
         return sorted((r for r in records if r is not None), key=lambda record: record.name)
 
@@ -168,7 +169,7 @@ class UserSecrets:
                 values[name] = value
         return values
 
-    def _values(self, uid: str, names: list[str]) -> dict[str, str]:
+    def _values(self, uid: str, names: builtins.list[str]) -> dict[str, str]:
         values = {}
         for name in names:
             value = self._store.value(uid, name)
