@@ -19,12 +19,15 @@ from pathlib import Path
 import httpx
 
 from bench.baseline import bare_start_ms, base_python, percentile
+from services.executor.sandbox import BACKENDS
 from services.runner.mesh import Mesh, MeshConfig
 
 HELLO = {"code": "print('hello')"}
 
 
-def one_run(client: httpx.Client, headers: dict[str, str]) -> float:
+def one_run(client: httpx.Client, headers: dict[str, str], pause: float = 0.0) -> float:
+    if pause:
+        time.sleep(pause)  # requests arriving apart: the warm pool refills between them
     started = time.perf_counter()
     response = client.post("/api/v1/execute", json=HELLO, headers=headers)
     elapsed = (time.perf_counter() - started) * 1000
@@ -43,13 +46,23 @@ def main() -> int:
     )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--pool-size", type=int, default=4, help="warm sandboxes per language")
+    parser.add_argument("--sandbox", choices=BACKENDS, default="bwrap", help="the executor's sandbox backend")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=0.0,
+        help="seconds between sequential runs (gvisor: ~0.5, the time a container takes to start)",
+    )
     args = parser.parse_args()
 
     interpreter = base_python()
     baseline = bare_start_ms(50, interpreter)
     service_env = {
         "auth": {"PYTHONON_AUTH_USER_RATE_BURST": "100000", "PYTHONON_AUTH_USER_RATE_PER_MINUTE": "1000000"},
-        "executor": {"PYTHONON_EXECUTOR_POOL_SIZE": str(args.pool_size)},
+        "executor": {
+            "PYTHONON_EXECUTOR_POOL_SIZE": str(args.pool_size),
+            "PYTHONON_EXECUTOR_BACKEND": args.sandbox,
+        },
     }
     with tempfile.TemporaryDirectory() as data_dir:
         config = MeshConfig(port=0, data_dir=Path(data_dir), service_env=service_env, log_level="WARNING")
@@ -60,7 +73,7 @@ def main() -> int:
             headers = {"x-api-key": registered.json()["apiKey"]}
             for _ in range(20):
                 one_run(client, headers)
-            sequential = [one_run(client, headers) for _ in range(args.runs)]
+            sequential = [one_run(client, headers, args.pause) for _ in range(args.runs)]
 
             clients = [httpx.Client(base_url=mesh.url, timeout=60) for _ in range(args.concurrency)]
             started = time.perf_counter()
@@ -83,7 +96,10 @@ def main() -> int:
     print(
         f"baseline  bare `{Path(interpreter).name} -I -S -c pass`: p50 {base_p50:.1f} ms (n={len(baseline)})"
     )
-    print(f"mesh      hello-world through Envoy, sequential (n={len(sequential)}):")
+    pause = f", {args.pause:g} s apart" if args.pause else ""
+    print(
+        f"mesh      hello-world through Envoy, {args.sandbox} sandbox, sequential (n={len(sequential)}{pause}):"
+    )
     print(f"            p50 {p50:.1f} ms   p95 {p95:.1f} ms   p99 {p99:.1f} ms")
     print(f"mesh      concurrency {args.concurrency} (n={len(concurrent)}):")
     print(f"            {throughput:.1f} runs/s   p99 {percentile(concurrent, 0.99):.1f} ms")

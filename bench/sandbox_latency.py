@@ -12,16 +12,14 @@ import asyncio
 import time
 
 from bench.baseline import bare_start_ms, percentile
-from services.executor.sandbox import RunSpec, create_backend
-
-HELLO = {"python": "print('hello')", "javascript": "console.log('hello')", "bash": "echo hello"}
+from services.executor.sandbox import BACKENDS, LANGUAGES, RunSpec, create_backend
 
 
 async def measure(backend_name: str, language: str, runs: int, pause: float, concurrency: int) -> None:
     backend = create_backend(backend_name)
     await backend.start()
     try:
-        spec = RunSpec(language, HELLO[language])
+        spec = RunSpec(language, LANGUAGES[language].hello)
 
         async def one() -> float:
             started = time.perf_counter()
@@ -63,8 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--backend", default="bwrap")
-    parser.add_argument("--language", default="python", choices=sorted(HELLO))
+    parser.add_argument("--backend", default="bwrap", choices=BACKENDS)
+    parser.add_argument("--language", default="python", choices=list(LANGUAGES))
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--pause", type=float, default=0.05, help="seconds between sequential runs")
     parser.add_argument("--concurrency", type=int, default=8)

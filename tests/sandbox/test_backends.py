@@ -112,21 +112,22 @@ def test_gvisor_without_runsc_is_unavailable(monkeypatch: pytest.MonkeyPatch) ->
         create_backend("gvisor")
 
 
-def test_payloads_are_framed_json_or_a_script_never_a_python_serialisation(tmp_path: Path) -> None:
+def test_payloads_are_plain_framed_data_never_a_python_serialisation(tmp_path: Path) -> None:
     runtimes, _ = discover(tmp_path, {})
     spec = RunSpec("python", "print(1)", env={"A": "b"}, files={"d/f.bin": b"\x00\xff"}, private_input=b"pw")
-    for language in ("python", "javascript"):
-        if language not in runtimes:
-            continue
-        body = runtimes[language].payload(
-            RunSpec(language, spec.code, env=spec.env, files=spec.files), cpu_seconds=3, end_token="ab"
-        )
-        message = json.loads(body)
-        assert message["main"] == LANGUAGES[language].main_file and message["code"] == spec.code
-        assert message["files"] == {"d/f.bin": "AP8="} and message["env"]["A"] == "b"
-        assert message["end_token"] == "ab"
-    inline = json.loads(runtimes["python"].payload(spec, cpu_seconds=3, inline_private=True))
-    assert inline["private"] == "cHc=" and "end_token" not in inline
+    records = runtimes["python"].payload(spec, cpu_seconds=3, inline_private=True, end_token="ab")
+    assert records == (
+        b"workdir 10\n/workspace" + b"main 7\nmain.py" + b"code 8\nprint(1)" + b"cpu 1\n3"
+        + b"env 4 %d\nPATH%s" % (len(runtimes["python"].path), runtimes["python"].path.encode())
+        + b"env 4 10\nHOME/workspace" + b"env 4 7\nLANGC.UTF-8" + b"env 23 1\nPYTHONDONTWRITEBYTECODE1"
+        + b"env 16 1\nPYTHONUNBUFFERED1" + b"env 1 1\nAb" + b"file 7 2\nd/f.bin\x00\xff"
+        + b"private 2\npw" + b"end 2\nab"
+    )  # fmt: skip
+    if "javascript" in runtimes:
+        js = RunSpec("javascript", "1", files=spec.files)
+        message = json.loads(runtimes["javascript"].payload(js, cpu_seconds=3, end_token="ab"))
+        assert message["main"] == LANGUAGES["javascript"].main_file and message["code"] == "1"
+        assert message["files"] == {"d/f.bin": "AP8="} and message["end_token"] == "ab"
     if "bash" in runtimes:
         script = runtimes["bash"].payload(RunSpec("bash", "echo hi"), cpu_seconds=3).decode("ascii")
         assert script.startswith("exec 4<&-\n") and "exec /usr/bin/env -i" in script

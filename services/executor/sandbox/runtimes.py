@@ -3,8 +3,9 @@ it needs (mounted read-only), the command that starts its warm bootstrap, and ho
 encoded for that bootstrap. Which languages exist is said once, in languages.py.
 
 Payloads are plain data, never a Python-specific serialisation, so that the sandbox's interpreter
-need not be the executor's: for Python and JavaScript a JSON object (file contents in base64), for
-Bash a script. Either way it travels as one frame, b"<decimal length>\n" + body (see `frame`)."""
+need not be the executor's: for Python records a bootstrap parses with builtins only (see
+`_records`), for JavaScript a JSON object (file contents in base64), for Bash a script. Each
+travels as one frame, b"<decimal length>\n" + body (see `frame`)."""
 
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def find_python(language: Language, executable: str | None, runtime_dir: Path) -
         symlinks=tuple(symlinks),
         path=f"{exe.parent}:/usr/local/bin:/usr/bin:/bin",
         limit_address_space=True,
-        encoder=_json_payload,
+        encoder=_records,
     )
 
 
@@ -194,6 +195,36 @@ def _files(spec: RunSpec) -> list[tuple[str, bytes]]:
     return [(safe_relative_path(name), bytes(data)) for name, data in spec.files.items()]
 
 
+def _records(
+    runtime: Runtime,
+    spec: RunSpec,
+    env: Mapping[str, str],
+    cpu_seconds: int,
+    inline_private: bool,
+    end_token: str | None,
+) -> bytes:
+    """The Python bootstrap's payload: records, each b"<kind> <size>[ <size>]\n" and the fields."""
+    parts: list[bytes] = []
+
+    def record(kind: str, *fields: bytes) -> None:
+        parts.append(" ".join([kind, *(str(len(f)) for f in fields)]).encode() + b"\n")
+        parts.extend(fields)
+
+    record("workdir", WORKDIR.encode())
+    record("main", runtime.main_file.encode())
+    record("code", spec.code.encode())
+    record("cpu", str(cpu_seconds).encode())
+    for name, value in env.items():
+        record("env", name.encode(), value.encode())
+    for name, data in _files(spec):
+        record("file", name.encode(), data)
+    if inline_private:
+        record("private", bytes(spec.private_input))
+    if end_token is not None:
+        record("end", end_token.encode())
+    return b"".join(parts)
+
+
 def _json_payload(
     runtime: Runtime,
     spec: RunSpec,
@@ -202,7 +233,7 @@ def _json_payload(
     inline_private: bool,
     end_token: str | None,
 ) -> bytes:
-    """The payload of the Python and JavaScript bootstraps: one JSON object."""
+    """The JavaScript bootstrap's payload: one JSON object (node parses it natively)."""
     message: dict[str, object] = {
         "workdir": WORKDIR,
         "main": runtime.main_file,
