@@ -4,7 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.platform.settings import Environment, ServerSettings, SettingsError, database_url
+from services.platform.settings import (
+    Environment,
+    ServerSettings,
+    Setting,
+    SettingsError,
+    database_url,
+    wiring_settings,
+)
+
+SETTINGS: tuple[Setting, ...] = (
+    *wiring_settings("audit"),
+    Setting(
+        "PYTHONON_AUDIT_PAGE_SIZE", "50", "Entries per page of the audit list when the caller names no limit."
+    ),
+    Setting(
+        "PYTHONON_AUDIT_MAX_PAGE_SIZE",
+        "500",
+        "The most entries a caller may ask for in one page (at least PYTHONON_AUDIT_PAGE_SIZE).",
+    ),
+)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,58 @@ from dataclasses import dataclass
 from services.platform.settings import (
     Environment,
     ServerSettings,
+    Setting,
     SettingsError,
     database_url,
     service_address,
+    wiring_settings,
+)
+
+SETTINGS: tuple[Setting, ...] = (
+    *wiring_settings("auth"),
+    Setting(
+        "PYTHONON_AUTH_IDENTITY_KEY_FILE",
+        None,
+        "PEM Ed25519 private key that signs the identity assertions the edge forwards to services.",
+        wired=True,
+    ),
+    Setting(
+        "PYTHONON_AUTH_ACCESS_TOKEN_KEY_FILE",
+        None,
+        "PEM Ed25519 private key that signs users' access JWTs.",
+        wired=True,
+    ),
+    Setting(
+        "PYTHONON_AUTH_SECRET_KEY_FILE",
+        None,
+        "At least 32 random bytes, base64: the key of API-key digests and of encrypted fields.",
+        wired=True,
+    ),
+    Setting("PYTHONON_AUTH_ACCESS_TOKEN_TTL_SECONDS", "900", "Lifetime of an access JWT, in seconds."),
+    Setting(
+        "PYTHONON_AUTH_REFRESH_TOKEN_TTL_SECONDS",
+        "2592000",
+        "Lifetime of a refresh token, in seconds (30 days).",
+    ),
+    Setting("PYTHONON_AUTH_USER_RATE_BURST", "200", "Requests a user may make at once (token bucket size)."),
+    Setting(
+        "PYTHONON_AUTH_USER_RATE_PER_MINUTE", "3000", "Rate at which a user's bucket refills, per minute."
+    ),
+    Setting(
+        "PYTHONON_AUTH_CLIENT_IP_RATE_BURST",
+        "20",
+        "Anonymous calls (register, login, refresh) one client address may make at once.",
+    ),
+    Setting(
+        "PYTHONON_AUTH_CLIENT_IP_RATE_PER_MINUTE",
+        "20",
+        "Rate at which a client address's bucket refills, per minute.",
+    ),
+    Setting(
+        "PYTHONON_AUTH_API_KEY_CACHE_SECONDS",
+        "30",
+        "How long the edge check remembers which user an API key names (0: not at all).",
+    ),
 )
 
 

@@ -8,9 +8,57 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.executor.sandbox import BACKENDS, BackendOptionError, Limits, backend_options
-from services.platform.settings import Environment, ServerSettings, SettingsError, service_address
+from services.platform.settings import (
+    Environment,
+    ServerSettings,
+    Setting,
+    SettingsError,
+    service_address,
+    wiring_settings,
+)
 
 MiB = 1024 * 1024
+
+SETTINGS: tuple[Setting, ...] = (
+    *wiring_settings("executor"),
+    Setting(
+        "PYTHONON_EXECUTOR_BACKEND",
+        "bwrap",
+        f"Sandbox backend: {', '.join(BACKENDS)}. `pyth-on up --sandbox` sets it; its default is this variable.",
+    ),
+    Setting(
+        "PYTHONON_EXECUTOR_BACKEND_OPTIONS",
+        None,
+        'JSON object of backend options, e.g. {"platform": "ptrace"} for gvisor; unknown options are refused.',
+    ),
+    Setting(
+        "PYTHONON_EXECUTOR_TIMEOUT_SECONDS", "10", "Wall-clock limit of a run that names none, in seconds."
+    ),
+    Setting(
+        "PYTHONON_EXECUTOR_MAX_TIMEOUT_SECONDS", "60", "The longest timeout a caller may ask for, in seconds."
+    ),
+    Setting("PYTHONON_EXECUTOR_MEMORY_MIB", "256", "Memory limit of a run, in MiB (at least 16)."),
+    Setting("PYTHONON_EXECUTOR_PROCESSES", "64", "Most processes a run may have at once."),
+    Setting(
+        "PYTHONON_EXECUTOR_OUTPUT_BYTES", "1048576", "Most bytes of stdout and of stderr kept from a run."
+    ),
+    Setting("PYTHONON_EXECUTOR_FILE_MIB", "16", "Largest file a run may write, in MiB."),
+    Setting("PYTHONON_EXECUTOR_TMP_MIB", "64", "Size of a run's /tmp, in MiB."),
+    Setting(
+        "PYTHONON_EXECUTOR_POOL_SIZE",
+        "2",
+        "Warm sandboxes kept started per language, waiting for a run (0: none).",
+    ),
+    Setting("PYTHONON_EXECUTOR_MAX_CONCURRENT", "0", "Most runs at once (0: twice the number of cores)."),
+    Setting(
+        "PYTHONON_EXECUTOR_MAX_WAITING",
+        None,
+        "Most runs waiting for a free slot before new ones are refused as busy "
+        "(unset: as many as PYTHONON_EXECUTOR_MAX_CONCURRENT).",
+    ),
+    Setting("PYTHONON_EXECUTOR_MAX_CODE_BYTES", "262144", "Largest code accepted, in bytes."),
+    Setting("PYTHONON_EXECUTOR_MAX_STDIN_BYTES", "1048576", "Largest stdin accepted, in bytes."),
+)
 
 
 @dataclass(frozen=True)

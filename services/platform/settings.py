@@ -14,6 +14,79 @@ class SettingsError(Exception):
     """A setting is missing or malformed; the service refuses to start."""
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One documented variable: its name, its default as an operator would write it (None: required,
+    or unset unless given), and what it means. `wired`: `pyth-on up` sets it itself (an address,
+    a database URL, a key file of the data directory), so a copy in the runner's environment is
+    refused; set it yourself only when you run the service some other way.
+
+    Each settings module declares its variables in a `SETTINGS` table of these; the reference
+    (docs/settings.md, `tools/settings_reference.py`) and the runner's pass-through read the tables,
+    and a test checks each table against what the module's loader reads."""
+
+    name: str
+    default: str | None
+    meaning: str
+    wired: bool = False
+
+
+# Read by every service through ServerSettings and database_url below.
+COMMON_SETTINGS: tuple[Setting, ...] = (
+    Setting("PYTHONON_HOST", "127.0.0.1", "Address the service's gRPC server listens on.", wired=True),
+    Setting("PYTHONON_PORT", None, "Port of the service's gRPC server (0 picks a free one).", wired=True),
+    Setting(
+        "PYTHONON_LOG_LEVEL",
+        "INFO",
+        "DEBUG, INFO, WARNING or ERROR; logs are JSON lines. `pyth-on up` gives every service its "
+        "`--log-level`, whose default is this variable.",
+    ),
+    Setting(
+        "PYTHONON_IDENTITY_PUBLIC_KEY_FILE",
+        None,
+        "PEM Ed25519 public key that verifies the identity assertions the edge forwards.",
+        wired=True,
+    ),
+    Setting(
+        "PYTHONON_SHUTDOWN_GRACE_SECONDS",
+        "5",
+        "Seconds in-flight calls get to finish after SIGTERM before the server stops.",
+    ),
+    Setting(
+        "PYTHONON_DATABASE_URL",
+        None,
+        "SQLAlchemy URL (sqlite:// or postgresql://) of every service's database when its own "
+        "PYTHONON_<SERVICE>_DATABASE_URL is unset. `pyth-on up` and `pyth-on migrate` read it as the "
+        "default of `--database-url` and give each service its own variable instead.",
+    ),
+)
+
+
+def wiring_settings(service: str) -> tuple[Setting, ...]:
+    """The variables that wire `service` into a mesh, from the service graph: the address of each
+    built service it calls and, if it keeps state, its database URL. All set by `pyth-on up`."""
+    wiring = [
+        Setting(
+            service_graph.address_variable(callee),
+            None,
+            f"host:port of the {callee} service's gRPC server.",
+            wired=True,
+        )
+        for callee in service_graph.calls(service)
+    ]
+    if service_graph.service(service).database:
+        wiring.append(
+            Setting(
+                service_graph.database_variable(service),
+                None,
+                f"SQLAlchemy URL of the {service} service's database (falls back to PYTHONON_DATABASE_URL); "
+                "its schema must be at head (`pyth-on migrate`).",
+                wired=True,
+            )
+        )
+    return tuple(wiring)
+
+
 class Environment:
     """Typed accessors over an environment mapping that name the variable in every error."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import signal
 import sys
@@ -13,13 +14,24 @@ from types import FrameType
 from services.executor.sandbox import BACKENDS
 from services.platform.db import is_database_url
 from services.runner import migrate as migrations
-from services.runner.mesh import Mesh, MeshConfig, MeshError
+from services.runner.mesh import Mesh, MeshConfig, MeshError, Restart, operator_settings
+
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def version() -> str:
+    """The installed package's version (its metadata, from pyproject.toml)."""
+    try:
+        return importlib.metadata.version("pyth-on")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (the pyth-on package is not installed; `make venv` installs it)"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyth-on", description="Pyth-On, a self-hostable code-execution API."
     )
+    parser.add_argument("--version", action="version", version=f"pyth-on {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start the whole mesh on this machine and keep it running")
     up.add_argument(
@@ -36,10 +48,17 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--sandbox",
         choices=BACKENDS,
-        default="bwrap",
-        help="the executor's sandbox backend (default bwrap; gvisor needs runsc installed)",
+        default=os.environ.get("PYTHONON_EXECUTOR_BACKEND") or "bwrap",
+        help="the executor's sandbox backend (default PYTHONON_EXECUTOR_BACKEND, else bwrap; gvisor "
+        "needs runsc installed)",
     )
-    up.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    up.add_argument(
+        "--log-level",
+        type=str.upper,
+        default=os.environ.get("PYTHONON_LOG_LEVEL") or "INFO",
+        choices=_LOG_LEVELS,
+        help="every service's log level (default PYTHONON_LOG_LEVEL, else INFO)",
+    )
     migrate = commands.add_parser(
         "migrate",
         help="bring every service's database schema to the latest version, then exit "
@@ -102,7 +121,10 @@ def up(config: MeshConfig) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupt)
 
-    mesh = Mesh(config)
+    def report(restart: Restart) -> None:
+        print(f"pyth-on: {restart.describe()}", file=sys.stderr, flush=True)
+
+    mesh = Mesh(config, on_restart=report)
     try:
         print(f"Starting Pyth-On (data in {mesh.layout.root}) ...", flush=True)
         mesh.start()
@@ -111,7 +133,7 @@ def up(config: MeshConfig) -> int:
         ended = mesh.wait()
         stopping = True
         _name, description = ended or ("", "a process ended")
-        print(f"pyth-on: {description}\nStopping the rest.", file=sys.stderr, flush=True)
+        print(f"pyth-on: {description}\nStopping the whole mesh.", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         stopping = True
@@ -133,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate":
         return migrate(args)
     try:
+        operator_settings(os.environ)  # refused variables are named before anything starts
         config = MeshConfig(
             port=args.port,
             data_dir=args.data_dir,

@@ -8,15 +8,18 @@ from __future__ import annotations
 import atexit
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -33,14 +36,20 @@ from services.platform.service_graph import ServiceNode
 from services.runner import openbao
 from services.runner.layout import DataLayout
 from services.runner.migrate import migrate_all
+from services.runner.settings_catalog import COMMON, catalog, service_prefix
 from services.system import settings as system_settings
+
+_log = logging.getLogger("pythonon.runner")
 
 LOOPBACK = "127.0.0.1"
 EDGE = "envoy"
 OPENBAO = "openbao"
 _DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")
-# Variables a service may read from the runner's own environment; everything else is built fresh.
+# Variables every service may read from the runner's own environment (besides its own documented
+# PYTHONON_* settings, see operator_settings); everything else is built fresh.
 _PASSED_THROUGH_PREFIXES = ("OTEL_",)
+# The runner turns it into each service's own database URL; a service never needs the shared one.
+_RUNNER_ONLY = frozenset({"PYTHONON_DATABASE_URL"})
 
 
 class MeshError(Exception):
@@ -121,6 +130,60 @@ _LOCAL_SETTINGS: dict[str, Callable[[MeshPlan], dict[str, str]]] = {
 }
 
 
+def operator_settings(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """What each built service is given from the runner's own environment: its documented
+    `PYTHONON_<SERVICE>_*` settings and the common ones (e.g. PYTHONON_SHUTDOWN_GRACE_SECONDS).
+
+    Raises MeshError naming every variable that cannot be honoured: one the runner wires itself
+    (an address, a port, a database URL, a key file: it would silently lose) and one that names a
+    built service but is none of its settings (a typo would otherwise do nothing)."""
+    tables = catalog()
+    wired = {setting.name for table in tables.values() for setting in table if setting.wired}
+    common = {setting.name for setting in tables[COMMON] if not setting.wired} - _RUNNER_ONLY
+    given: dict[str, dict[str, str]] = {service: {} for service in tables if service != COMMON}
+    problems = []
+    for name, value in sorted(environ.items()):
+        if not name.startswith("PYTHONON_") or name in _RUNNER_ONLY:
+            continue
+        if name in wired:
+            problems.append(
+                f"{name} is set by pyth-on up itself (from the data directory and the service graph)"
+            )
+        elif name in common:
+            for settings in given.values():
+                settings[name] = value
+        else:
+            owner = next((service for service in given if name.startswith(service_prefix(service))), None)
+            if owner is None:
+                continue  # not a service of this mesh (an unbuilt one, or a test's own variable)
+            if name not in {setting.name for setting in tables[owner]}:
+                problems.append(f"{name} is not a setting of the {owner} service")
+            else:
+                given[owner][name] = value
+    if problems:
+        unset = "unset it" if len(problems) == 1 else "unset them"
+        raise MeshError(f"{'; '.join(problems)}: {unset} (every setting: docs/settings.md)")
+    return given
+
+
+@dataclass(frozen=True)
+class Restart:
+    """A part that ended and is being started again: `how` it ended ("was killed by signal 9",
+    "exited with status 1"), the `attempt` within the restart window, and the back-off before it."""
+
+    part: str
+    how: str
+    attempt: int
+    limit: int
+    delay_seconds: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.part} {self.how}; restarting it in {self.delay_seconds:g} s "
+            f"(attempt {self.attempt} of {self.limit})"
+        )
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     """How to run a mesh.
@@ -138,10 +201,18 @@ class MeshConfig:
     edge_options: Mapping[str, Any] = field(default_factory=dict)
     startup_timeout_seconds: float = 60.0
     stop_grace_seconds: float = 10.0
+    # Supervision once the mesh is up: a part that ends is started again after a back-off that
+    # doubles from `restart_delay_seconds`; the `restart_limit + 1`-th end within the window is
+    # final (`wait()` returns it; `pyth-on up` then stops everything). 0: no restarts at all.
+    restart_limit: int = 5
+    restart_window_seconds: float = 60.0
+    restart_delay_seconds: float = 0.2
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise MeshError(f"--port must be 0-65535, got {self.port}")
+        if self.restart_limit < 0 or self.restart_window_seconds <= 0 or self.restart_delay_seconds < 0:
+            raise MeshError("restart_limit must be >= 0, the window > 0 and the delay >= 0")
         unknown = set(self.service_env) - {service.name for service in SERVICES}
         if unknown:
             raise MeshError(f"service_env names services that are not built: {sorted(unknown)}")
@@ -206,13 +277,15 @@ def _dies_with_parent(argv: list[str]) -> list[str]:
 class _Child:
     """A supervised process, leader of its own process group, logging to a file."""
 
-    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log_path: Path, cwd: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: Mapping[str, str], log_path: Path, cwd: Path, why: str = ""
+    ) -> None:
         self.name = name
         self.log_path = log_path
         # Logs may name users and paths: private like the rest of the data directory.
         with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            log.write(f"--- pyth-on: starting {name} at {stamp} ---\n".encode())
+            log.write(f"--- pyth-on: starting {name} at {stamp}{why} ---\n".encode())
             log.flush()
             self._log_offset = log.tell()
             self.process = subprocess.Popen(
@@ -268,23 +341,55 @@ class _Child:
         tail = text.rstrip("\n").splitlines()[-lines:]
         return "\n".join(f"    {line}" for line in tail) if tail else "    (nothing logged)"
 
-    def describe_exit(self, code: int) -> str:
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        return f"{self.name} {how}; last lines of {self.log_path}:\n{self.log_tail()}"
+    def describe_exit(self, code: int, note: str = "") -> str:
+        return f"{self.name} {how_it_ended(code)}{note}; last lines of {self.log_path}:\n{self.log_tail()}"
+
+
+def how_it_ended(code: int) -> str:
+    return f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+
+
+@dataclass(frozen=True)
+class _PartSpec:
+    """How a part was started, so a restart is the same process: same command, environment, port."""
+
+    argv: list[str]
+    env: Mapping[str, str]
+
+
+class _Stopping(Exception):
+    """The mesh is being stopped while a restart waits."""
 
 
 class Mesh:
     """A running mesh. `start()` starts OpenBao first and returns once the edge answers 200 on
-    /health; `stop()` stops Envoy first, then the services, then OpenBao (SIGTERM, then SIGKILL after
-    the grace period). Usable as a context manager. The data directory is locked while the mesh
-    runs, so two meshes never share one."""
+    /health; from then on a supervisor thread restarts any part that ends (see MeshConfig's
+    restart_* fields; OpenBao is unsealed again, every part gets the command, environment and port
+    it had). `stop()` stops Envoy first, then the services, then OpenBao (SIGTERM, then SIGKILL
+    after the grace period). Usable as a context manager. The data directory is locked while the
+    mesh runs, so two meshes never share one.
 
-    def __init__(self, config: MeshConfig) -> None:
+    `on_restart` is called (on the supervisor thread) for every restart; by default it is logged."""
+
+    def __init__(self, config: MeshConfig, on_restart: Callable[[Restart], None] | None = None) -> None:
         self.config = config
         self.layout = DataLayout.at(config.data_dir)
         self._ports: MeshPorts | None = None
+        self._plan: MeshPlan | None = None
         self._children: dict[str, _Child] = {}
+        self._specs: dict[str, _PartSpec] = {}
         self._lock: Any = None
+        self._on_restart = on_restart or (lambda restart: _log.warning("%s", restart.describe()))
+        self.restarts: list[Restart] = []  # every restart so far, in order
+        self._ended_at: dict[str, deque[float]] = {}
+        self._failure: tuple[str, str] | None = None
+        self._children_lock = threading.Lock()
+        self._stopping = threading.Event()
+        # Set by stop() once every process is gone: the supervisor thread lives until then, because
+        # each process it restarted gets its PR_SET_PDEATHSIG when the thread that started it ends.
+        self._released = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._supervisor_parked = threading.Event()  # it no longer touches the children
 
     # -- what tests and the CLI read --------------------------------------------------------------
 
@@ -332,8 +437,10 @@ class Mesh:
 
     @property
     def pids(self) -> dict[str, int]:
-        """Process id of every process started (each also leads its own process group)."""
-        return {name: child.pid for name, child in self._children.items()}
+        """Process id of every process running now (each also leads its own process group); a
+        restarted part has a new one."""
+        with self._children_lock:
+            return {name: child.pid for name, child in self._children.items()}
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -345,6 +452,7 @@ class Mesh:
         started is stopped again before it raises."""
         if self._children:
             raise MeshError("the mesh is already running")
+        given = operator_settings(os.environ)  # before anything starts: a refused variable starts nothing
         try:
             self._take_lock()
             self.layout.prepare()
@@ -356,6 +464,7 @@ class Mesh:
                     service.name: self.database_url(service.name) for service in SERVICES if service.database
                 },
             )
+            self._plan = plan
             atexit.register(self.stop)
             migrate_all(plan.database_urls)  # once, before any service starts (services only check)
             deadline = time.monotonic() + self.config.startup_timeout_seconds
@@ -364,12 +473,22 @@ class Mesh:
                 self._spawn(
                     service.name,
                     [sys.executable, "-m", f"services.{service.name}"],
-                    self._service_env(service, plan),
+                    self._service_env(service, plan, given.get(service.name, {})),
                 )
             for service in SERVICES:
                 self._wait_serving(service.name, plan.address(service.name), deadline)
             self._start_edge(plan)
             self._wait_edge(deadline)
+            self.restarts.clear()
+            self._ended_at.clear()
+            self._failure = None
+            self._stopping.clear()
+            self._released.clear()
+            self._supervisor_parked = threading.Event()
+            self._supervisor = threading.Thread(
+                target=self._supervise, name="pyth-on supervisor", daemon=True
+            )
+            self._supervisor.start()
         except BaseException:
             self.stop()
             raise
@@ -379,6 +498,12 @@ class Mesh:
         """Stop Envoy, then the services, then OpenBao; idempotent. Removes nothing from the data
         directory."""
         atexit.unregister(self.stop)
+        self._stopping.set()
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            # Wait until it no longer touches the children (a restart under way gives up at once).
+            while supervisor.is_alive() and not self._supervisor_parked.wait(0.05):
+                pass
         edge = self._children.pop(EDGE, None)
         if edge is not None:
             self._terminate([edge])
@@ -388,15 +513,16 @@ class Mesh:
         self._terminate(services)
         if vault is not None:
             self._terminate([vault])
+        self._specs.clear()
+        self._released.set()
+        if supervisor is not None:
+            supervisor.join()
         self._release_lock()
 
     def exited(self) -> tuple[str, str] | None:
-        """(name, description) of a process that has ended, if any, else None."""
-        for name, child in self._children.items():
-            code = child.exit_code()
-            if code is not None:
-                return name, child.describe_exit(code)
-        return None
+        """(name, description) of the part the supervisor gave up on (it ended more often than
+        `restart_limit` allows within the window), else None."""
+        return self._failure
 
     def wait(self, timeout: float | None = None) -> tuple[str, str] | None:
         """Block until a process ends (returns `exited()`) or `timeout` seconds pass (None)."""
@@ -452,9 +578,14 @@ class Mesh:
         env.update({k: v for k, v in os.environ.items() if k.startswith(_PASSED_THROUGH_PREFIXES)})
         return env
 
-    def _service_env(self, service: ServiceNode, plan: MeshPlan) -> dict[str, str]:
+    def _service_env(
+        self, service: ServiceNode, plan: MeshPlan, given: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """Its environment: the operator's settings for it (`given`, see operator_settings), then
+        the wiring, which always wins, then the config's overrides."""
         env = self._base_env()
         env.update({name: os.environ[name] for name in service.outside_variables if name in os.environ})
+        env.update(given or {})
         env.update(
             {
                 "PYTHONON_HOST": LOOPBACK,
@@ -471,8 +602,85 @@ class Mesh:
         env.update(self.config.service_env.get(service.name, {}))
         return env
 
-    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> None:
-        self._children[name] = _Child(name, argv, env, self.layout.log(name), cwd=self.layout.root)
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str], why: str = "") -> None:
+        child = _Child(name, argv, env, self.layout.log(name), cwd=self.layout.root, why=why)
+        with self._children_lock:
+            self._children[name] = child
+        self._specs[name] = _PartSpec(list(argv), dict(env))
+
+    # -- supervision (on its own thread, from the end of start() to stop()) -----------------------
+
+    def _supervise(self) -> None:
+        try:
+            while not self._stopping.wait(0.1) and self._failure is None:
+                with self._children_lock:
+                    ended = [(name, child, child.exit_code()) for name, child in self._children.items()]
+                for name, child, code in ended:
+                    if code is not None and not self._stopping.is_set():
+                        self._restart(name, child, code)
+        except _Stopping:
+            pass
+        except Exception as error:  # noqa: BLE001 (a bug here must not leave the mesh silently unsupervised)
+            _log.exception("the supervisor failed")
+            self._failure = ("supervisor", f"the runner's supervisor failed: {type(error).__name__}: {error}")
+        finally:
+            self._supervisor_parked.set()
+            # Processes it restarted die with this thread (PR_SET_PDEATHSIG): outlive them.
+            self._released.wait()
+
+    def _restart(self, name: str, child: _Child, code: int) -> None:
+        config = self.config
+        now = time.monotonic()
+        ended = self._ended_at.setdefault(name, deque())
+        while ended and now - ended[0] > config.restart_window_seconds:
+            ended.popleft()
+        ended.append(now)
+        attempt = len(ended)
+        if attempt > config.restart_limit:
+            note = (
+                f" (it ended {attempt} times within {config.restart_window_seconds:g} s; not restarted again)"
+                if config.restart_limit
+                else ""
+            )
+            self._failure = (name, child.describe_exit(code, note))
+            return
+        restart = Restart(
+            part=name,
+            how=how_it_ended(code),
+            attempt=attempt,
+            limit=config.restart_limit,
+            delay_seconds=config.restart_delay_seconds * 2 ** (attempt - 1),
+        )
+        self.restarts.append(restart)
+        self._on_restart(restart)
+        child.reap()  # and whatever it had started, still in its process group
+        if self._stopping.wait(restart.delay_seconds):
+            raise _Stopping
+        spec = self._specs[name]
+        self._spawn(name, spec.argv, spec.env, why=f" (restart {attempt}: it {restart.how})")
+        if name == OPENBAO:
+            self._unseal_restarted_openbao()
+
+    def _unseal_restarted_openbao(self) -> None:
+        """OpenBao starts sealed. A failure to unseal counts as another end: the process is killed
+        and the next round of the supervisor restarts it again."""
+        assert self._plan is not None
+
+        def check_alive() -> None:
+            if self._stopping.is_set():
+                raise _Stopping
+            self._fail_if_exited(OPENBAO)
+
+        try:
+            openbao.unseal(
+                self._plan.vault_address,
+                self._plan.openbao,
+                deadline=time.monotonic() + self.config.startup_timeout_seconds,
+                check_alive=check_alive,
+            )
+        except (openbao.OpenBaoError, MeshError) as error:
+            _log.warning("OpenBao did not come back: %s", error)
+            self._children[OPENBAO].signal_group(signal.SIGKILL)
 
     def _fail_if_exited(self, name: str) -> None:
         code = self._children[name].exit_code()

@@ -154,10 +154,7 @@ def prepare(
     client = hvac.Client(url=address, timeout=_REQUEST_TIMEOUT_SECONDS)
     try:
         init = _initialise(client, files)
-        if client.sys.is_sealed():
-            for key in init["keys_base64"][: int(init.get("threshold", 1))]:
-                client.sys.submit_unseal_key(key)
-        _wait(address, deadline, check_alive, lambda status: status == 200, "become active after unsealing")
+        _unseal(client, init, address, deadline, check_alive)
         client.token = init["root_token"]
         _mount_kv(client, mount)
         client.sys.create_or_update_policy(name=POLICY_NAME, policy=policy_hcl(mount, prefix))
@@ -166,6 +163,45 @@ def prepare(
         raise OpenBaoError(
             f"could not set up OpenBao at {address}: {type(error).__name__}: {error}"
         ) from None
+
+
+def unseal(
+    address: str,
+    files: OpenBaoFiles,
+    *,
+    deadline: float,
+    check_alive: Callable[[], None] = lambda: None,
+) -> None:
+    """Bring a restarted OpenBao back to service: wait for it to answer, unseal it with the saved
+    key, and wait until it is active. Nothing else: its storage kept the mount, the policy and the
+    secrets service's token, so the running secrets service carries on with the token it has.
+    Raises OpenBaoError."""
+    _wait(address, deadline, check_alive, lambda status: status is not None, "answer on /v1/sys/health")
+    client = hvac.Client(url=address, timeout=_REQUEST_TIMEOUT_SECONDS)
+    try:
+        if not client.sys.is_initialized():
+            raise OpenBaoError(
+                f"OpenBao at {address} restarted uninitialised: its storage in {files.storage} is gone"
+            )
+        init = _initialise(client, files)
+        _unseal(client, init, address, deadline, check_alive)
+    except (hvac.exceptions.VaultError, requests.RequestException) as error:
+        raise OpenBaoError(
+            f"could not unseal OpenBao at {address}: {type(error).__name__}: {error}"
+        ) from None
+
+
+def _unseal(
+    client: hvac.Client,
+    init: dict[str, Any],
+    address: str,
+    deadline: float,
+    check_alive: Callable[[], None],
+) -> None:
+    if client.sys.is_sealed():
+        for key in init["keys_base64"][: int(init.get("threshold", 1))]:
+            client.sys.submit_unseal_key(key)
+    _wait(address, deadline, check_alive, lambda status: status == 200, "become active after unsealing")
 
 
 def _wait(

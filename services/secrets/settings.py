@@ -6,7 +6,58 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.platform.settings import Environment, ServerSettings, SettingsError, service_address
+from services.platform.settings import (
+    Environment,
+    ServerSettings,
+    Setting,
+    SettingsError,
+    service_address,
+    wiring_settings,
+)
+
+SETTINGS: tuple[Setting, ...] = (
+    *wiring_settings("secrets"),
+    Setting(
+        "PYTHONON_SECRETS_VAULT_ADDR",
+        None,
+        "Vault's or OpenBao's base URL, http:// or https:// (`pyth-on up`: the local OpenBao).",
+        wired=True,
+    ),
+    Setting(
+        "PYTHONON_SECRETS_VAULT_TOKEN_FILE",
+        None,
+        "File holding a Vault token (re-read whenever Vault refuses it). Exactly one of this and "
+        "PYTHONON_SECRETS_VAULT_ROLE_ID_FILE (`pyth-on up`: a policy-limited token it issues).",
+        wired=True,
+    ),
+    Setting(
+        "PYTHONON_SECRETS_VAULT_ROLE_ID_FILE",
+        None,
+        "File holding an AppRole role id, to log in with AppRole.",
+    ),
+    Setting(
+        "PYTHONON_SECRETS_VAULT_SECRET_ID_FILE",
+        None,
+        "File holding the AppRole secret id (needs PYTHONON_SECRETS_VAULT_ROLE_ID_FILE).",
+    ),
+    Setting("PYTHONON_SECRETS_VAULT_APPROLE_MOUNT", "approle", "Mount path of Vault's AppRole auth method."),
+    Setting("PYTHONON_SECRETS_VAULT_MOUNT", "secret", "Mount path of the KV version 2 secrets engine."),
+    Setting(
+        "PYTHONON_SECRETS_VAULT_PATH_PREFIX",
+        "pythonon/users",
+        "Path under the mount where users' secrets live.",
+    ),
+    Setting("PYTHONON_SECRETS_VAULT_CA_FILE", None, "CA bundle that verifies an https:// Vault."),
+    Setting("PYTHONON_SECRETS_VAULT_NAMESPACE", None, "Vault Enterprise namespace, if any."),
+    Setting("PYTHONON_SECRETS_VAULT_TIMEOUT_SECONDS", "5", "Timeout of each request to Vault, in seconds."),
+    Setting(
+        "PYTHONON_SECRETS_VAULT_RENEW_SECONDS",
+        "600",
+        "How often a renewable Vault token is renewed, in seconds.",
+    ),
+    Setting("PYTHONON_SECRETS_MAX_VALUE_BYTES", "65536", "Largest secret value accepted, in bytes."),
+    Setting("PYTHONON_SECRETS_MAX_PER_USER", "100", "Most secrets one user may keep."),
+)
 
 _SEGMENT_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 

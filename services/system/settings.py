@@ -7,10 +7,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.platform import service_graph
-from services.platform.settings import Environment, ServerSettings, SettingsError
+from services.platform.settings import Environment, ServerSettings, Setting, SettingsError, wiring_settings
 
 DATABASE_URLS_VARIABLE = "PYTHONON_SYSTEM_DATABASE_URLS"
 VAULT_ADDRESS_VARIABLE = "PYTHONON_SYSTEM_VAULT_ADDR"
+
+# The address variables say which services are built here: a service without one is "not_built".
+SETTINGS: tuple[Setting, ...] = (
+    *wiring_settings("system"),
+    Setting(
+        DATABASE_URLS_VARIABLE,
+        None,
+        'Comma-separated SQLAlchemy URLs of the services\' databases, checked by /health ("database").',
+        wired=True,
+    ),
+    Setting(
+        VAULT_ADDRESS_VARIABLE,
+        None,
+        'Base URL of the Vault the secrets service uses, checked by /health ("vault"); unset: not checked.',
+        wired=True,
+    ),
+)
 _DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")
 
 

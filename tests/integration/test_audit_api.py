@@ -137,7 +137,7 @@ def _rows(path: Path, query: str) -> list[tuple]:
 
 def test_with_audit_down_mutations_answer_503_and_change_nothing(tmp_path: Path) -> None:
     with (
-        Mesh(MeshConfig(port=0, data_dir=tmp_path)) as mesh,
+        Mesh(MeshConfig(port=0, data_dir=tmp_path, restart_limit=0)) as mesh,  # audit stays down
         httpx.Client(base_url=mesh.url, timeout=30) as client,
     ):
         email = new_email("before")

@@ -270,7 +270,7 @@ def test_a_value_appears_in_no_response_log_audit_row_or_database_file(
 
 def test_secrets_survive_a_restart_and_a_stopped_vault_is_503(tmp_path: Path) -> None:
     value = unique_value()
-    config = MeshConfig(port=0, data_dir=tmp_path)
+    config = MeshConfig(port=0, data_dir=tmp_path, restart_limit=0)  # OpenBao stays down once killed
     with Mesh(config) as mesh, httpx.Client(base_url=mesh.url, timeout=30) as client:
         user = register(client, "restart")
         stored = put(client, user, "PERSISTENT", value, "kept across restarts").json()

@@ -28,7 +28,7 @@ from services.platform import service_graph
 from services.platform.identity import Identity, IdentitySigner, IdentityVerifier, public_key_pem
 from services.runner.cli import main
 from services.runner.layout import DataLayout
-from services.runner.mesh import SERVICES, Mesh, MeshConfig, MeshError, MeshPlan, MeshPorts
+from services.runner.mesh import SERVICES, Mesh, MeshConfig, MeshError, MeshPlan, MeshPorts, Restart
 
 BUILT = [spec.name for spec in SERVICES]
 
@@ -385,8 +385,8 @@ def test_a_trace_runs_from_the_edge_through_the_executor_to_secrets_and_audit(
         assert spans[(callee, SERVER, method)].parent_span_id == client_span.span_id, method
 
 
-def test_a_service_that_dies_is_named(tmp_path: Path) -> None:
-    with Mesh(MeshConfig(port=0, data_dir=tmp_path / "data")) as mesh:
+def test_without_restarts_a_service_that_dies_is_named(tmp_path: Path) -> None:
+    with Mesh(MeshConfig(port=0, data_dir=tmp_path / "data", restart_limit=0)) as mesh:
         os.kill(mesh.pids["system"], signal.SIGKILL)
         ended = mesh.wait(timeout=10)
         assert ended is not None
@@ -394,8 +394,77 @@ def test_a_service_that_dies_is_named(tmp_path: Path) -> None:
         assert name == "system"
         assert description.startswith("system was killed by signal 9; last lines of ")
         assert '"msg": "serving"' in description
+        assert mesh.restarts == []
         pids = list(mesh.pids.values())
     assert wait_gone(pids) == []
+
+
+def _wait_new_pid(mesh: Mesh, name: str, old: int, timeout: float = 15) -> int:
+    deadline = time.monotonic() + timeout
+    while (pid := mesh.pids[name]) == old:
+        assert time.monotonic() < deadline, f"{name} was not restarted"
+        time.sleep(0.05)
+    return pid
+
+
+def test_a_service_that_dies_is_restarted_with_the_same_environment_and_port_until_the_bound(
+    tmp_path: Path,
+) -> None:
+    reported: list[Restart] = []
+    config = MeshConfig(port=0, data_dir=tmp_path / "data", restart_limit=2, restart_delay_seconds=0.1)
+    with Mesh(config, on_restart=reported.append) as mesh:
+        first = mesh.pids["audit"]
+        environment = _environ(first)
+        os.kill(first, signal.SIGKILL)
+        second = _wait_new_pid(mesh, "audit", first)
+        assert _environ(second) == environment  # the port among it
+        assert reported == [Restart("audit", "was killed by signal 9", 1, 2, 0.1)]
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{mesh.url}/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "audit did not come back"
+            time.sleep(0.1)
+        assert "(restart 1: it was killed by signal 9) ---" in mesh.log_path("audit").read_text()
+
+        os.kill(second, signal.SIGTERM)
+        third = _wait_new_pid(mesh, "audit", second)
+        assert reported[-1] == Restart("audit", "exited with status 0", 2, 2, 0.2)  # back-off doubled
+        assert mesh.exited() is None
+
+        os.kill(third, signal.SIGKILL)  # the third end within the window: final
+        ended = mesh.wait(timeout=10)
+        assert ended is not None
+        name, description = ended
+        assert name == "audit"
+        assert description.startswith(
+            "audit was killed by signal 9 (it ended 3 times within 60 s; not restarted again); last lines of "
+        )
+        assert len(reported) == 2
+        pids = list(mesh.pids.values())
+    assert wait_gone(pids) == []
+
+
+def test_a_killed_openbao_is_unsealed_again_and_secrets_are_kept(tmp_path: Path) -> None:
+    with Mesh(MeshConfig(port=0, data_dir=tmp_path / "data")) as mesh:
+        client = httpx.Client(base_url=mesh.url, timeout=30)
+        user = client.post(
+            "/api/register", json={"email": "bao@example.com", "password": "correct horse battery staple"}
+        ).json()
+        headers = {"x-api-key": user["apiKey"]}
+        assert client.put("/api/v1/secrets/KEPT", json={"value": "v1"}, headers=headers).status_code == 200
+        token = mesh.openbao_files.service_token.read_text()
+
+        old = mesh.pids["openbao"]
+        os.kill(old, signal.SIGKILL)
+        _wait_new_pid(mesh, "openbao", old)
+        deadline = time.monotonic() + 15
+        while (listed := client.get("/api/v1/secrets", headers=headers)).status_code != 200:
+            assert time.monotonic() < deadline, listed.text
+            time.sleep(0.1)
+        assert [secret["name"] for secret in listed.json()["secrets"]] == ["KEPT"]
+        assert client.get("/health").json()["services"]["vault"] == "ok"
+        # The secrets service carries on with the token it had: none was issued or revoked.
+        assert mesh.openbao_files.service_token.read_text() == token
+        client.close()
 
 
 def _start_pyth_on_up(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
@@ -423,6 +492,51 @@ def test_pyth_on_up_prints_the_url_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
         runner.send_signal(signal.SIGINT)
         assert runner.wait(timeout=30) == 0
         assert runner.stdout is not None and "Stopped." in runner.stdout.read()
+        assert wait_gone(children) == []
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+
+
+def test_pyth_on_up_prints_each_restart_and_stops_everything_when_a_part_keeps_failing(
+    tmp_path: Path,
+) -> None:
+    runner, url = _start_pyth_on_up(tmp_path / "d")
+    try:
+        children = _children_of(runner.pid)
+        envoy = next(pid for pid in children if "envoy" in Path(f"/proc/{pid}/cmdline").read_text())
+        os.kill(envoy, signal.SIGKILL)
+        assert runner.stdout is not None
+        assert runner.stdout.readline().startswith("Logs are in ")
+        assert runner.stdout.readline() == (
+            "pyth-on: envoy was killed by signal 9; restarting it in 0.2 s (attempt 1 of 5)\n"
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "envoy did not come back"
+            time.sleep(0.1)
+
+        # A configuration Envoy refuses: every restart fails at once, until the bound.
+        (tmp_path / "d" / "envoy.json").write_text("{not json")
+        envoy = next(
+            pid for pid in _children_of(runner.pid) if "envoy" in Path(f"/proc/{pid}/cmdline").read_text()
+        )
+        os.kill(envoy, signal.SIGKILL)
+        assert runner.wait(timeout=60) == 1
+        output = runner.stdout.read()
+        for attempt, delay in ((2, "0.4"), (3, "0.8"), (4, "1.6"), (5, "3.2")):
+            assert f"restarting it in {delay} s (attempt {attempt} of 5)\n" in output
+        assert (
+            "pyth-on: envoy exited with status 1 (it ended 6 times within 60 s; not restarted again)"
+            in output
+        )
+        assert output.endswith("Stopping the whole mesh.\nStopped.\n")
         assert wait_gone(children) == []
     finally:
         if runner.poll() is None:
