@@ -37,9 +37,11 @@ test: venv system-packages check-generated lint typecheck proto-lint proto-break
 
 generate: venv
 	$(BIN)/python tools/generate.py
+	$(BIN)/python tools/settings_reference.py
 
 check-generated: venv
 	$(BIN)/python tools/generate.py --check
+	$(BIN)/python tools/settings_reference.py --check
 
 lint: venv
 	$(BIN)/ruff check .

@@ -49,7 +49,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "PYTHONON_AUTH_CLIENT_IP_RATE_BURST",
         "20",
-        "Anonymous calls (register, login, refresh) one client address may make at once.",
+        "Calls one client address may make at once to each route limited by address (register, login, refresh).",
     ),
     Setting(
         "PYTHONON_AUTH_CLIENT_IP_RATE_PER_MINUTE",

@@ -62,17 +62,19 @@ COMMON_SETTINGS: tuple[Setting, ...] = (
 )
 
 
-def wiring_settings(service: str) -> tuple[Setting, ...]:
+def wiring_settings(service: str, *, built_only: bool = True) -> tuple[Setting, ...]:
     """The variables that wire `service` into a mesh, from the service graph: the address of each
-    built service it calls and, if it keeps state, its database URL. All set by `pyth-on up`."""
+    service it calls (by default only the built ones) and, if it keeps state, its database URL. All
+    set by `pyth-on up`."""
     wiring = [
         Setting(
             service_graph.address_variable(callee),
             None,
-            f"host:port of the {callee} service's gRPC server.",
+            f"host:port of the {callee} service's gRPC server."
+            + ("" if service_graph.service(callee).built else " Not built in this version, so unset."),
             wired=True,
         )
-        for callee in service_graph.calls(service)
+        for callee in service_graph.calls(service, built_only=built_only)
     ]
     if service_graph.service(service).database:
         wiring.append(

@@ -14,7 +14,7 @@ VAULT_ADDRESS_VARIABLE = "PYTHONON_SYSTEM_VAULT_ADDR"
 
 # The address variables say which services are built here: a service without one is "not_built".
 SETTINGS: tuple[Setting, ...] = (
-    *wiring_settings("system"),
+    *wiring_settings("system", built_only=False),
     Setting(
         DATABASE_URLS_VARIABLE,
         None,
