@@ -20,7 +20,7 @@ def service_settings(service: str) -> tuple[Setting, ...]:
 
 
 def catalog() -> dict[str, tuple[Setting, ...]]:
-    """"common" (read by every service) first, then each built service in the graph's order."""
+    """The common settings (read by every service) first, then each built service in the graph's order."""
     return {
         COMMON: COMMON_SETTINGS,
         **{node.name: service_settings(node.name) for node in service_graph.built_services()},
