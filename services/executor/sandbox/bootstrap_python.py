@@ -54,7 +54,10 @@ def _read_frame(fd):
 
 def _parse(data):
     """The records: `env` and `file` (two fields: name, value) gather into dicts, others are single."""
-    payload = {"env": {}, "file": {}}
+    payload: dict = {
+        "env": {},
+        "file": {},
+    }  # a bare annotation: importing typing here would cost every sandbox
     at = 0
     while at < len(data):
         end = data.index(b"\n", at)
@@ -123,9 +126,7 @@ def _main():
     del payload
 
     main = type(sys)("__main__")
-    main.__file__ = path
-    main.__cached__ = None
-    main.__builtins__ = builtins
+    vars(main).update(__file__=path, __cached__=None, __builtins__=builtins)
     sys.modules["__main__"] = main
     sys.argv[:] = [path]
     extra = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
@@ -164,7 +165,8 @@ def _finish(status, end_token):
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except Exception:  # noqa: BLE001, S110 - a closed or broken stream has nothing left to flush
             pass
     if end_token is not None:

@@ -136,7 +136,7 @@ SandboxT = TypeVar("SandboxT", bound=HostSandbox)
 class HostBackend(ABC, Generic[OptionsT, SandboxT]):
     """The shared life of a host backend; subclasses implement the methods marked "backend"."""
 
-    name: ClassVar[str]
+    name: str
     options_type: ClassVar[type[BackendOptions]]
 
     def __init__(self, options: OptionsT) -> None:

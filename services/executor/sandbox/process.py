@@ -132,8 +132,13 @@ class SandboxProcess:
         ready_r: int,
     ) -> None:
         self.pid = pid
-        self._stdin_w, self._private_w, self._payload_w = stdin_w, private_w, payload_w
-        self._stdout_r, self._stderr_r, self._ready_r = stdout_r, stderr_r, ready_r
+        # Each is None once handed on or closed.
+        self._stdin_w: int | None = stdin_w
+        self._private_w: int | None = private_w
+        self._payload_w: int | None = payload_w
+        self._stdout_r: int | None = stdout_r
+        self._stderr_r: int | None = stderr_r
+        self._ready_r: int | None = ready_r
         self._loop = asyncio.get_running_loop()
         self.returncode: int | None = None
         self.exited: asyncio.Future[int] = self._loop.create_future()
