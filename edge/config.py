@@ -4,11 +4,16 @@ One listener serves REST/JSON (HTTP/1.1) and native gRPC (h2c) on the same port.
 order:
 
 0. early header mutation (HCM, before any filter): drop any client-supplied identity assertion
-   and set the client-IP header to the real peer address;
-1. ``envoy.filters.http.lua``: response path only; applies the status a service asked for in
-   ``x-pythonon-http-status`` to REST responses. It is first so that, on the way back, it runs
-   last, after the transcoder has made the JSON response;
-2. ``envoy.filters.http.buffer``: caps the request body (413);
+   and set the client-IP header to the real peer address; the client's ``x-request-id`` is kept
+   (or one generated) and echoed on every response;
+1. ``envoy.filters.http.buffer``: caps the request body (413);
+2. ``envoy.filters.http.lua`` (``rest_checks.lua``, with tables read from the descriptor set by
+   ``rest_contract``): checks every REST request against the call it maps to: a wrong method is
+   a 405 with ``Allow``; an unknown field, a wrong type or a malformed value in the body, query
+   or path is a 400 naming the field and the form it expects. On the way back (it runs after the
+   transcoder there) it applies the status a service asked for in ``x-pythonon-http-status`` and
+   rewrites every REST error into one spelling, ``{"code":N,"message":"...","details":[]}``,
+   with no internal wording, and a ``WWW-Authenticate`` challenge on a 401;
 3. ``envoy.filters.http.grpc_json_transcoder``: REST to gRPC, and gRPC errors to
    ``google.rpc.Status`` JSON; it clears the route cache, so everything after it (ext_authz and
    routing) sees the gRPC path;
@@ -40,6 +45,7 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 from pythonon.api.v1 import access_pb2
 
+from edge import rest_contract
 from services.platform.service_graph import (
     CLIENT_IP_HEADER,
     EXT_AUTHZ,
@@ -140,33 +146,44 @@ def public_methods(descriptor_set: Path = DESCRIPTOR_SET) -> dict[str, set[str]]
     return {"public": public, "limit_by_client_ip": limited, "skip_authz": public - limited}
 
 
+def lua_source(descriptor_set: Path = DESCRIPTOR_SET) -> str:
+    """The edge's Lua filter (``rest_checks.lua``) with its tables for the routed services."""
+    statuses = {status: rest_code for status, rest_code, _, _ in _LOCAL_REPLIES}
+    messages = {
+        status: message
+        for status, _, _, message in _LOCAL_REPLIES
+        if "%" not in message and "{" not in message
+    }
+    return rest_contract.lua_source(
+        _load(descriptor_set).file,
+        [service.full_name for service in services(descriptor_set)],
+        {
+            "HTTP_STATUS_HEADER": HTTP_STATUS_HEADER,
+            "CHALLENGE": CHALLENGE,
+            "MAX_REQUEST_ID": MAX_REQUEST_ID_LENGTH,
+            # For an error body without a usable code or message (or one that leaks internals).
+            "ERROR_CODES": {**statuses, 409: 6, 412: 9},
+            "ERROR_MESSAGES": {
+                **messages,
+                400: "the request is malformed",
+                404: "not found",
+                405: "method not allowed",
+                409: "conflict",
+                413: "request body too large",
+            },
+        },
+    )
+
+
 def _cluster_name(section: str) -> str:
     return f"pythonon_{section}"
 
 
-# Response path only. The transcoder has already turned the gRPC answer into JSON when this
-# runs (this filter is before it in the chain, so after it on the way back). A service asks for
-# a non-200 success status (201 for register, 503 for a degraded health) with a header in its
-# initial metadata; an error status set by the transcoder (e.g. 409) wins over it. Native gRPC
-# answers are left alone: gRPC needs HTTP 200 and its own headers. REST clients do not need the
-# gRPC protocol headers the transcoder leaves in place.
-_LUA_RESPONSE = f"""
-function envoy_on_response(handle)
-  local headers = handle:headers()
-  local content_type = headers:get("content-type") or ""
-  if string.sub(content_type, 1, 16) == "application/grpc" then
-    return
-  end
-  local wanted = headers:get("{HTTP_STATUS_HEADER}")
-  headers:remove("{HTTP_STATUS_HEADER}")
-  headers:remove("grpc-status")
-  headers:remove("grpc-message")
-  headers:remove("grpc-accept-encoding")
-  if wanted ~= nil and headers:get(":status") == "200" and string.match(wanted, "^[1-5]%d%d$") then
-    headers:replace(":status", wanted)
-  end
-end
-"""
+# The challenge of every 401 (RFC 9110): a bearer token (from /api/login) or an API key in
+# x-api-key (from /api/register), both for the realm of this API.
+CHALLENGE = 'Bearer realm="pyth-on", ApiKey realm="pyth-on", header="x-api-key"'
+# The longest x-request-id the edge accepts: the audit log's request_id column holds 128.
+MAX_REQUEST_ID_LENGTH = 128
 
 
 # Envoy's own replies, by HTTP status: the google.rpc.Status code a REST client gets, the gRPC
@@ -174,11 +191,13 @@ end
 # method is UNIMPLEMENTED), and the message. Fixed messages, so that Envoy's internal wording
 # ("upstream connect error or disconnect/reset before headers...") does not reach clients.
 _LOCAL_REPLIES: tuple[tuple[int, int, int, str], ...] = (
-    # The transcoder's messages say what is wrong with the JSON: worth passing on.
+    # The edge's Lua filter says what is wrong with the request and which field: passed on.
     (400, 3, 3, "%LOCAL_REPLY_BODY%"),
     (401, 16, 16, "unauthenticated"),
     (403, 7, 7, "permission denied"),
     (404, 5, 12, "no route for %REQ(:PATH)%"),
+    # The edge's Lua filter: a known path with a method it does not take (it sets Allow).
+    (405, 12, 12, "%LOCAL_REPLY_BODY%"),
     (408, 4, 4, "request timeout"),
     (413, 8, 8, "request body larger than {max_request_bytes} bytes"),
     (429, 8, 8, "too many requests"),
@@ -388,19 +407,20 @@ def render(
 
     http_filters = [
         {
-            "name": "envoy.filters.http.lua",
-            "typed_config": {
-                "@type": _TYPE + "envoy.extensions.filters.http.lua.v3.Lua",
-                "default_source_code": {"inline_string": _LUA_RESPONSE},
-            },
-        },
-        {
             # Caps the body the client sends (REST or gRPC) with a 413; the transcoder's own limit
-            # only bounds what it holds at once, since it transcodes a body as it streams in.
+            # only bounds what it holds at once, since it transcodes a body as it streams in. First,
+            # so that the Lua filter may hold a body up to this size (the buffer limit it sets).
             "name": "envoy.filters.http.buffer",
             "typed_config": {
                 "@type": _TYPE + "envoy.extensions.filters.http.buffer.v3.Buffer",
                 "max_request_bytes": max_request_bytes,
+            },
+        },
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": _TYPE + "envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": lua_source()},
             },
         },
         {
@@ -452,6 +472,10 @@ def render(
         "codec_type": "AUTO",
         "use_remote_address": True,
         "generate_request_id": True,
+        # A client's x-request-id is kept (the Lua filter bounds it), so that a caller can find
+        # its request in the audit log; every response carries the id, errors included.
+        "preserve_external_request_id": True,
+        "always_set_request_id_in_response": True,
         "normalize_path": True,
         "merge_slashes": True,
         "early_header_mutation_extensions": [

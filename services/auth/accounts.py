@@ -23,8 +23,10 @@ from services.platform.errors import AlreadyExists, InvalidArgument, NotFound, U
 from services.platform.identity import ANONYMOUS, Identity
 
 MAX_EMAIL_LENGTH = 254
+# Matched whole (fullmatch): no control characters (NUL, terminal escapes) anywhere, since the
+# address is shown back in answers, logs and the audit list.
 _EMAIL = re.compile(
-    r"^[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+$"
+    r"[^@\s\x00-\x1f\x7f-\x9f]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+"
 )
 LOGIN_REFUSED = "invalid email or password"
 
@@ -58,7 +60,7 @@ class _Rotation:
 def normalize_email(email: str) -> str:
     """Lower-cased and trimmed; refuses anything that is not a plausible address."""
     email = email.strip().lower()
-    if not email or len(email) > MAX_EMAIL_LENGTH or not _EMAIL.match(email):
+    if not email or len(email) > MAX_EMAIL_LENGTH or not _EMAIL.fullmatch(email):
         raise InvalidArgument("email must be a valid address such as name@example.com")
     return email
 

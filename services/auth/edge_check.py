@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.auth.accounts import Accounts
+from services.auth.api_keys import PREFIX as API_KEY_PREFIX
 from services.auth.rate_limits import TokenBuckets
 from services.platform.access import is_limited_by_client_ip, is_public
 from services.platform.identity import Identity
@@ -40,13 +41,7 @@ class EdgeCheck:
             return Decision(True)
         identity = await self._identify(headers)
         if identity is None:
-            has_credential = "x-api-key" in headers or "authorization" in headers
-            message = (
-                "invalid credentials"
-                if has_credential
-                else "missing credentials: send x-api-key or Authorization: Bearer"
-            )
-            return Decision(False, http_status=401, message=message)
+            return Decision(False, http_status=401, message=_refusal(headers))
         wait = self._user_limits.take(identity.user_id)
         if wait:
             return Decision(
@@ -62,3 +57,21 @@ class EdgeCheck:
         if authorization[: len(BEARER)].lower() == BEARER:
             return await self._accounts.identify_access_token(authorization[len(BEARER) :].strip())
         return None
+
+
+def _refusal(headers: dict[str, str]) -> str:
+    """Why a call without a valid credential is refused, and where the credential goes; the
+    credentials are judged in the order `_identify` reads them."""
+    if headers.get("x-api-key", "").strip():
+        return "invalid credentials: no such API key (x-api-key)"
+    authorization = headers.get("authorization", "")
+    if authorization[: len(BEARER)].lower() == BEARER:
+        if authorization[len(BEARER) :].strip().startswith(API_KEY_PREFIX):
+            return (
+                f"invalid credentials: an API key ({API_KEY_PREFIX}...) goes in the x-api-key header; "
+                "Authorization: Bearer takes the access token from /api/login"
+            )
+        return "invalid credentials: the access token is invalid or expired; log in again at /api/login"
+    if "authorization" in headers:
+        return "invalid credentials: Authorization takes Bearer <access token>; an API key goes in x-api-key"
+    return "missing credentials: send x-api-key: <API key> or Authorization: Bearer <access token>"

@@ -11,7 +11,8 @@ from services.platform.sandbox_environment import RESERVED_NAMES, RESERVED_PREFI
 
 MAX_NAME_LENGTH = 64
 MAX_DESCRIPTION_LENGTH = 1024
-_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+# Matched whole (fullmatch): "$" would let a trailing newline through.
+_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
 def check_name(name: str) -> str:
@@ -20,7 +21,7 @@ def check_name(name: str) -> str:
         raise InvalidArgument("a secret name is required")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidArgument(f"secret names are at most {MAX_NAME_LENGTH} characters")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(
             "a secret name must be an environment-variable name: capital letters, digits and "
             "underscores, not starting with a digit (e.g. API_TOKEN)"
