@@ -1,0 +1,353 @@
+"""A precise answer for every mistake, from the edge itself: a real Envoy with the rendered config in
+front of the gRPC doubles (tests/edge/conftest.py).
+
+Each mistake is answered by the edge's Lua filter before the call reaches a service (the doubles
+record nothing), with a 400 that names the field and the form it expects, or a 405 with Allow;
+every error, whoever made it, comes back in one spelling; the request id goes both ways.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import grpc
+import httpx
+import pytest
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
+from pythonon.system.v1 import system_pb2, system_pb2_grpc
+
+from edge import config, rest_contract
+from services.audit.audit_log import MAX_REQUEST_ID_LENGTH as AUDIT_REQUEST_ID_LENGTH
+
+KEY = {"x-api-key": "po_a-key-the-double-accepts"}
+# What no answer may contain: protobuf's, Envoy's or Python's wording.
+INTERNAL = re.compile(
+    r"google\.protobuf|googleapis|TYPE_[A-Z]|\bproto(buf)?\b|Envoy|envoy|<class|Traceback|Error'"
+)
+
+
+def spelled(code: int, message: str) -> str:
+    """The one spelling of every error body."""
+    return json.dumps({"code": code, "message": message, "details": []}, separators=(",", ":"))
+
+
+def refused(response: httpx.Response, status: int = 400, code: int = 3) -> str:
+    """Assert an error in the one spelling, with nothing internal in it; return its message."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    message = response.json()["message"]
+    assert response.text == spelled(code, message)
+    assert not INTERNAL.search(response.text), response.text
+    return message
+
+
+def nothing_reached_a_service(doubles) -> None:
+    assert doubles.auth.recorder.calls == []  # not even the credential check
+    assert doubles.system.recorder.calls == []
+
+
+# --- the body --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        # The issue's new user: unknown fields used to be dropped and the code run as Python.
+        (
+            "/api/v1/execute",
+            {"lang": "javascript", "code": "console.log(1)"},
+            'unknown field "lang" (the fields are code, language, stdin, timeout, env, secrets)',
+        ),
+        (
+            "/api/v1/execute",
+            {"code": "print(1)", "timeout_ms": 500},
+            'unknown field "timeout_ms" (the fields are code, language, stdin, timeout, env, secrets)',
+        ),
+        (
+            "/api/register",
+            {"email": "a@b.co", "password": "x", "name": "Ada"},
+            'unknown field "name" (the fields are email, password)',
+        ),
+        ("/api/verify", {"anything": 1}, 'unknown field "anything": this call takes no fields'),
+        # Wrong types and shapes, named with the form expected.
+        ("/api/v1/execute", {"code": 5}, "code: expected a string, got 5"),
+        ("/api/v1/execute", {"code": "1", "timeout": "abc"}, 'timeout: expected a number, got "abc"'),
+        ("/api/v1/execute", {"code": "1", "timeout": True}, "timeout: expected a number, got true"),
+        (
+            "/api/v1/execute",
+            {"code": "1", "env": ["A=1"]},
+            'env: expected an object of strings such as {"NAME": ...}, got an array',
+        ),
+        ("/api/v1/execute", {"code": "1", "env": {"A": {"b": 1}}}, "env.A: expected a string, got an object"),
+        ("/api/v1/execute", {"code": "1", "env": {"A": None}}, "env.A: expected a string, got null"),
+        ("/api/v1/execute", {"code": "1", "secrets": "API_KEY"}, 'secrets: expected an array, got "API_KEY"'),
+        ("/api/v1/packages", {"packages": ["a", 1]}, "packages[1]: expected a string, got 1"),
+        ("/api/v1/execute", ["print(1)"], "the request body must be a JSON object, got an array"),
+    ],
+    ids=lambda value: value if isinstance(value, str) and value.startswith("/") else None,
+)
+def test_body_mistakes_name_the_field(client, doubles, path, body, message):
+    method = "PUT" if path == "/api/v1/packages" else "POST"
+    response = client.request(method, path, json=body, headers=KEY)
+    assert refused(response) == message
+    nothing_reached_a_service(doubles)
+
+
+def test_a_nested_body_is_checked_too(client, doubles):
+    # PUT /api/v1/secrets/{name} takes the SecretInput as its body; "name" comes from the path.
+    answers = {
+        '{"valu": "x"}': 'unknown field "valu" (the fields are value, description)',
+        '{"value": "x", "name": "B"}': 'unknown field "name" (the fields are value, description)',
+        '{"value": ["x"]}': "value: expected a string, got an array",
+        '"x"': "the request body must be a JSON object (an object with the fields value, description), got a string",
+    }
+    for body, message in answers.items():
+        response = client.put("/api/v1/secrets/TOKEN", content=body, headers=KEY)
+        assert refused(response) == message, body
+    nothing_reached_a_service(doubles)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"not json", "the request body is not valid JSON: an unexpected character at byte 1"),
+        (b'{"code": "1",}', "the request body is not valid JSON: a key that is not a string at byte 14"),
+        (
+            b'{"code": "\xff\xfe"}',
+            "the request body is not valid JSON: a string that is not UTF-8 at byte 10",
+        ),
+        (
+            b'{"code": "\\ud800"}',
+            "the request body is not valid JSON: a \\u escape of half a surrogate pair at byte 11",
+        ),
+        (
+            b'{"code": "a\nb"}',
+            "the request body is not valid JSON: a control character in a string (escape it, e.g. \\n) at byte 12",
+        ),
+        (
+            b'{"code": "1", "code": "2"}',
+            'the request body is not valid JSON: the key "code" twice in one object at byte 21',
+        ),
+        (
+            b'{"timeout": 1e400}',
+            "the request body is not valid JSON: a number too large for a double (1e400) at byte 13",
+        ),
+        (b'{"timeout": 012}', "the request body is not valid JSON: a number with a leading zero at byte 13"),
+        (
+            b'{"code": "1"} {}',
+            "the request body is not valid JSON: more after the end of the value at byte 15",
+        ),
+        (
+            b'{"secrets": ' + b"[" * 100 + b"]" * 100 + b"}",
+            "the request body is not valid JSON: values nested deeper than 64 levels at byte 76",
+        ),
+    ],
+    ids=lambda value: value.decode("utf-8", "replace")[:30] if isinstance(value, bytes) else None,
+)
+def test_malformed_json_says_what_and_where(client, doubles, body, message):
+    response = client.post(
+        "/api/v1/execute", content=body, headers={**KEY, "content-type": "application/json"}
+    )
+    assert refused(response) == message
+    nothing_reached_a_service(doubles)
+
+
+def test_null_and_an_empty_body_leave_fields_at_their_defaults(client, doubles):
+    # proto3 JSON: null is the default value; no body is the empty message.
+    assert client.post("/api/verify", json={}, headers=KEY).status_code == 200
+    assert client.post("/api/verify", headers=KEY).status_code == 200
+    response = client.post("/api/register", json={"email": "ada@example.com", "password": None})
+    assert response.status_code == 201
+    assert doubles.auth.recorder.only("Register").request.password == ""
+
+
+# --- the query and the path --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        # The issue's since=2026-12-01 echoed type.googleapis.com/google.protobuf.Timestamp.
+        (
+            "since=2026-12-01",
+            'since: expected an RFC 3339 timestamp such as "2026-12-01T00:00:00Z", got "2026-12-01"',
+        ),
+        (
+            "until=2026-02-30T00:00:00Z",
+            'until: expected an RFC 3339 timestamp such as "2026-12-01T00:00:00Z", got "2026-02-30T00:00:00Z"',
+        ),
+        ("limit=abc", 'limit: expected an integer from -2147483648 to 2147483647, got "abc"'),
+        ("limit=99999999999", 'limit: expected an integer from -2147483648 to 2147483647, got "99999999999"'),
+        ("limt=5", 'unknown query parameter "limt"'),
+        ("limit=1&limit=2", "limit: given twice in the query"),
+        ("action=%zz", "the query parameter action: malformed percent-encoding"),
+        ("action=%FF", "the query parameter action: not UTF-8 once percent-decoded"),
+    ],
+)
+def test_query_mistakes_name_the_parameter(client, doubles, query, message):
+    assert refused(client.get(f"/api/v1/audit?{query}", headers=KEY)) == message
+    nothing_reached_a_service(doubles)
+
+
+def test_a_well_formed_query_passes(client, doubles):
+    # audit is not built in this edge's upstreams: the system double answers UNIMPLEMENTED (501).
+    query = "limit=5&since=2026-01-01T00:00:00.5%2B01:00&until=2026-12-31T23:59:59Z&action=auth.login"
+    assert client.get(f"/api/v1/audit?{query}", headers=KEY).status_code == 501
+
+
+def test_query_parameters_on_a_call_with_a_json_body_are_refused(client, doubles):
+    response = client.post("/api/verify?x=1", json={}, headers=KEY)
+    assert refused(response) == 'unknown query parameter "x": this call reads its fields from the JSON body'
+
+
+def test_path_variables_are_checked(client, doubles):
+    assert refused(client.delete("/api/v1/secrets/A%FF", headers=KEY)) == (
+        "name (in the path): not UTF-8 once percent-decoded"
+    )
+    assert refused(client.delete("/api/v1/secrets/A%4", headers=KEY)) == (
+        "name (in the path): malformed percent-encoding"
+    )
+
+
+# --- wrong methods ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/api/register", "POST"),
+        ("DELETE", "/api/v1/secrets", "GET"),
+        ("POST", "/api/v1/secrets/TOKEN", "PUT, DELETE"),
+        ("PATCH", "/api/v1/packages", "GET, PUT, POST"),
+        ("POST", "/health", "GET"),
+        ("GET", "/api/v1/execute", "POST"),
+    ],
+)
+def test_a_wrong_method_is_405_with_allow(client, doubles, method, path, allow):
+    response = client.request(method, path, headers=KEY)
+    message = refused(response, 405, 12)
+    assert message == f"{method} {path}: method not allowed; this path takes {allow}"
+    assert response.headers["allow"] == allow
+    nothing_reached_a_service(doubles)
+
+
+def test_allowed_methods_come_from_the_http_rules():
+    files = config._load(config.DESCRIPTOR_SET).file
+    found = rest_contract.routes(files, [service.full_name for service in config.services()])
+    allowed = rest_contract.allowed_methods(found)
+    assert allowed["/api/v1/secrets/{name}"] == ["PUT", "DELETE"]
+    assert allowed["/api/v1/packages"] == ["GET", "PUT", "POST"]
+    assert allowed["/api/register"] == ["POST"]
+
+
+def test_unsupported_path_templates_are_refused_at_render(tmp_path):
+    file = descriptor_pb2.FileDescriptorProto(name="x.proto", package="pythonon.audit.v1")
+    file.message_type.add(name="E")
+    method = file.service.add(name="AuditService").method.add(
+        name="List", input_type=".pythonon.audit.v1.E", output_type=".pythonon.audit.v1.E"
+    )
+    method.options.Extensions[annotations_pb2.http].get = "/v1/{name=things/*}:list"
+    with pytest.raises(ValueError, match="only {field}, {field=\\*} and {field=\\*\\*} are supported"):
+        rest_contract.routes([file], ["pythonon.audit.v1.AuditService"])
+
+
+# --- one spelling for every error --------------------------------------------------------------
+
+
+def test_every_error_has_one_spelling(client, doubles):
+    # Envoy's own reply (no route), a service's gRPC error through the transcoder, the Lua
+    # filter's 400 and 405: byte for byte the same shape.
+    assert client.get("/nope").text == spelled(5, "no route for /nope")
+    login = client.post("/api/login", json={"email": "a@b.co", "password": "x"})
+    assert (login.status_code, login.text) == (401, spelled(16, "wrong email or password"))
+    assert client.post("/api/login", json={"x": 1}).text == spelled(
+        3, 'unknown field "x" (the fields are email, password)'
+    )
+    # The auth service's denial body, spaced by Python's json.dumps.
+    doubles.auth.deny(403, 7, "not yours")
+    denied = client.get("/api/v1/secrets", headers=KEY)
+    assert (denied.status_code, denied.text) == (403, spelled(7, "not yours"))
+
+
+def test_internal_wording_from_a_service_never_reaches_the_client(client, doubles):
+    def leaks(message):
+        def answer(request, context):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+        return answer
+
+    doubles.auth.answer(
+        "Login", leaks("Unexpected <class 'google.protobuf.message.DecodeError'>: Wire format was corrupt")
+    )
+    response = client.post("/api/login", json={"email": "a@b.co", "password": "x"})
+    assert refused(response) == "the request is malformed"
+    doubles.auth.answer("Login", leaks("email: invalid value 5 for type TYPE_STRING"))
+    response = client.post("/api/login", json={"email": "a@b.co", "password": "x"})
+    assert refused(response) == "email: invalid value"
+
+
+# --- 401 -------------------------------------------------------------------------------------
+
+
+def test_a_401_carries_a_challenge(client, doubles):
+    doubles.auth.deny(
+        401, 16, "missing credentials: send x-api-key: <API key> or Authorization: Bearer <access token>"
+    )
+    response = client.get("/api/v1/secrets")
+    refused(response, 401, 16)
+    assert response.headers["www-authenticate"] == config.CHALLENGE
+    assert response.headers["www-authenticate"].startswith('Bearer realm="pyth-on"')
+    assert 'header="x-api-key"' in response.headers["www-authenticate"]
+    # A service's own 401 (a wrong password) carries it too.
+    login = client.post("/api/login", json={"email": "a@b.co", "password": "x"})
+    assert login.status_code == 401 and login.headers["www-authenticate"] == config.CHALLENGE
+
+
+# --- the request id --------------------------------------------------------------------------
+
+
+def test_the_clients_request_id_reaches_the_service_and_comes_back(client, doubles):
+    response = client.get("/api/info", headers={"x-request-id": "abc-123"})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "abc-123"
+    assert doubles.system.recorder.only("Info").metadata["x-request-id"] == "abc-123"
+    assert doubles.auth.recorder.calls == []  # Info skips the check
+
+
+def test_every_answer_carries_a_request_id(client, doubles):
+    generated = client.get("/api/info")
+    assert re.fullmatch(r"[0-9a-f-]{36}", generated.headers["x-request-id"])
+    for response in [
+        client.get("/nope", headers={"x-request-id": "r-404"}),
+        client.get("/api/register", headers={"x-request-id": "r-405"}),
+        client.post("/api/login", json={"x": 1}, headers={"x-request-id": "r-400"}),
+        client.post(
+            "/api/login", json={"email": "a@b.co", "password": "x"}, headers={"x-request-id": "r-401"}
+        ),
+    ]:
+        assert response.headers["x-request-id"] == f"r-{response.status_code}"
+    doubles.auth.deny(401, 16, "no")
+    assert (
+        client.get("/api/v1/secrets", headers={"x-request-id": "r-denied"}).headers["x-request-id"]
+        == "r-denied"
+    )
+
+
+def test_a_request_id_the_audit_log_cannot_hold_is_refused(client, doubles):
+    assert config.MAX_REQUEST_ID_LENGTH == AUDIT_REQUEST_ID_LENGTH
+    too_long = "a" * (config.MAX_REQUEST_ID_LENGTH + 1)
+    message = refused(client.get("/api/info", headers={"x-request-id": too_long}))
+    assert message == "x-request-id: expected 1 to 128 letters, digits or -_.:/+=, got 129 characters"
+    assert refused(client.get("/api/info", headers={"x-request-id": "a b"})).startswith("x-request-id:")
+    assert client.get("/api/info", headers={"x-request-id": "a" * 128}).status_code == 200
+
+
+def test_native_grpc_echoes_the_request_id(edge, doubles):
+    with grpc.insecure_channel(f"127.0.0.1:{edge.port}") as channel:
+        _, call = system_pb2_grpc.SystemServiceStub(channel).Info.with_call(
+            system_pb2.InfoRequest(), metadata=[("x-request-id", "grpc-1")], timeout=10
+        )
+    assert ("x-request-id", "grpc-1") in [(m.key, m.value) for m in call.initial_metadata()]
+    assert doubles.system.recorder.only("Info").metadata["x-request-id"] == "grpc-1"
