@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import argon2
 
 from services.platform.errors import InvalidArgument
@@ -44,6 +48,22 @@ def check_strength(password: str, email: str) -> None:
     local_part = email.split("@", 1)[0].lower()
     if len(local_part) >= 4 and local_part in password.lower():
         raise InvalidArgument("password must not contain the email address")
+
+
+# Argon2id takes most of a core and 64 MiB per hash: at most one per core at a time, on threads of
+# their own, so that a burst of registrations or logins queues here instead of starving the
+# database's threads (and with them every other user's edge check).
+_HASHING = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="argon2")
+
+
+async def hash_in_background(password: str) -> str:
+    return await asyncio.get_running_loop().run_in_executor(_HASHING, hash_password, password)
+
+
+async def verify_in_background(password_hash: str | None, password: str) -> bool:
+    return await asyncio.get_running_loop().run_in_executor(
+        _HASHING, verify_password, password_hash, password
+    )
 
 
 def hash_password(password: str) -> str:

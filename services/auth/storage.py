@@ -60,6 +60,21 @@ class AuthRepository:
         )
         return result.rowcount == 1  # type: ignore[attr-defined]
 
+    def unspend_refresh_token(self, token_id: str, spent_at: datetime) -> None:
+        """Make a token live again, if it is still as `spend_refresh_token` left it at `spent_at`."""
+        self._session.execute(
+            sa.update(RefreshToken)
+            .where(
+                RefreshToken.id == token_id,
+                RefreshToken.used_at == spent_at,
+                RefreshToken.revoked_at.is_(None),
+            )
+            .values(used_at=None)
+        )
+
+    def delete_refresh_tokens(self, token_ids: list[str]) -> None:
+        self._session.execute(sa.delete(RefreshToken).where(RefreshToken.id.in_(token_ids)))
+
     def revoke_family(self, family_id: str, now: datetime) -> int:
         result = self._session.execute(
             sa.update(RefreshToken)

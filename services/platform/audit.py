@@ -1,13 +1,22 @@
 """The audit client every service uses: one line per action, written before the service answers.
 
-If the audit service cannot store the record, `record` raises Unavailable, the caller's unit of
-work rolls back, and the user gets 503: nothing acknowledged is missing from the log."""
+A change and its record form one unit of work, and each service orders the two so that nothing
+acknowledged is missing from the log: either the change is made first and undone if its record
+cannot be written, or the record is written first and the change made only after it. If the audit
+service cannot store a record, `record` raises Unavailable saying the request was not carried out;
+a caller that could not undo its change must say so instead (see `CHANGE_KEPT_UNRECORDED`).
+
+`run_to_completion` runs such a unit of work as a task of its own, so that a cancelled request (the
+client hung up, Envoy went away, a deadline passed) cannot stop it between the change and its
+record or its undo."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from google.protobuf import struct_pb2
 from pythonon.audit.v1 import audit_pb2, audit_pb2_grpc
@@ -17,10 +26,72 @@ from services.platform.errors import DomainError, Unavailable
 from services.platform.identity import request_scope
 from services.platform.service_graph import IDENTITY_HEADER
 
+T = TypeVar("T")
 log = logging.getLogger("pythonon.audit_client")
 
 SUCCESS, FAILURE, DENIED = "success", "failure", "denied"
 UNAVAILABLE_MESSAGE = "the audit log is unavailable, so the request was not carried out; retry later"
+# For the rare case where a change was made, its record could not be written, and undoing it failed
+# too: the caller must not be told that nothing happened.
+CHANGE_KEPT_UNRECORDED = (
+    "the audit log is unavailable and the change could not be undone: it was carried out but is not "
+    "in the audit log; an operator has been alerted in the service's log"
+)
+
+# Units of work still running, whether or not their request is still waiting for them.
+_running: set[asyncio.Task[Any]] = set()
+
+
+async def run_to_completion(work: Coroutine[Any, Any, T], *, action: str) -> T:
+    """Run `work` (a change and its audit record, or its undo) to its end, even when the request
+    that started it is cancelled.
+
+    The work runs as a task of its own, awaited through `asyncio.shield`: cancelling the request
+    cancels only the wait. The task keeps the request's context (identity, request id, trace) and
+    is bounded by the deadlines of its own steps (every audit call, Vault call and database
+    transaction has one), not by the request's. Its end is logged when nobody waits for it any
+    more; `wait_for_units_of_work` lets a stopping service finish them before it closes its
+    clients."""
+    task = asyncio.ensure_future(work)
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            log.info("request cancelled; its unit of work goes on", extra={"action": action})
+            task.add_done_callback(lambda finished: _log_abandoned(finished, action))
+        raise
+
+
+def _log_abandoned(task: asyncio.Task[Any], action: str) -> None:
+    if task.cancelled():
+        log.error("a unit of work was cancelled before it finished", extra={"action": action})
+        return
+    error = task.exception()
+    if error is None:
+        log.info("unit of work finished after its request was cancelled", extra={"action": action})
+    elif isinstance(error, DomainError):
+        log.warning(
+            "unit of work failed after its request was cancelled",
+            extra={"action": action, "code": error.code.name},
+        )
+    else:
+        log.error(
+            "unit of work failed after its request was cancelled",
+            extra={"action": action},
+            exc_info=error,
+        )
+
+
+async def wait_for_units_of_work(timeout_seconds: float) -> int:
+    """Wait (up to `timeout_seconds`) for units of work still running; returns how many are left."""
+    pending = set(_running)
+    if pending:
+        _done, pending = await asyncio.wait(pending, timeout=timeout_seconds)
+        if pending:
+            log.error("units of work still running at shutdown", extra={"count": len(pending)})
+    return len(pending)
 
 
 class AuditClient:

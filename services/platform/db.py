@@ -7,9 +7,12 @@ PostgreSQL database without reading each other's tables. Migrations run once, by
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import hashlib
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,21 +49,38 @@ def normalize_url(url: str) -> str:
     return url
 
 
+# Connections each engine keeps, and so the worker threads a Database runs its transactions on.
+POOL_SIZE = 10
+# How long a SQLite write waits for another's write lock. Write transactions are short (no network
+# call, no password hash inside one), so a wait this long means something is wrong.
+SQLITE_BUSY_TIMEOUT_SECONDS = 10
+
+
 def create_engine(url: str) -> Engine:
+    """An engine that never prints statement parameters (password hashes, key digests) in errors
+    or logs: `hide_parameters` keeps them out of every exception SQLAlchemy raises."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = sa.create_engine(
+            url,
+            hide_parameters=True,
+            pool_size=POOL_SIZE,
+            # A connection moves between worker threads, one at a time (see Database.run).
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
             cursor.close()
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    return sa.create_engine(
+        url, hide_parameters=True, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_SIZE
+    )
 
 
 @dataclass(frozen=True)
@@ -123,52 +143,48 @@ class SchemaNotAtHead(SettingsError):
     migrating itself and racing its replicas."""
 
 
-class UnitOfWork:
-    """An open transaction; `run` executes blocking work in it on a worker thread."""
-
-    def __init__(self, session: Session) -> None:
-        self._session = session
-
-    async def run(self, work: Callable[[Session], T]) -> T:
-        return await asyncio.to_thread(work, self._session)
-
-
 class Database:
-    """An engine, a session factory, and a way to run blocking work off the event loop."""
+    """An engine, a session factory, and short transactions run off the event loop.
+
+    How work reaches the database (every service runs this way):
+    - One call of `run` is one transaction on one session, opened, committed (or rolled back) and
+      closed by one worker thread. Nothing else ever touches that session or its connection. If
+      the awaiting coroutine is cancelled (the caller hung up, a deadline passed), the thread still
+      finishes the transaction by itself; nobody rolls it back or closes it from another thread.
+      (Doing so is what crashed auth inside libsqlite3: a rollback and close on one thread while
+      another was still executing on the same pysqlite connection.)
+    - A transaction holds no await: no network call, no audit record, no password hash runs inside
+      one, so SQLite's single write lock (and PostgreSQL's row locks) are held for milliseconds.
+    - A change and its audit record are therefore two steps, not one transaction; the service
+      orders them so that nothing acknowledged goes unlogged and a change whose record failed is
+      undone or never made (see services/platform/audit.py and each service's logic), and runs the
+      pair to completion whatever happens to the request (`audit.run_to_completion`).
+    - The worker threads are the database's own (as many as its pool has connections), so a queue
+      of password hashes or other blocking work never delays a query."""
 
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._threads = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix="database")
 
     @contextmanager
-    def transaction(self) -> Any:
+    def transaction(self) -> Iterator[Session]:
         with self._sessions.begin() as session:
             yield session
 
     async def run(self, work: Callable[[Session], T]) -> T:
-        """Run `work(session)` in one transaction in a worker thread; commit when it returns."""
+        """Run `work(session)` in one transaction on a worker thread; commit when it returns, roll
+        back if it raises. `work` must not block on anything but the database."""
 
-        def _in_transaction() -> T:
+        def in_transaction() -> T:
             with self.transaction() as session:
                 return work(session)
 
-        return await asyncio.to_thread(_in_transaction)
-
-    @asynccontextmanager
-    async def unit_of_work(self) -> AsyncIterator[UnitOfWork]:
-        """One transaction spanning awaits: commit when the block ends, roll back if it raises.
-
-        Lets a service write, then record the action in the audit log, then commit, so a change
-        whose record could not be written is never kept."""
-        session = self._sessions()
-        try:
-            yield UnitOfWork(session)
-            await asyncio.to_thread(session.commit)
-        except BaseException:
-            await asyncio.to_thread(session.rollback)
-            raise
-        finally:
-            await asyncio.to_thread(session.close)
+        # The request's context (trace span, request scope) goes along, as asyncio.to_thread does.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._threads, functools.partial(context.run, in_transaction)
+        )
 
     def current_revision(self, schema: Schema) -> str | None:
         with self.engine.connect() as connection:
@@ -216,6 +232,8 @@ class Database:
         )
 
     def dispose(self) -> None:
+        """Close the pool once every transaction still running has finished."""
+        self._threads.shutdown(wait=True)
         self.engine.dispose()
 
 

@@ -3,6 +3,7 @@ request scope, and maps domain errors to gRPC status codes in one place."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -73,6 +74,11 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(error.code, error.message)
             except grpc.aio.AbortError:
                 outcome = "ABORTED"
+                raise
+            except asyncio.CancelledError:
+                # The caller hung up or its deadline passed. Work that must finish regardless (a
+                # change and its audit record) runs shielded; see audit.run_to_completion.
+                outcome = "CANCELLED"
                 raise
             except Exception:
                 outcome = "INTERNAL"

@@ -3,7 +3,9 @@ log before it is acknowledged.
 
 A change is made in Vault first and recorded second; if the record cannot be written, the change is
 undone (a new secret removed, an update reverted, a delete reversed) and the caller gets 503, so
-nothing acknowledged goes unlogged. A value that is replaced or deleted is destroyed, not kept as an
+nothing acknowledged goes unlogged. A put or delete runs to its end as one unit of work even when
+its request is cancelled (`run_to_completion`), so a client that hangs up between the Vault write
+and the record cannot leave a change without its record or its undo. A value that is replaced or deleted is destroyed, not kept as an
 old version. Only the user of the request in hand is ever acted for."""
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import hvac.exceptions
 
-from services.platform.audit import SUCCESS, AuditClient
+from services.platform.audit import CHANGE_KEPT_UNRECORDED, SUCCESS, AuditClient, run_to_completion
 from services.platform.errors import DomainError, InvalidArgument, NotFound, Unavailable
 from services.platform.identity import Identity
 from services.secrets.rules import SecretLimits, check_description, check_name, check_value, is_allowed_name
@@ -45,6 +47,13 @@ class UserSecrets:
 
     async def put(self, user: Identity, name: str, value: str, description: str) -> SecretRecord:
         """Create the secret or store a new version of it; returns its metadata."""
+        return await run_to_completion(self._put(user, name, value, description), action=PUT)
+
+    async def delete(self, user: Identity, name: str) -> None:
+        """Delete the secret and every version of it; NotFound when there is none."""
+        await run_to_completion(self._delete(user, name), action=DELETE)
+
+    async def _put(self, user: Identity, name: str, value: str, description: str) -> SecretRecord:
         check_name(name)
         check_value(value, self._limits)
         check_description(description)
@@ -95,8 +104,7 @@ class UserSecrets:
             updated_at=written.created_at,
         )
 
-    async def delete(self, user: Identity, name: str) -> None:
-        """Delete the secret and every version of it; NotFound when there is none."""
+    async def _delete(self, user: Identity, name: str) -> None:
         check_name(name)
         uid = user.user_id
         async with self._lock(uid):
@@ -140,7 +148,8 @@ class UserSecrets:
     async def _record(
         self, action: str, name: str, version: int, undo: Callable[[], Awaitable[None]]
     ) -> None:
-        """Record the change on the user's chain; if that fails, undo the change and fail the request."""
+        """Record the change on the user's chain; if that fails, undo the change and fail the request
+        (503, not carried out). If the undo fails too, the 503 says the change was kept."""
         try:
             await self._audit.record(action, _resource(name), SUCCESS, {"version": version})
         except Unavailable:
@@ -151,6 +160,7 @@ class UserSecrets:
                     "a change the audit log refused could not be undone",
                     extra={"action": action, "secret": name, "version": version},
                 )
+                raise Unavailable(CHANGE_KEPT_UNRECORDED) from None
             raise
 
     def _names(self, uid: str) -> builtins.list[str]:
