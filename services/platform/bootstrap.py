@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.platform import telemetry
 from services.platform.access import AccessPolicy
+from services.platform.audit import wait_for_units_of_work
 from services.platform.identity import IdentityVerifier
 from services.platform.interceptors import RequestInterceptor
 from services.platform.settings import ServerSettings, SettingsError
@@ -108,6 +109,8 @@ async def _serve(definition: ServiceDefinition[S], server_settings: ServerSettin
     log.info("stopping", extra={"grace_seconds": server_settings.shutdown_grace_seconds})
     await health_servicer.enter_graceful_shutdown()
     await server.stop(server_settings.shutdown_grace_seconds)
+    # Changes whose requests were cancelled still owe their audit record: finish them first.
+    await wait_for_units_of_work(server_settings.shutdown_grace_seconds)
     for close in parts.on_stop:
         await close()
     if server_settings.otlp_endpoint:
