@@ -6,7 +6,7 @@ from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.executor import settings as executor_settings
 from services.executor.execution import ExecutionPolicy, Executions
-from services.executor.sandbox import create_backend
+from services.executor.sandbox import create_backend, reap_leftovers
 from services.executor.secrets_client import SecretsClient
 from services.executor.servicer import CapabilitiesServicer, ExecutorServicer
 from services.executor.settings import ExecutorSettings
@@ -17,6 +17,8 @@ from services.platform.settings import ServerSettings
 
 async def build(server: ServerSettings, settings: ExecutorSettings) -> ServiceParts:
     """Wire the executor's parts; the warm pool is filled before the server reports SERVING."""
+    # A predecessor that was killed could not clean up after itself: its leftovers go first.
+    reap_leftovers(settings.backend, settings.backend_options)
     backend = create_backend(settings.backend, **settings.backend_options)
     await backend.start()
     secrets = SecretsClient(settings.secrets_address)

@@ -4,9 +4,11 @@ parts every host backend shares (host_backend, warm_pool, admission), and the ba
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
+from services.executor.sandbox import leftovers
 from services.executor.sandbox.host_backend import BackendOptionError, BackendOptions, HostBackend
 from services.executor.sandbox.interface import (
     Limits,
@@ -42,6 +44,21 @@ def backend_options(name: str, options: Mapping[str, Any]) -> BackendOptions:
     return cls.options_type.parse(name, options)
 
 
+def reap_leftovers(name: str, options: Mapping[str, Any]) -> leftovers.Reaped:
+    """Kill and remove what executors that are gone (e.g. SIGKILLed) left on this host: their
+    sandboxes' processes, runtime directories and cgroups, never another live executor's. Run at
+    start-up, before a backend of `name` with `options` claims anything."""
+    if name == "bwrap" and os.geteuid() == 0:
+        from services.executor.sandbox import bwrap
+
+        return leftovers.reap(
+            uid_base=int(options.get("uid_base", bwrap.DEFAULT_UID_BASE)),
+            uid_block=bwrap.UID_BLOCK,
+            uid_locks=bwrap.uid_lock_dir(),
+        )
+    return leftovers.reap()
+
+
 def create_backend(name: str = "bwrap", **options: Any) -> SandboxBackend:
     """A backend by name ("bwrap", the default, or "gvisor") with validated options. Raises
     BackendOptionError for an unknown option or a bad value, and SandboxUnavailable when the backend
@@ -64,4 +81,5 @@ __all__ = [
     "backend_class",
     "backend_options",
     "create_backend",
+    "reap_leftovers",
 ]

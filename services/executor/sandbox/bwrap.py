@@ -62,6 +62,8 @@ TOOLS_INSIDE = "/usr/libexec/pythonon"
 PRIVATE_TMPFS = ("/tmp", "/dev/shm")  # noqa: S108
 OPEN_FILES = 1024
 MINIMUM_BWRAP = (0, 10)  # --size for tmpfs
+# bwrap's own processes in a sandbox's cgroup: the outer one and the pid namespace's init.
+BWRAP_PROCESSES = 2
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
             "memory": self._cgroups.memory,
             "processes": self._cgroups.pids or self._root,
             "cpu_time": True,
+            "cpu_share": self._cgroups.cpu,
             "file_size": True,
             "tmp_size": True,
             "non_root": True,
@@ -188,7 +191,14 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
         try:
             if self._cgroups.hierarchies:
                 cgroup = self._cgroups.create(f"sandbox-{uid if uid is not None else os.urandom(6).hex()}")
-            process = spawn(self._argv(runtime, profile, uid), self._seccomp, owner=uid)
+            # The sandbox's first process enters the cgroup before bwrap starts, so that each of
+            # its processes (bwrap's own two included) is in it from the start and dies with it.
+            process = spawn(
+                self._argv(runtime, profile, uid),
+                self._seccomp,
+                owner=uid,
+                cgroup_procs=self._cgroups.procs_files(cgroup) if cgroup is not None else (),
+            )
         except OSError as error:
             if cgroup is not None:
                 cgroup.remove()
@@ -203,8 +213,6 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
             sandbox.program_pid = next(iter(children_of(sandbox.init_pid)), 0) if sandbox.init_pid else 0
             if not sandbox.program_pid:
                 raise SandboxError("cannot find the sandboxed process")
-            if cgroup is not None:
-                cgroup.add_process(sandbox.program_pid)
         except BaseException as error:
             self._dispose(sandbox)
             if isinstance(error, OSError):
@@ -217,7 +225,9 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
         limits = spec.limits
         try:
             if sandbox.cgroup is not None:
-                sandbox.cgroup.set_limits(limits.memory_bytes, limits.processes)
+                sandbox.cgroup.set_limits(
+                    limits.memory_bytes, limits.processes + BWRAP_PROCESSES, cpus=limits.cpus
+                )
         except OSError as error:
             raise SandboxError(f"cannot apply limits to a sandbox: {error}") from error
         try:
@@ -340,8 +350,7 @@ class _UidBlock:
     def __init__(self, uid_base: int, slots: int) -> None:
         if slots > UID_BLOCK:
             raise ValueError(f"at most {UID_BLOCK} sandboxes per backend")
-        run = Path("/run")
-        locks = (run if os.access(run, os.W_OK) else Path(tempfile.gettempdir())) / "pythonon-sandbox-uids"
+        locks = uid_lock_dir()
         locks.mkdir(mode=0o700, exist_ok=True)
         for index in range(1024):
             fd = os.open(locks / f"block-{index}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -360,6 +369,12 @@ class _UidBlock:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+
+def uid_lock_dir() -> Path:
+    """Where the locks of the sandbox uid blocks live: /run, or the temporary directory."""
+    run = Path("/run")
+    return (run if os.access(run, os.W_OK) else Path(tempfile.gettempdir())) / "pythonon-sandbox-uids"
 
 
 def _ancestors(paths: Iterable[str]) -> list[str]:

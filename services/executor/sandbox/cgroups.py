@@ -1,8 +1,10 @@
-"""Per-sandbox memory and process-count limits through cgroups, on v2 or v1 hierarchies (or a mix,
-one controller each), found once at start-up from /proc/self/mountinfo and /proc/self/cgroup.
+"""Per-sandbox memory, process-count and CPU limits through cgroups, on v2 or v1 hierarchies (or a
+mix, one controller each), found once at start-up from /proc/self/mountinfo and /proc/self/cgroup.
 
 Sandbox cgroups are created under the service's own cgroup (so whatever limits the service has
-still bound its sandboxes), inside one directory per backend: `pythonon-sandbox-<pid>`."""
+still bound its sandboxes), inside one directory per backend named after its owner:
+`pythonon-sandbox-<pid>-<start time>-<instance>` (see leftovers: what a killed executor left is
+recognised, and removed, by the next one)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,13 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.executor.sandbox import leftovers
+
 log = logging.getLogger("pythonon.executor.sandbox.cgroups")
 
-CONTROLLERS = ("memory", "pids")
+CONTROLLERS = ("memory", "pids", "cpu")
+# The CPU quota's period: 100 ms, the kernel's default; a run gets `cpus` times this per period.
+CPU_PERIOD_MICROSECONDS = 100_000
 PREFIX = "pythonon-sandbox-"
 
 
@@ -41,6 +47,15 @@ class CgroupSupport:
     @property
     def pids(self) -> bool:
         return any("pids" in h.controllers for h in self.hierarchies)
+
+    @property
+    def cpu(self) -> bool:
+        return any("cpu" in h.controllers for h in self.hierarchies)
+
+    def procs_files(self, cgroup: SandboxCgroup) -> list[str]:
+        """The cgroup.procs file of `cgroup` in each hierarchy: a process that writes 0 into each
+        moves itself (and so everything it starts afterwards) into the sandbox's cgroup."""
+        return [str(path / "cgroup.procs") for _, path in cgroup.dirs]
 
     def describe(self) -> str:
         parts = [
@@ -73,12 +88,24 @@ class SandboxCgroup:
     def __init__(self, dirs: list[tuple[Hierarchy, Path]]) -> None:
         self._dirs = dirs
 
+    @property
+    def dirs(self) -> list[tuple[Hierarchy, Path]]:
+        return list(self._dirs)
+
     def add_process(self, pid: int) -> None:
         for _, path in self._dirs:
             _write(path / "cgroup.procs", str(pid))
 
-    def set_limits(self, memory_bytes: int, processes: int) -> None:
+    def set_limits(self, memory_bytes: int, processes: int, cpus: float | None = None) -> None:
+        """Memory (no swap), process count and, given `cpus`, a CPU quota of that many cores."""
         for hierarchy, path in self._dirs:
+            if "cpu" in hierarchy.controllers and cpus is not None:
+                quota = max(1000, round(cpus * CPU_PERIOD_MICROSECONDS))
+                if hierarchy.version == 2:
+                    _write(path / "cpu.max", f"{quota} {CPU_PERIOD_MICROSECONDS}")
+                else:
+                    _write(path / "cpu.cfs_period_us", str(CPU_PERIOD_MICROSECONDS))
+                    _write(path / "cpu.cfs_quota_us", str(quota))
             if "memory" in hierarchy.controllers:
                 if hierarchy.version == 2:
                     _write(path / "memory.max", str(memory_bytes))
@@ -112,6 +139,7 @@ class SandboxCgroup:
         return sorted(found)
 
     def kill(self) -> None:
+        """SIGKILL everything in the cgroup: cgroup.kill on v2, else each process it lists."""
         for hierarchy, path in self._dirs:
             if hierarchy.version == 2 and (path / "cgroup.kill").exists():
                 with contextlib.suppress(OSError):
@@ -147,7 +175,7 @@ def detect(instance: str, proc: Path = Path("/proc"), parent: Path | None = None
     except OSError as error:
         support.missing = dict.fromkeys(CONTROLLERS, f"cannot read cgroup information: {error}")
         return support
-    name = f"{PREFIX}{os.getpid()}-{instance}"
+    name = f"{PREFIX}{leftovers.owner_tag()}-{instance}"
     v2_wanted: list[str] = []
     for controller in CONTROLLERS:
         v1 = next((m for m in mounts if m.fstype == "cgroup" and controller in m.options), None)
@@ -249,13 +277,11 @@ def _make_base(own: Path, name: str) -> Path:
 
 
 def _remove_stale(own: Path) -> None:
-    """Remove the empty leftovers of backends whose process is gone."""
+    """Remove the leftovers of backends whose process is gone, killing what is still in them."""
     with contextlib.suppress(OSError):
         for entry in own.iterdir():
-            if not entry.name.startswith(PREFIX) or not entry.is_dir():
-                continue
-            pid = entry.name[len(PREFIX) :].partition("-")[0]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            if entry.name.startswith(PREFIX) and entry.is_dir() and leftovers.cgroup_is_stale(entry.name):
+                leftovers.kill_cgroup_processes(entry)
                 _remove_tree(entry)
 
 

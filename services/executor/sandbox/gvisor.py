@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.executor.sandbox import cgroups, runtimes
+from services.executor.sandbox import cgroups, leftovers, runtimes
 from services.executor.sandbox.host_backend import (
     NOBODY,
     BackendOptions,
@@ -81,6 +81,7 @@ class _Profile:
     file_bytes: int
     processes: int
     memory_bytes: int  # only where runsc makes the memory cgroup (else set per run)
+    cpus: float
     readonly_paths: tuple[tuple[str, str], ...] = ()
 
 
@@ -105,10 +106,14 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
         if os.geteuid() != 0:
             raise SandboxUnavailable("the gvisor backend runs runsc as root, and this process is not root")
         self._runsc = runsc
+        setpriv = shutil.which("setpriv")
+        self._dies_with_parent = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
         super().__init__(options)
         self._etc = self._write_etc(())
         self._ids = itertools.count()
-        self._cgroup_parent = f"{_own_cgroup('memory').rstrip('/')}/pythonon-gvisor-{os.getpid()}"
+        # Named after its owner (pid and start time), so that a successor can tell it was left behind.
+        owner = leftovers.owner_tag()
+        self._cgroup_parent = f"{_own_cgroup('memory').rstrip('/')}/pythonon-gvisor-{owner}"
         memory_root = cgroups.v1_mountpoint("memory")
         self._memory_parent = memory_root / self._cgroup_parent.lstrip("/") if memory_root else None
 
@@ -120,6 +125,7 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
             "memory": True,
             "processes": True,
             "cpu_time": True,
+            "cpu_share": True,
             "file_size": True,
             "tmp_size": True,
             "non_root": True,
@@ -140,6 +146,7 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
             file_bytes=limits.file_bytes,
             processes=limits.processes,
             memory_bytes=0 if self._memory_parent else limits.memory_bytes,
+            cpus=limits.cpus,
             readonly_paths=tuple((host, inside) for host, inside in readonly_paths),
         )
 
@@ -154,6 +161,9 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
                 memory.mkdir(parents=True)
             process = spawn(
                 [
+                    # runsc does not die with its parent by itself: a killed executor's containers
+                    # would otherwise run on until their payload pipe closes.
+                    *self._dies_with_parent,
                     self._runsc,
                     f"--root={self._runtime_dir / 'state'}",
                     "--network=none",
@@ -324,6 +334,11 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
                     "memory": {"limit": profile.memory_bytes, "swap": profile.memory_bytes},
                     # The cgroup counts the sandbox's own kernel threads too (ptrace platform).
                     "pids": {"limit": profile.processes + SENTRY_THREADS},
+                    # The whole sandbox, its own kernel included, gets this share of the CPUs.
+                    "cpu": {
+                        "quota": max(1000, round(profile.cpus * cgroups.CPU_PERIOD_MICROSECONDS)),
+                        "period": cgroups.CPU_PERIOD_MICROSECONDS,
+                    },
                 },
             },
         }

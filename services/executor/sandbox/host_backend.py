@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, NoReturn, Self, TypeVar
 
+from services.executor.sandbox import leftovers
 from services.executor.sandbox.admission import Admission
 from services.executor.sandbox.interface import (
     WORKDIR,
@@ -152,6 +153,7 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
         self._cpu_ceiling = math.ceil(options.max_timeout_seconds) + 1
         self._runtime_dir = Path(tempfile.mkdtemp(prefix=f"pythonon-{self.name}-"))
         self._runtime_dir.chmod(0o755)  # the sandbox's uid must reach what is mounted from here
+        leftovers.mark_owner(self._runtime_dir)  # so that a successor can tell it was left behind
         wanted = frozenset(options.languages) if options.languages is not None else None
         try:
             self._runtimes, self.unavailable = discover(self._runtime_dir, options.executables, wanted)

@@ -26,10 +26,13 @@ class Limits:
     output_bytes: int = 1 * MiB  # per stream
     file_bytes: int = 16 * MiB  # largest file a run may write
     tmp_bytes: int = 64 * MiB  # size of /tmp, and separately of the working directory
+    cpus: float = 1.0  # CPU time per wall-clock second, in cores, whatever its threads and processes
 
     def __post_init__(self) -> None:
         if not (self.timeout_seconds > 0 and math.isfinite(self.timeout_seconds)):
             raise ValueError("timeout_seconds must be a positive number")
+        if not (0.01 <= self.cpus and math.isfinite(self.cpus)):
+            raise ValueError("cpus must be a number of at least 0.01")
         for name in ("memory_bytes", "processes", "output_bytes", "file_bytes", "tmp_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

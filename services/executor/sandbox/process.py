@@ -19,7 +19,7 @@ import errno
 import os
 import re
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 PRIVATE_FD = 3
@@ -30,12 +30,28 @@ SECCOMP_FD = 6
 _CHUNK = 64 * 1024
 
 
+# Moves itself into each cgroup named (by writing 0 to its cgroup.procs) and then becomes the
+# command: so that the sandbox's every process, from its very first, is in the sandbox's cgroup and
+# dies with it (a process started elsewhere and moved later could fork before the move).
+_ENTER_CGROUPS = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo 0 > "$1" || exit 125; shift; n=$((n - 1)); done; exec "$@"'
+)
+
+
 def spawn(
-    argv: Sequence[str], seccomp_program: bytes | None = None, owner: int | None = None
+    argv: Sequence[str],
+    seccomp_program: bytes | None = None,
+    owner: int | None = None,
+    cgroup_procs: Sequence[str] = (),
+    inputs: Mapping[int, bytes] | None = None,
 ) -> SandboxProcess:
     """Start argv (bwrap or runsc) with a clean environment and the descriptors above. `owner` is
     the uid the program will run as, given the payload pipe so that it may reopen it
-    (Bash reads it through /dev/fd/4)."""
+    (Bash reads it through /dev/fd/4). `cgroup_procs`: cgroup.procs files the process enters before
+    it runs argv. `inputs`: more descriptors (above SECCOMP_FD), each a pipe holding the bytes given
+    (small: they must fit in a pipe's buffer), e.g. files bwrap copies into the sandbox."""
+    if cgroup_procs:
+        argv = ["/bin/sh", "-c", _ENTER_CGROUPS, "sh", str(len(cgroup_procs)), *cgroup_procs, *argv]
     opened: list[int] = []
 
     def pipe() -> tuple[int, int]:
@@ -64,8 +80,15 @@ def spawn(
             seccomp_r, seccomp_w = pipe()
             os.write(seccomp_w, seccomp_program)  # small enough for the pipe buffer
             child[SECCOMP_FD] = seccomp_r
+        for target, data in (inputs or {}).items():
+            if target <= SECCOMP_FD:
+                raise ValueError(f"descriptor {target} is taken")
+            data_r, data_w = pipe()
+            os.write(data_w, data)
+            child[target] = data_r
         # Sources numbered above every target, so one dup2 cannot clobber another's source.
-        sources = {target: _above(fd, SECCOMP_FD + 1, opened) for target, fd in child.items()}
+        highest = max(child)
+        sources = {target: _above(fd, highest + 1, opened) for target, fd in child.items()}
         actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in sources.items()]
         actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds(exclude=set(sources.values()))]
         pid = os.posix_spawn(argv[0], list(argv), {}, file_actions=actions, setsid=True)
@@ -169,11 +192,18 @@ class SandboxProcess:
 
     def kill(self, *inner_pids: int) -> None:
         """SIGKILL the sandbox: its pid-namespace init first (the kernel then kills every process
-        in the namespace), then the outer process."""
-        for pid in (*inner_pids, self.pid):
-            if self.returncode is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+        in the namespace), then every process below the outer one, then its process group (while
+        bwrap sets a sandbox up, its child is still in the group: killed alone, the outer process
+        would leave that child waiting forever for a word from its parent), then the outer one."""
+        if self.returncode is not None:
+            return
+        for pid in (*inner_pids, *descendants_of(self.pid)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.pid, signal.SIGKILL)
 
     def close(self) -> None:
         for name in ("_stdin_w", "_private_w", "_payload_w", "_stdout_r", "_stderr_r", "_ready_r"):
@@ -419,6 +449,17 @@ class _Feeder:
 
     def stop(self) -> None:
         self._finish(False)
+
+
+def descendants_of(pid: int) -> list[int]:
+    """Every process below `pid`, children before grandchildren."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        children = children_of(pending.pop())
+        found += children
+        pending += children
+    return found
 
 
 def children_of(pid: int) -> list[int]:
