@@ -525,7 +525,10 @@ local function check_query(route, query, taken)
       if route.body ~= "" and route.body ~= "*" and (name == route.body or find(name, "^" .. route.body .. "%.")) then
         spec = nil
       end
-      if not spec or taken[name] then
+      if taken[name] then
+        fail(format("%s: given in the path; leave it out of the query", shown))
+      end
+      if not spec then
         if route.body == "*" then
           fail(format('unknown query parameter "%s": this call reads its fields from the JSON body', shown))
         end
@@ -553,9 +556,12 @@ local function check_request(route, body, captures, query)
     taken[variable] = true
   end
   check_query(route, query, taken)
-  if route.body == "" then return end
   local text = body or ""
-  if find(text, "^[ \t\r\n]*$") then return end -- no body: every field at its default
+  if text == "" then return end -- no body: every field at its default
+  if route.body == "" then
+    -- The transcoder would read it all the same, as the request message.
+    fail("this call takes no request body (its fields come from the path and the query)")
+  end
   if route.body == "*" then
     local value = parse_json(text)
     if not is_object(value) then
@@ -616,11 +622,8 @@ function envoy_on_request(handle)
     return
   end
   -- Read outside pcall: body() suspends the script until the whole body has arrived.
-  local body = nil
-  if matched.body ~= "" then
-    local buffered = handle:body()
-    body = buffered and buffered:getBytes(0, buffered:length()) or ""
-  end
+  local buffered = handle:body()
+  local body = buffered and buffered:getBytes(0, buffered:length()) or ""
   local ok, problem = pcall(check_request, matched, body, captures, query)
   if not ok then
     if type(problem) == "table" and problem.refusal then
@@ -667,8 +670,23 @@ local function canonical_error(status, text)
   return format('{"code":%d,"message":%s,"details":[]}', code, json_string(message))
 end
 
+-- For the answers Envoy gives before any filter runs (a path it refuses to normalize), which
+-- carry no request id: a random version-4 UUID, like the ones Envoy generates.
+math.randomseed(os.time() + floor(os.clock() * 1000000) + (tonumber(sub(tostring({}), 8), 16) or 0))
+
+local function new_request_id()
+  local hex = gsub("xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx", "[xy]", function(c)
+    return format("%x", c == "x" and math.random(0, 15) or math.random(8, 11))
+  end)
+  return hex
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
+  local request_id = headers:get("x-request-id")
+  if request_id == nil or request_id == "" then
+    headers:replace("x-request-id", new_request_id())
+  end
   local content_type = headers:get("content-type") or ""
   if sub(content_type, 1, 16) == "application/grpc" then
     return -- native gRPC: HTTP 200 and its own headers

@@ -202,7 +202,23 @@ def test_query_parameters_on_a_call_with_a_json_body_are_refused(client, doubles
     assert refused(response) == 'unknown query parameter "x": this call reads its fields from the JSON body'
 
 
+def test_a_body_where_none_is_taken_or_only_whitespace_is_refused(client, doubles):
+    # The transcoder would parse a body sent to a GET or DELETE all the same.
+    for method, path in [("GET", "/api/info"), ("DELETE", "/api/v1/secrets/TOKEN")]:
+        response = client.request(method, path, content=b'{"a": 1}', headers=KEY)
+        assert (
+            refused(response)
+            == "this call takes no request body (its fields come from the path and the query)"
+        )
+    response = client.post("/api/login", content=b" \n", headers={"content-type": "application/json"})
+    assert refused(response) == "the request body is not valid JSON: an unexpected end at byte 3"
+    nothing_reached_a_service(doubles)
+
+
 def test_path_variables_are_checked(client, doubles):
+    assert refused(client.delete("/api/v1/secrets/TOKEN?name=OTHER", headers=KEY)) == (
+        "name: given in the path; leave it out of the query"
+    )
     assert refused(client.delete("/api/v1/secrets/A%FF", headers=KEY)) == (
         "name (in the path): not UTF-8 once percent-decoded"
     )
@@ -332,6 +348,15 @@ def test_every_answer_carries_a_request_id(client, doubles):
     assert (
         client.get("/api/v1/secrets", headers={"x-request-id": "r-denied"}).headers["x-request-id"]
         == "r-denied"
+    )
+
+
+def test_a_path_envoy_refuses_before_any_filter_still_gets_a_request_id(client, doubles):
+    response = client.get("/api/v1/secrets/A%00B", headers=KEY)
+    assert refused(response) == "the request is malformed"
+    assert re.fullmatch(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+        response.headers["x-request-id"],
     )
 
 
