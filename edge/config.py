@@ -73,6 +73,16 @@ _DOWNSTREAM_CONNECTIONS = (
 
 
 @dataclass(frozen=True)
+class UpstreamTls:
+    """The edge's mesh identity (PEM files): it presents its certificate to every service and
+    accepts a service only with a certificate signed by the CA that names the service's section."""
+
+    ca_file: Path
+    certificate_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
 class Service:
     """One gRPC service of the descriptor set that the edge routes."""
 
@@ -301,8 +311,35 @@ def _is_ip_address(host: str) -> bool:
     return True
 
 
-def _cluster(section: str, host: str, port: int) -> dict:
-    """The upstream cluster of a section: gRPC over h2c to host:port."""
+def _upstream_tls_socket(section: str, tls: UpstreamTls) -> dict:
+    """Mutual TLS to a section's service (the ext_authz call to auth included: it uses auth's
+    cluster): the edge's certificate, and a service certificate naming `section` (the DNS SAN the
+    mesh CA gives each service), so a process that took a service's port cannot answer for it."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _TYPE + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": section,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(tls.certificate_file)},
+                        "private_key": {"filename": str(tls.key_file)},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(tls.ca_file)},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": section}}],
+                },
+            },
+        },
+    }
+
+
+def _cluster(section: str, host: str, port: int, tls: UpstreamTls | None) -> dict:
+    """The upstream cluster of a section: gRPC over HTTP/2 to host:port, in mutual TLS with `tls`
+    (h2c without: only for the tests' plaintext stand-in services)."""
     name = _cluster_name(section)
     cluster = {
         "name": name,
@@ -331,14 +368,17 @@ def _cluster(section: str, host: str, port: int) -> dict:
         # IPv4 when the name has an IPv4 address: "localhost" is also ::1, where a service
         # listening on 127.0.0.1 refuses.
         cluster["dns_lookup_family"] = "V4_PREFERRED"
+    if tls is not None:
+        cluster["transport_socket"] = _upstream_tls_socket(section, tls)
     return cluster
 
 
 def render(
     *,
     listen_port: int,
-    admin_port: int,
     upstreams: Mapping[str, str],
+    admin_socket: Path | str | None = None,
+    upstream_tls: UpstreamTls | None = None,
     host: str = "127.0.0.1",
     max_request_bytes: int = 4 * 1_048_576,
     max_response_bytes: int = 16 * 1_048_576,
@@ -352,6 +392,10 @@ def render(
     up to date (``auth.pythonon.svc.cluster.local:50051`` in Kubernetes). "auth" (which also
     answers ext_authz) and "system" are required. Sections that are absent are routed to the
     system server, which answers UNIMPLEMENTED for them (HTTP 501 on REST).
+
+    ``upstream_tls``: the edge's mesh identity; every upstream (and the ext_authz call) is then
+    mutual TLS, as a mesh's services require. ``admin_socket``: the Unix socket of Envoy's admin
+    interface; None turns the admin interface off.
     """
     unknown = set(upstreams) - set(SECTIONS)
     if unknown:
@@ -517,11 +561,12 @@ def render(
             }
         ]
 
-    clusters = [_cluster(section, *endpoints[section]) for section in SECTIONS if section in endpoints]
+    clusters = [
+        _cluster(section, *endpoints[section], upstream_tls) for section in SECTIONS if section in endpoints
+    ]
 
-    return {
+    bootstrap: dict = {
         "node": {"id": "pythonon-edge", "cluster": "pythonon-edge"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         # An edge faces the internet: bound the connections it accepts (Envoy warns without).
         "overload_manager": {
             "resource_monitors": [
@@ -551,6 +596,11 @@ def render(
             "clusters": clusters,
         },
     }
+    if admin_socket is not None:
+        # Envoy's admin can change and stop the proxy and shows its config: never on a TCP port,
+        # where any local process could reach it; a Unix socket only its owner can open, or none.
+        bootstrap["admin"] = {"address": {"pipe": {"path": str(admin_socket), "mode": 0o600}}}
+    return bootstrap
 
 
 def write_config(path: Path, **kwargs) -> Path:

@@ -1,5 +1,6 @@
 """The one way every service starts: settings validated first, then a grpc.aio server with the
-request interceptor, tracing, gRPC health and reflection, and a graceful stop on SIGTERM."""
+request interceptor, tracing, gRPC health and reflection, mutual TLS with the mesh's certificates,
+and a graceful stop on SIGTERM."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from services.platform.access import AccessPolicy
 from services.platform.audit import wait_for_units_of_work
 from services.platform.identity import IdentityVerifier
 from services.platform.interceptors import RequestInterceptor
-from services.platform.settings import ServerSettings, SettingsError
+from services.platform.settings import MeshTls, ServerSettings, SettingsError
 from services.platform.structured_logs import configure_logging
 
 S = TypeVar("S")
@@ -84,13 +85,27 @@ async def start_server(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(f"{server_settings.host}:{server_settings.port}")
+    address = f"{server_settings.host}:{server_settings.port}"
+    tls = server_settings.mesh_tls
+    if tls is None:  # an in-process test server (ephemeral_server_settings); a mesh's always has TLS
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, server_credentials(tls))
     if port == 0:
         raise OSError(f"cannot listen on {server_settings.host}:{server_settings.port}")
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, health_servicer, port
+
+
+def server_credentials(tls: MeshTls) -> grpc.ServerCredentials:
+    """Mutual TLS: the server presents its mesh certificate and refuses, in the handshake, every
+    client without a certificate signed by the mesh CA: no call of an outside process reaches a
+    servicer (or an interceptor) at all."""
+    return grpc.ssl_server_credentials(
+        [(tls.key_pem, tls.certificate_pem)], root_certificates=tls.ca_pem, require_client_auth=True
+    )
 
 
 async def _serve(definition: ServiceDefinition[S], server_settings: ServerSettings, settings: S) -> None:

@@ -10,7 +10,10 @@ The channel it returns does, on every call, what every internal call needs:
 - a trace span whose context travels with the call (when tracing is on), so a trace runs on
   from the edge's request through every service it reaches;
 - gRPC errors mapped to the domain errors of errors.py here and nowhere else: a caller catches
-  `Unavailable`, `InvalidArgument`, ... (to reword them if it wants), never `grpc.RpcError`."""
+  `Unavailable`, `InvalidArgument`, ... (to reword them if it wants), never `grpc.RpcError`;
+- mutual TLS: the caller presents its mesh certificate (PYTHONON_MESH_*, read by every service's
+  settings at start-up) and accepts only a server certificate signed by the mesh CA that names the
+  service it meant to call."""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from services.platform.errors import (
     Unavailable,
 )
 from services.platform.identity import request_scope
-from services.platform.settings import Environment, service_address
+from services.platform.settings import Environment, MeshTls, service_address
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 
@@ -75,20 +78,34 @@ def connect(
         _StreamingResponseCall(service, timeout_seconds),
         *telemetry.client_interceptors(),
     ]
-    return _open_channel(address, interceptors)
+    return _open_channel(service, address, interceptors, MeshTls.load_if_given(Environment()))
 
 
-def _channel_credentials() -> grpc.ChannelCredentials | None:
-    """How internal calls are secured: the one place to choose it. None: plaintext, as services
-    listen on loopback today (mutual TLS with a per-mesh CA comes here: issue 10)."""
-    return None
+def channel_credentials(tls: MeshTls) -> grpc.ChannelCredentials:
+    """How internal calls are secured, the one place to choose it: mutual TLS, trusting only the
+    mesh CA. (Also what the runner's health checks and the tests' mesh clients use.)"""
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_pem, private_key=tls.key_pem, certificate_chain=tls.certificate_pem
+    )
 
 
-def _open_channel(address: str, interceptors: list[grpc.aio.ClientInterceptor]) -> grpc.aio.Channel:
-    credentials = _channel_credentials()
-    if credentials is None:
+def tls_channel_options(service: str) -> tuple[tuple[str, str], ...]:
+    """The name the server's certificate must carry: the service's, whatever the address (an IP on
+    one machine, a Kubernetes Service's DNS name), so a call reaches the service it meant to."""
+    return (("grpc.ssl_target_name_override", service),)
+
+
+def _open_channel(
+    service: str, address: str, interceptors: list[grpc.aio.ClientInterceptor], tls: MeshTls | None
+) -> grpc.aio.Channel:
+    if tls is None:  # outside any mesh: against an in-process test server only (no service runs without)
         return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
-    return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        address,
+        channel_credentials(tls),
+        options=(*CHANNEL_OPTIONS, *tls_channel_options(service)),
+        interceptors=interceptors,
+    )
 
 
 def domain_error(service: str, error: grpc.aio.AioRpcError) -> DomainError:

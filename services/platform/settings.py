@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
 from services.platform import service_graph
 
@@ -47,6 +52,21 @@ COMMON_SETTINGS: tuple[Setting, ...] = (
         "PEM Ed25519 public key that verifies the identity assertions the edge forwards.",
         wired=True,
     ),
+    Setting(
+        "PYTHONON_MESH_CA_FILE",
+        None,
+        "PEM certificate of the mesh's CA. A service accepts a call only from a client certificate it "
+        "signed, and calls a service only if that service's certificate is signed by it.",
+        wired=True,
+    ),
+    Setting(
+        "PYTHONON_MESH_CERT_FILE",
+        None,
+        "PEM certificate of this service, signed by the mesh CA, naming the service as its DNS SAN: "
+        "presented to its callers and to the services it calls.",
+        wired=True,
+    ),
+    Setting("PYTHONON_MESH_KEY_FILE", None, "PEM private key of PYTHONON_MESH_CERT_FILE.", wired=True),
     Setting(
         "PYTHONON_SHUTDOWN_GRACE_SECONDS",
         "5",
@@ -133,9 +153,80 @@ class Environment:
         return self._environ.get(name) or None
 
 
+MESH_CA_VARIABLE = "PYTHONON_MESH_CA_FILE"
+MESH_CERT_VARIABLE = "PYTHONON_MESH_CERT_FILE"
+MESH_KEY_VARIABLE = "PYTHONON_MESH_KEY_FILE"
+_MESH_VARIABLES = (MESH_CA_VARIABLE, MESH_CERT_VARIABLE, MESH_KEY_VARIABLE)
+
+
+@dataclass(frozen=True)
+class MeshTls:
+    """A member's mesh identity for mutual TLS: the CA it trusts, its certificate, its key (PEM).
+    `name` is the DNS name its certificate carries (a service's name, "edge" or "runner")."""
+
+    name: str
+    ca_pem: bytes
+    certificate_pem: bytes
+    key_pem: bytes
+
+    @classmethod
+    def from_pem(cls, ca_pem: bytes, certificate_pem: bytes, key_pem: bytes) -> MeshTls:
+        """Checked as a TLS handshake would, so a wrong file is a clear error at start-up rather than
+        every call failing later: ValueError when the certificate is not signed by the CA, is not
+        valid now, names no DNS SAN, or does not match the key."""
+        try:
+            ca = x509.load_pem_x509_certificate(ca_pem)
+            certificate = x509.load_pem_x509_certificate(certificate_pem)
+        except ValueError:
+            raise ValueError("the CA and the certificate must be PEM certificates") from None
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError):
+            raise ValueError("the key must be an unencrypted PEM private key") from None
+        try:
+            certificate.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise ValueError("the certificate is not signed by the mesh CA") from None
+        now = datetime.datetime.now(datetime.UTC)
+        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            raise ValueError(
+                f"the certificate is not valid now (valid until {certificate.not_valid_after_utc})"
+            )
+        if key.public_key() != certificate.public_key():
+            raise ValueError("the key is not the certificate's")
+        try:
+            names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            names = None
+        dns_names = names.get_values_for_type(x509.DNSName) if names else []
+        if not dns_names:
+            raise ValueError("the certificate names no DNS subject alternative name")
+        return cls(dns_names[0], ca_pem, certificate_pem, key_pem)
+
+    @classmethod
+    def load(cls, env: Environment) -> MeshTls:
+        """From the three files the PYTHONON_MESH_* variables name; SettingsError naming the
+        variable or what is wrong."""
+        files = [env.existing_file(name) for name in _MESH_VARIABLES]
+        try:
+            return cls.from_pem(*(path.read_bytes() for path in files))
+        except ValueError as error:
+            raise SettingsError(f"{', '.join(_MESH_VARIABLES)}: {error}") from None
+
+    @classmethod
+    def load_if_given(cls, env: Environment) -> MeshTls | None:
+        """As `load`, or None when none of the variables is set (a client outside any mesh, e.g.
+        against an in-process test server); setting only some of them is an error."""
+        given = [name for name in _MESH_VARIABLES if env.optional(name)]
+        if not given:
+            return None
+        return cls.load(env)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
-    """What every service needs: where to listen, how to log, how to verify identity."""
+    """What every service needs: where to listen, how to log, how to verify identity, and its mesh
+    identity (`mesh_tls`: None only for in-process test servers, see ephemeral_server_settings)."""
 
     service: str
     host: str
@@ -144,25 +235,36 @@ class ServerSettings:
     identity_public_key_file: Path
     otlp_endpoint: str | None
     shutdown_grace_seconds: float
+    mesh_tls: MeshTls | None
 
     @classmethod
     def load(cls, service: str, env: Environment) -> ServerSettings:
         level = env.text("PYTHONON_LOG_LEVEL", "INFO").upper()
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(f"PYTHONON_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+        host = env.text("PYTHONON_HOST", "127.0.0.1")
+        port = env.port("PYTHONON_PORT")
+        identity_public_key_file = env.existing_file("PYTHONON_IDENTITY_PUBLIC_KEY_FILE")
+        mesh_tls = MeshTls.load(env)
+        if mesh_tls.name != service:
+            raise SettingsError(f"{MESH_CERT_VARIABLE} names {mesh_tls.name!r}, not the {service} service")
         return cls(
             service=service,
-            host=env.text("PYTHONON_HOST", "127.0.0.1"),
-            port=env.port("PYTHONON_PORT"),
+            host=host,
+            port=port,
             log_level=level,
-            identity_public_key_file=env.existing_file("PYTHONON_IDENTITY_PUBLIC_KEY_FILE"),
+            identity_public_key_file=identity_public_key_file,
             otlp_endpoint=env.optional("OTEL_EXPORTER_OTLP_ENDPOINT"),
             shutdown_grace_seconds=float(env.integer("PYTHONON_SHUTDOWN_GRACE_SECONDS", 5)),
+            mesh_tls=mesh_tls,
         )
 
 
-def ephemeral_server_settings(service: str, identity_public_key_file: Path) -> ServerSettings:
-    """Settings for a server on a free loopback port, stopped at once: in-process tests and tools."""
+def ephemeral_server_settings(
+    service: str, identity_public_key_file: Path, mesh_tls: MeshTls | None = None
+) -> ServerSettings:
+    """Settings for a server on a free loopback port, stopped at once: in-process tests and tools.
+    Without `mesh_tls` it serves plaintext (a server of a mesh always has it: ServerSettings.load)."""
     return ServerSettings(
         service=service,
         host="127.0.0.1",
@@ -171,6 +273,7 @@ def ephemeral_server_settings(service: str, identity_public_key_file: Path) -> S
         identity_public_key_file=identity_public_key_file,
         otlp_endpoint=None,
         shutdown_grace_seconds=0,
+        mesh_tls=mesh_tls,
     )
 
 

@@ -9,11 +9,22 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.platform import service_graph
 from services.platform.identity import generate_private_key_pem, public_key_pem
+from services.runner.mesh_ca import MeshCA
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 AUTH_SECRET_BYTES = 32
+# Who holds a mesh certificate besides the built services: Envoy, and the runner (its health checks).
+RUNNER_IDENTITY = "runner"
+MESH_IDENTITIES: tuple[str, ...] = (
+    *(node.name for node in service_graph.built_services()),
+    service_graph.EDGE,
+    RUNNER_IDENTITY,
+)
+# sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
 
 
 @dataclass(frozen=True)
@@ -59,8 +70,33 @@ class DataLayout:
         return self.keys / "auth-secret.key"
 
     @property
+    def mesh_keys(self) -> Path:
+        """The mesh CA and every member's certificate and key (see mesh_ca)."""
+        return self.keys / "mesh"
+
+    @property
+    def mesh_ca_certificate(self) -> Path:
+        return self.mesh_keys / "ca.pem"
+
+    @property
+    def mesh_ca_key(self) -> Path:
+        return self.mesh_keys / "ca.key"
+
+    def mesh_certificate(self, identity: str) -> Path:
+        """`identity`'s certificate: a service's name, "edge" or "runner"."""
+        return self.mesh_keys / f"{identity}.pem"
+
+    def mesh_key(self, identity: str) -> Path:
+        return self.mesh_keys / f"{identity}.key"
+
+    @property
     def envoy_config(self) -> Path:
         return self.root / "envoy.json"
+
+    @property
+    def envoy_admin_socket(self) -> Path:
+        """Envoy's admin interface: a Unix socket (0600, in this 0700 directory), never a TCP port."""
+        return self.root / "envoy-admin.sock"
 
     @property
     def lock_file(self) -> Path:
@@ -77,7 +113,7 @@ class DataLayout:
 
         Idempotent: existing keys are kept (and their modes tightened), so tokens and API keys
         issued before a restart stay valid after it."""
-        for directory in (self.root, self.keys, self.db, self.logs):
+        for directory in (self.root, self.keys, self.mesh_keys, self.db, self.logs):
             directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
             # mkdir's mode is filtered by the umask and ignored for a directory that exists.
             directory.chmod(PRIVATE_DIR_MODE)
@@ -101,6 +137,34 @@ class DataLayout:
             created.append(self.identity_public_key)
         else:
             self.identity_public_key.chmod(PRIVATE_FILE_MODE)
+        created += self._issue_mesh_certificates()
+        return created
+
+    def _issue_mesh_certificates(self) -> list[Path]:
+        """The mesh CA, created once and kept; a fresh certificate and key for every member at
+        every start (so a restart rotates them, and one left from another CA is replaced). Returns
+        the files that did not exist before."""
+        created = []
+        if self.mesh_ca_key.exists() and self.mesh_ca_certificate.exists():
+            self.mesh_ca_key.chmod(PRIVATE_FILE_MODE)
+            try:
+                ca = MeshCA.from_pem(self.mesh_ca_key.read_bytes(), self.mesh_ca_certificate.read_bytes())
+            except ValueError as error:
+                raise ValueError(f"{self.mesh_keys}: {error}; delete it to make a new mesh CA") from None
+        else:
+            ca = MeshCA.create()
+            write_private_file(self.mesh_ca_key, ca.key_pem)
+            write_private_file(self.mesh_ca_certificate, ca.certificate_pem)
+            created += [self.mesh_ca_key, self.mesh_ca_certificate]
+        for identity in MESH_IDENTITIES:
+            issued = ca.issue(identity)
+            for path, content in (
+                (self.mesh_key(identity), issued.key_pem),
+                (self.mesh_certificate(identity), issued.certificate_pem),
+            ):
+                if not path.exists():
+                    created.append(path)
+                write_private_file(path, content)
         return created
 
 

@@ -32,9 +32,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge import config as edge_config
 from services.platform import service_graph
+from services.platform.client import channel_credentials, tls_channel_options
 from services.platform.service_graph import ServiceNode
+from services.platform.settings import (
+    MESH_CA_VARIABLE,
+    MESH_CERT_VARIABLE,
+    MESH_KEY_VARIABLE,
+    Environment,
+    MeshTls,
+)
 from services.runner import openbao
-from services.runner.layout import DataLayout
+from services.runner.layout import MAX_SOCKET_PATH_BYTES, RUNNER_IDENTITY, DataLayout
 from services.runner.migrate import migrate_all
 from services.runner.settings_catalog import COMMON, catalog, service_prefix
 from services.system import settings as system_settings
@@ -58,11 +66,11 @@ class MeshError(Exception):
 
 @dataclass(frozen=True)
 class MeshPorts:
-    """Where everything listens: the edge (public), Envoy's admin, each service's gRPC server, and
-    OpenBao's API."""
+    """Where everything listens: the edge (public), each service's gRPC server (mutual TLS, see
+    mesh_ca), and OpenBao's API. Envoy's admin has no port: it is a Unix socket of the data
+    directory (DataLayout.envoy_admin_socket)."""
 
     edge: int
-    admin: int
     services: Mapping[str, int]
     vault: int
 
@@ -222,7 +230,7 @@ class MeshConfig:
 
     def pick_ports(self) -> MeshPorts:
         """Check the edge port is free (or pick one when it is 0) and pick distinct free loopback
-        ports for Envoy's admin, every service and OpenBao."""
+        ports for every service and OpenBao."""
         with ExitStack() as held:
             # All sockets stay bound until every port is chosen, so no two choices coincide.
             if self.port:
@@ -230,12 +238,11 @@ class MeshConfig:
                 edge = self.port
             else:
                 edge = _bound_port(held.enter_context(_bind(self.host, 0)))
-            admin = _bound_port(held.enter_context(_bind(LOOPBACK, 0)))
             services = {
                 service.name: _bound_port(held.enter_context(_bind(LOOPBACK, 0))) for service in SERVICES
             }
             vault = _bound_port(held.enter_context(_bind(LOOPBACK, 0)))
-        return MeshPorts(edge=edge, admin=admin, services=services, vault=vault)
+        return MeshPorts(edge=edge, services=services, vault=vault)
 
 
 @contextmanager
@@ -375,6 +382,7 @@ class Mesh:
         self.config = config
         self.layout = DataLayout.at(config.data_dir)
         self._ports: MeshPorts | None = None
+        self._runner_tls: MeshTls | None = None
         self._plan: MeshPlan | None = None
         self._children: dict[str, _Child] = {}
         self._specs: dict[str, _PartSpec] = {}
@@ -414,8 +422,19 @@ class Mesh:
         return self.layout.identity_public_key
 
     def service_address(self, name: str) -> str:
-        """host:port of a service's gRPC server (bypassing the edge)."""
+        """host:port of a service's gRPC server (bypassing the edge; it requires a mesh certificate,
+        see member_tls)."""
         return f"{LOOPBACK}:{self.ports.services[name]}"
+
+    def member_tls(self, identity: str = RUNNER_IDENTITY) -> MeshTls:
+        """The mesh identity of a member (a service's name, "edge" or "runner"): what a direct call
+        to a service's port must present (tests use it; an outside process has none of these)."""
+        return MeshTls.load(Environment(_mesh_identity(self.layout, identity)))
+
+    @property
+    def envoy_admin_socket(self) -> Path:
+        """Envoy's admin interface (a Unix socket; it has no TCP port)."""
+        return self.layout.envoy_admin_socket
 
     def database_url(self, service: str) -> str:
         """The database URL the service was given."""
@@ -453,9 +472,16 @@ class Mesh:
         if self._children:
             raise MeshError("the mesh is already running")
         given = operator_settings(os.environ)  # before anything starts: a refused variable starts nothing
+        admin_socket = bytes(self.layout.envoy_admin_socket)
+        if len(admin_socket) > MAX_SOCKET_PATH_BYTES:
+            raise MeshError(
+                f"the data directory's path is too long for Envoy's admin socket {admin_socket.decode()} "
+                f"({len(admin_socket)} bytes, at most {MAX_SOCKET_PATH_BYTES}); choose a shorter --data-dir"
+            )
         try:
             self._take_lock()
             self.layout.prepare()
+            self._runner_tls = self.member_tls(RUNNER_IDENTITY)
             self._ports = self.config.pick_ports()
             plan = MeshPlan(
                 layout=self.layout,
@@ -592,6 +618,7 @@ class Mesh:
                 "PYTHONON_PORT": str(plan.ports.services[service.name]),
                 "PYTHONON_LOG_LEVEL": self.config.log_level,
                 "PYTHONON_IDENTITY_PUBLIC_KEY_FILE": str(self.layout.identity_public_key),
+                **_mesh_identity(self.layout, service.name),
             }
         )
         env.update(
@@ -697,7 +724,8 @@ class Mesh:
     def _wait_serving(self, name: str, address: str, deadline: float) -> None:
         while True:
             self._fail_if_exited(name)
-            if _grpc_serving(address):
+            assert self._runner_tls is not None  # set by start() before any service starts
+            if _grpc_serving(address, name, self._runner_tls):
                 return
             if time.monotonic() >= deadline:
                 raise self._timed_out(name, f"did not report SERVING on {address}")
@@ -724,8 +752,13 @@ class Mesh:
             self.layout.envoy_config,
             **{
                 "listen_port": plan.ports.edge,
-                "admin_port": plan.ports.admin,
+                "admin_socket": self.layout.envoy_admin_socket,
                 "upstreams": {name: plan.address(name) for name in service_graph.edge_calls()},
+                "upstream_tls": edge_config.UpstreamTls(
+                    ca_file=self.layout.mesh_ca_certificate,
+                    certificate_file=self.layout.mesh_certificate(service_graph.EDGE),
+                    key_file=self.layout.mesh_key(service_graph.EDGE),
+                ),
                 "host": self.config.host,
                 **self.config.edge_options,
             },
@@ -773,8 +806,19 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _grpc_serving(address: str, timeout: float = 1.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def _mesh_identity(layout: DataLayout, identity: str) -> dict[str, str]:
+    """The PYTHONON_MESH_* variables of a member: the CA, its certificate and key (see mesh_ca)."""
+    return {
+        MESH_CA_VARIABLE: str(layout.mesh_ca_certificate),
+        MESH_CERT_VARIABLE: str(layout.mesh_certificate(identity)),
+        MESH_KEY_VARIABLE: str(layout.mesh_key(identity)),
+    }
+
+
+def _grpc_serving(address: str, service: str, tls: MeshTls, timeout: float = 1.0) -> bool:
+    with grpc.secure_channel(
+        address, channel_credentials(tls), options=tls_channel_options(service)
+    ) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout

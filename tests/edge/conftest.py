@@ -207,7 +207,7 @@ class Edge:
 
     url: str
     port: int
-    admin_port: int
+    admin_socket: Path
     process: subprocess.Popen
     log: Path
     config_path: Path
@@ -269,10 +269,15 @@ def start_edge(tmp_path_factory) -> Iterator[Callable[..., Edge]]:
 
     def start(upstreams: dict[str, str], **kwargs) -> Edge:
         directory = tmp_path_factory.mktemp("edge")
-        port, admin_port = free_port(), free_port()
+        port, admin_socket = free_port(), directory / "admin.sock"
         path = config.write_config(
-            directory / "envoy.json", listen_port=port, admin_port=admin_port, upstreams=upstreams, **kwargs
+            directory / "envoy.json",
+            listen_port=port,
+            admin_socket=admin_socket,
+            upstreams=upstreams,
+            **kwargs,
         )
+        admin = httpx.Client(transport=httpx.HTTPTransport(uds=str(admin_socket)), timeout=1)
         log = directory / "envoy.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
@@ -298,7 +303,7 @@ def start_edge(tmp_path_factory) -> Iterator[Callable[..., Edge]]:
             if process.poll() is not None:
                 raise RuntimeError(f"envoy exited with {process.returncode}:\n{log.read_text()}")
             try:
-                if httpx.get(f"http://127.0.0.1:{admin_port}/ready", timeout=1).status_code == 200:
+                if admin.get("http://envoy/ready").status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -306,7 +311,8 @@ def start_edge(tmp_path_factory) -> Iterator[Callable[..., Edge]]:
                 _stop(process)
                 raise RuntimeError(f"envoy not ready within 30 s:\n{log.read_text()}")
             time.sleep(0.05)
-        return Edge(f"http://127.0.0.1:{port}", port, admin_port, process, log, path)
+        admin.close()
+        return Edge(f"http://127.0.0.1:{port}", port, admin_socket, process, log, path)
 
     yield start
     for process in started:

@@ -23,6 +23,7 @@ from pythonon.system.v1 import system_pb2, system_pb2_grpc
 
 from edge import config
 from services.platform import service_graph
+from services.runner.layout import DataLayout
 
 # Upstreams for renders that start no Envoy.
 LOCAL = {"auth": "127.0.0.1:3", "system": "127.0.0.1:4"}
@@ -96,9 +97,9 @@ def test_services_without_a_rest_mapping_are_internal_and_not_routed(tmp_path):
 
 
 def test_filters_run_in_the_documented_order():
-    hcm = config.render(listen_port=1, admin_port=2, upstreams=LOCAL)["static_resources"]["listeners"][0][
-        "filter_chains"
-    ][0]["filters"][0]["typed_config"]
+    hcm = config.render(listen_port=1, upstreams=LOCAL)["static_resources"]["listeners"][0]["filter_chains"][
+        0
+    ]["filters"][0]["typed_config"]
     assert [f["name"] for f in hcm["http_filters"]] == [
         "envoy.filters.http.buffer",
         "envoy.filters.http.lua",
@@ -111,7 +112,7 @@ def test_filters_run_in_the_documented_order():
 
 
 def test_absent_sections_are_routed_to_the_system_upstream():
-    rendered = config.render(listen_port=1, admin_port=2, upstreams={**LOCAL, "secrets": "127.0.0.1:5"})
+    rendered = config.render(listen_port=1, upstreams={**LOCAL, "secrets": "127.0.0.1:5"})
     routes = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
         "route_config"
     ]["virtual_hosts"][0]["routes"]
@@ -138,12 +139,12 @@ def test_absent_sections_are_routed_to_the_system_upstream():
 )
 def test_render_refuses_incomplete_unknown_or_malformed_upstreams(upstreams, complaint):
     with pytest.raises(ValueError) as refused:
-        config.render(listen_port=1, admin_port=2, upstreams=upstreams)
+        config.render(listen_port=1, upstreams=upstreams)
     assert complaint in str(refused.value)
 
 
 def _clusters(upstreams: dict[str, str]) -> dict[str, dict]:
-    rendered = config.render(listen_port=1, admin_port=2, upstreams=upstreams)
+    rendered = config.render(listen_port=1, upstreams=upstreams)
     return {cluster["name"]: cluster for cluster in rendered["static_resources"]["clusters"]}
 
 
@@ -175,10 +176,16 @@ def test_upstreams_by_address_are_static_and_by_name_are_resolved():
 
 def test_envoy_accepts_a_config_with_cluster_dns_names(tmp_path):
     # The names a Kubernetes Deployment of the edge would use; --mode validate resolves nothing.
+    # With the mesh's mutual TLS (the edge's certificate, the CA) and the admin on a Unix socket.
+    layout = DataLayout.at(tmp_path / "data")
+    layout.prepare()
     path = config.write_config(
         tmp_path / "envoy.json",
         listen_port=8080,
-        admin_port=9901,
+        admin_socket=tmp_path / "admin.sock",
+        upstream_tls=config.UpstreamTls(
+            layout.mesh_ca_certificate, layout.mesh_certificate("edge"), layout.mesh_key("edge")
+        ),
         upstreams={
             name: f"{name}.pythonon.svc.cluster.local:50051" for name in ("auth", "system", "executor")
         },

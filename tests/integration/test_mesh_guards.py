@@ -17,6 +17,7 @@ from pythonon.system.v1 import system_pb2, system_pb2_grpc
 from services.platform.identity import Identity, IdentitySigner, generate_private_key_pem
 from services.runner.mesh import Mesh, MeshConfig
 from tests.integration.conftest import PASSWORD, new_email
+from tests.mesh_identity import mesh_channel
 
 
 def test_register_and_login_are_rate_limited_per_client_ip(tmp_path: Path) -> None:
@@ -95,7 +96,7 @@ def test_services_refuse_callers_without_a_valid_identity_assertion(tmp_path: Pa
         expired = genuine.sign(identity, now=time.time() - 600)
 
         # Straight to the auth service's own port, bypassing the edge.
-        with grpc.insecure_channel(mesh.service_address("auth")) as channel:
+        with mesh_channel(mesh, "auth") as channel:
             stub = auth_pb2_grpc.AuthServiceStub(channel)
             for metadata in (
                 [],
@@ -112,7 +113,7 @@ def test_services_refuse_callers_without_a_valid_identity_assertion(tmp_path: Pa
                 timeout=10,
             )
             assert accepted.id == user["user"]["id"]
-        with grpc.insecure_channel(mesh.service_address("system")) as channel:
+        with mesh_channel(mesh, "system") as channel:
             # Public calls need no assertion.
             assert system_pb2_grpc.SystemServiceStub(channel).Info(system_pb2.InfoRequest(), timeout=10).name
 

@@ -21,6 +21,7 @@ from services.platform.service_graph import IDENTITY_HEADER
 from services.runner.mesh import Mesh, MeshConfig
 from services.secrets.vault import UNAVAILABLE_MESSAGE
 from tests.integration.conftest import PASSWORD, RFC3339, error_message, new_email
+from tests.mesh_identity import mesh_channel
 
 
 def unique_value() -> str:
@@ -52,7 +53,7 @@ def resolve(mesh: Mesh, user: dict, *names: str, everything: bool = False) -> di
     """Call the internal resolver as the executor does: beside the edge, with the user's assertion."""
     signer = IdentitySigner(mesh.identity_key_path.read_bytes())
     assertion = signer.sign(Identity(user["user"]["id"], user["user"]["email"]))
-    with grpc.insecure_channel(mesh.service_address("secrets")) as channel:
+    with mesh_channel(mesh, "secrets") as channel:
         response = secrets_pb2_grpc.SecretsResolverServiceStub(channel).ResolveSecrets(
             secrets_pb2.ResolveSecretsRequest(names=list(names), all=everything),
             metadata=[(IDENTITY_HEADER, assertion)],

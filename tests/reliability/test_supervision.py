@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 from pythonon.secrets.v1 import secrets_pb2, secrets_pb2_grpc
@@ -27,6 +26,7 @@ from pythonon.secrets.v1 import secrets_pb2, secrets_pb2_grpc
 from services.platform.identity import Identity, IdentitySigner
 from services.platform.service_graph import IDENTITY_HEADER
 from services.runner.mesh import Mesh, MeshConfig
+from tests.mesh_identity import mesh_channel
 
 RECOVERY_TARGET_SECONDS = 5.0
 PASSWORD = "correct horse battery staple"
@@ -129,7 +129,7 @@ def _health_names(url: str, part_on_health: str) -> bool:
 def _stored_values(mesh: Mesh, user: dict, names: list[str]) -> dict[str, str]:
     signer = IdentitySigner(mesh.identity_key_path.read_bytes())
     assertion = signer.sign(Identity(user["user"]["id"], user["user"]["email"]))
-    with grpc.insecure_channel(mesh.service_address("secrets")) as channel:
+    with mesh_channel(mesh, "secrets") as channel:
         response = secrets_pb2_grpc.SecretsResolverServiceStub(channel).ResolveSecrets(
             secrets_pb2.ResolveSecretsRequest(all=True), metadata=[(IDENTITY_HEADER, assertion)], timeout=10
         )

@@ -118,11 +118,14 @@ def test_two_migrators_at_once_both_succeed_with_one_schema(database_url: str) -
         assert TABLES[service] in tables(database_url)
 
 
-def _service_env(layout: DataLayout, database_url: str) -> dict[str, str]:
+def _service_env(layout: DataLayout, database_url: str, service: str) -> dict[str, str]:
     return {
         "PATH": os.environ["PATH"],
         "PYTHONON_PORT": "0",
         "PYTHONON_IDENTITY_PUBLIC_KEY_FILE": str(layout.identity_public_key),
+        "PYTHONON_MESH_CA_FILE": str(layout.mesh_ca_certificate),
+        "PYTHONON_MESH_CERT_FILE": str(layout.mesh_certificate(service)),
+        "PYTHONON_MESH_KEY_FILE": str(layout.mesh_key(service)),
         "PYTHONON_DATABASE_URL": database_url,
         "PYTHONON_AUDIT_ADDRESS": "127.0.0.1:1",
         "PYTHONON_AUTH_IDENTITY_KEY_FILE": str(layout.identity_key),
@@ -139,7 +142,7 @@ def test_a_service_on_a_database_that_was_not_migrated_refuses_to_start(
     layout.prepare()
     ended = subprocess.run(
         [sys.executable, "-m", f"services.{service}"],
-        env=_service_env(layout, database_url),
+        env=_service_env(layout, database_url, service),
         capture_output=True,
         text=True,
         timeout=60,

@@ -27,7 +27,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from services.platform import service_graph
 from services.platform.identity import Identity, IdentitySigner, IdentityVerifier, public_key_pem
 from services.runner.cli import main
-from services.runner.layout import DataLayout
+from services.runner.layout import MESH_IDENTITIES, DataLayout
 from services.runner.mesh import SERVICES, Mesh, MeshConfig, MeshError, MeshPlan, MeshPorts, Restart
 
 BUILT = [spec.name for spec in SERVICES]
@@ -68,10 +68,16 @@ def wait_gone(pids: list[int], timeout: float = 20) -> list[int]:
 def test_first_start_creates_private_keys_and_later_starts_keep_them(tmp_path: Path) -> None:
     layout = DataLayout.at(tmp_path / "data")
     created = layout.prepare()
+    issued_before = layout.mesh_key("auth").read_bytes()
 
     keys = [layout.identity_key, layout.identity_public_key, layout.access_token_key, layout.auth_secret_key]
-    assert sorted(created) == sorted(keys)
-    for directory in (layout.root, layout.keys, layout.db, layout.logs):
+    mesh_files = [layout.mesh_ca_key, layout.mesh_ca_certificate] + [
+        path for name in MESH_IDENTITIES for path in (layout.mesh_key(name), layout.mesh_certificate(name))
+    ]
+    assert sorted(created) == sorted(keys + mesh_files)
+    for key in mesh_files:
+        assert mode(key) == 0o600, key
+    for directory in (layout.root, layout.keys, layout.mesh_keys, layout.db, layout.logs):
         assert mode(directory) == 0o700, directory
     for key in keys:
         assert mode(key) == 0o600, key
@@ -82,9 +88,11 @@ def test_first_start_creates_private_keys_and_later_starts_keep_them(tmp_path: P
     token = IdentitySigner(layout.identity_key.read_bytes()).sign(Identity("u", "e"))
     assert IdentityVerifier(layout.identity_public_key.read_bytes()).verify(token).user_id == "u"
 
-    before = {key: key.read_bytes() for key in keys}
+    before = {key: key.read_bytes() for key in keys + [layout.mesh_ca_key, layout.mesh_ca_certificate]}
     assert layout.prepare() == []
-    assert {key: key.read_bytes() for key in keys} == before
+    # The keys and the mesh CA are kept; every member's certificate is issued afresh (rotated).
+    assert {key: key.read_bytes() for key in before} == before
+    assert layout.mesh_key("auth").read_bytes() != issued_before
 
 
 def test_loosened_modes_are_tightened_and_a_lost_public_key_is_derived_again(tmp_path: Path) -> None:
@@ -117,7 +125,7 @@ def test_a_new_data_directory_is_private_whatever_the_umask(tmp_path: Path) -> N
 
 def test_port_zero_picks_distinct_free_ports_for_everything(tmp_path: Path) -> None:
     ports = MeshConfig(port=0, data_dir=tmp_path).pick_ports()
-    every = [ports.edge, ports.admin, *ports.services.values()]
+    every = [ports.edge, *ports.services.values()]
     assert sorted(ports.services) == sorted(BUILT)
     assert all(port > 0 for port in every)
     assert len(set(every)) == len(every)
@@ -178,7 +186,7 @@ def _plan_for_every_service(mesh: Mesh) -> MeshPlan:
     ports = {name: 5000 + index for index, name in enumerate(service_graph.SECTIONS)}
     return MeshPlan(
         layout=mesh.layout,
-        ports=MeshPorts(edge=8080, admin=9901, services=ports, vault=8200),
+        ports=MeshPorts(edge=8080, services=ports, vault=8200),
         database_urls={
             node.name: f"sqlite:///{node.name}.db" for node in service_graph.SERVICES if node.database
         },

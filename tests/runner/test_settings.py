@@ -74,9 +74,7 @@ def test_the_settings_tables_match_what_each_loader_reads(tmp_path: Path) -> Non
     mesh.openbao_files.service_token.write_text("token\n")
     plan = MeshPlan(
         layout=mesh.layout,
-        ports=MeshPorts(
-            edge=8080, admin=9901, services={name: 5000 + i for i, name in enumerate(BUILT)}, vault=8200
-        ),
+        ports=MeshPorts(edge=8080, services={name: 5000 + i for i, name in enumerate(BUILT)}, vault=8200),
         database_urls={node.name: mesh.layout.sqlite_url(node.name) for node in SERVICES if node.database},
     )
     assert sorted(LOADERS) == sorted(BUILT)

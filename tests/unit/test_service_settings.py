@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.platform.identity import generate_private_key_pem, public_key_pem
+from tests.mesh_identity import mesh_identity_files
 
 
 @pytest.mark.parametrize(
@@ -30,6 +31,7 @@ def test_a_service_with_a_bad_setting_exits_2_with_a_clear_message(
     env = {"PATH": os.environ["PATH"], **settings}
     if env.pop("KEY", None) is not None:
         env["PYTHONON_IDENTITY_PUBLIC_KEY_FILE"] = str(key)
+        env.update(mesh_identity_files(tmp_path, service))
     ended = subprocess.run(
         [sys.executable, "-m", f"services.{service}"], env=env, capture_output=True, text=True, timeout=60
     )

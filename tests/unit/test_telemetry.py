@@ -18,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from pythonon.system.v1 import system_pb2, system_pb2_grpc
 
 from services.platform.identity import generate_private_key_pem, public_key_pem
+from tests.mesh_identity import caller_channel, mesh_identity_files
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -59,12 +60,13 @@ def _run_system_service(tmp_path: Path, otlp_endpoint: str | None) -> None:
         "PYTHONON_PORT": str(port),
         "PYTHONON_IDENTITY_PUBLIC_KEY_FILE": str(key),
         "OTEL_BSP_SCHEDULE_DELAY": "60000",  # only the shutdown flush exports
+        **mesh_identity_files(tmp_path, "system"),
     }
     if otlp_endpoint:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_endpoint
     service = subprocess.Popen([sys.executable, "-m", "services.system"], env=env, stderr=subprocess.PIPE)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with caller_channel(tmp_path, "system", f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=20)
             info = system_pb2_grpc.SystemServiceStub(channel).Info(system_pb2.InfoRequest(), timeout=10)
             assert info.name == "Pyth-On"
