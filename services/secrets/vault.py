@@ -76,7 +76,7 @@ class Written:
 
 def parse_time(value: str) -> datetime:
     """Vault's RFC 3339 times carry nanoseconds; Python keeps microseconds."""
-    match = _TIME.match(value or "")
+    match = _TIME.fullmatch(value or "")
     if match is None:
         raise ValueError(f"not an RFC 3339 time: {value!r}")
     whole, fraction, zone = match.groups()
@@ -237,7 +237,7 @@ class VaultSecretStore:
 
     def _folder(self, user_id: str) -> str:
         # The id comes from a verified assertion, but it becomes a path: allow no separators in it.
-        if not _USER_ID.match(user_id):
+        if not _USER_ID.fullmatch(user_id):
             raise PermissionDenied("this identity cannot hold secrets")
         return f"{self._settings.path_prefix}/{user_id}/"
 

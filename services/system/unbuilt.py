@@ -29,7 +29,7 @@ class UnbuiltSectionHandler(grpc.GenericRpcHandler):
         self._unbuilt = frozenset(section for section in sections if not is_built(section))
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        match = _METHOD.match(handler_call_details.method or "")
+        match = _METHOD.fullmatch(handler_call_details.method or "")
         if match is None or match.group(1) not in self._unbuilt:
             return None
         message = unavailable_message(match.group(1))
