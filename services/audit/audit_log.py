@@ -30,7 +30,8 @@ from services.platform.db import Database, utc_now
 from services.platform.errors import InvalidArgument
 
 ACTION = re.compile(r"^[a-z][a-z0-9_.]{1,63}$")
-OUTCOMES = ("success", "failure", "denied")
+# "cancelled": the caller went away and the action was stopped (e.g. a run whose client hung up).
+OUTCOMES = ("success", "failure", "denied", "cancelled")
 MAX_RECORD_ID_LENGTH = 128
 MAX_RESOURCE_LENGTH = 256
 MAX_REQUEST_ID_LENGTH = 128

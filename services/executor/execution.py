@@ -1,14 +1,23 @@
 """The executor's logic: validate a request, gather the run's environment (the user's secrets),
-run it in the sandbox, record it in the audit log, answer. Knows nothing of gRPC."""
+run it in the sandbox, record it in the audit log, answer. Knows nothing of gRPC.
+
+Every run that starts is recorded, whatever its caller does. A run whose caller goes away (hangs
+up, or its deadline passes) is stopped (the backend kills its sandbox) and recorded as
+`cancelled`. A run that ran is recorded with its execution id as the record id, retried until
+RECORD_DEADLINE_SECONDS, as a unit of work a hang-up cannot interrupt; if the audit log still
+cannot confirm it, the output is withheld, the answer says the code ran, and the record goes on
+being retried in the background."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from services.executor.sandbox import (
     LANGUAGES,
@@ -20,12 +29,23 @@ from services.executor.sandbox import (
     SandboxError,
 )
 from services.executor.secrets_client import SecretsClient
-from services.platform.audit import FAILURE, SUCCESS, AuditClient
+from services.platform.audit import (
+    CANCELLED,
+    FAILURE,
+    SUCCESS,
+    AuditClient,
+    finish_in_background,
+    run_to_completion,
+)
 from services.platform.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.platform.sandbox_environment import is_reserved
 
 MAX_ENV_VARIABLES = 64
 MAX_ENV_VALUE_BYTES = 32 * 1024
+# How long the record of a run that ran is retried (same record id) before its output is withheld,
+# and how long it is retried after that, in the background, so that the run still reaches the log.
+RECORD_DEADLINE_SECONDS = 15.0
+RECORD_BACKGROUND_SECONDS = 300.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
@@ -89,6 +109,20 @@ class Executions:
         resource = f"execution/{execution_id}"
         try:
             result = await self._backend.run(spec)
+        except asyncio.CancelledError:
+            # The sandbox is killed as the cancellation unwinds the backend's run.
+            finish_in_background(
+                self._audit.record(
+                    "executor.execute",
+                    resource,
+                    CANCELLED,
+                    {**details, "reason": "caller_gone"},
+                    record_id=execution_id,
+                    deadline_seconds=RECORD_DEADLINE_SECONDS,
+                ),
+                action="executor.execute",
+            )
+            raise
         except SandboxBusy as busy:
             raise ResourceExhausted(
                 "the executor is busy; retry shortly", retry_after=math.ceil(busy.retry_after)
@@ -107,8 +141,29 @@ class Executions:
             timedOut=result.timed_out,
             truncated=result.truncated,
         )
-        await self._audit.record("executor.execute", resource, SUCCESS, details)
+        await run_to_completion(self._record_run(execution_id, details), action="executor.execute")
         return ExecutionResult(execution_id=execution_id, result=result)
+
+    async def _record_run(self, execution_id: str, details: dict[str, object]) -> None:
+        def record(deadline_seconds: float) -> Coroutine[Any, Any, object]:
+            return self._audit.record(
+                "executor.execute",
+                f"execution/{execution_id}",
+                SUCCESS,
+                details,
+                record_id=execution_id,
+                deadline_seconds=deadline_seconds,
+            )
+
+        try:
+            await record(RECORD_DEADLINE_SECONDS)
+        except Unavailable:
+            finish_in_background(record(RECORD_BACKGROUND_SECONDS), action="executor.execute")
+            raise Unavailable(
+                f"the code ran, but the audit log could not confirm its record within "
+                f"{RECORD_DEADLINE_SECONDS:g} seconds, so its output is withheld (execution "
+                f"{execution_id}; its record is retried in the background); retry later"
+            ) from None
 
     def _validate(self, request: ExecutionRequest, language: str) -> Limits:
         policy = self._policy

@@ -30,6 +30,10 @@ T = TypeVar("T")
 log = logging.getLogger("pythonon.audit_client")
 
 SUCCESS, FAILURE, DENIED = "success", "failure", "denied"
+# The caller went away (hung up, or its deadline passed) and the action was stopped.
+CANCELLED = "cancelled"
+# Pauses between attempts of a record with a deadline.
+_RETRY_PAUSES = (0.1, 0.2, 0.5, 1.0)
 UNAVAILABLE_MESSAGE = "the audit log is unavailable, so the request was not carried out; retry later"
 # For the rare case where a change was made, its record could not be written, and undoing it failed
 # too: the caller must not be told that nothing happened.
@@ -62,6 +66,15 @@ async def run_to_completion(work: Coroutine[Any, Any, T], *, action: str) -> T:
             log.info("request cancelled; its unit of work goes on", extra={"action": action})
             task.add_done_callback(lambda finished: _log_abandoned(finished, action))
         raise
+
+
+def finish_in_background(work: Coroutine[Any, Any, Any], *, action: str) -> None:
+    """Start `work` (e.g. the record of an action its caller abandoned) without waiting for it; a
+    stopping service still waits for it (`wait_for_units_of_work`), and its end is logged."""
+    task = asyncio.ensure_future(work)
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+    task.add_done_callback(lambda finished: _log_abandoned(finished, action))
 
 
 def _log_abandoned(task: asyncio.Task[Any], action: str) -> None:
@@ -109,12 +122,18 @@ class AuditClient:
         details: dict[str, Any] | None = None,
         *,
         assertion: str | None = None,
+        record_id: str | None = None,
+        deadline_seconds: float | None = None,
     ) -> audit_pb2.AuditEntry:
         """Append one entry to the chain of the user the assertion names (by default the assertion
-        of the request in hand). Never pass secret values, passwords, code or output in details."""
+        of the request in hand). Never pass secret values, passwords, code or output in details.
+
+        Every attempt carries the same record id (the audit service stores it once however often it
+        arrives): by default two attempts; with `deadline_seconds`, attempts go on until the
+        deadline (for an action that already happened and must not go unrecorded)."""
         scope = request_scope()
         request = audit_pb2.RecordRequest(
-            record_id=uuid.uuid4().hex,
+            record_id=record_id or uuid.uuid4().hex,
             action=action,
             resource=resource,
             outcome=outcome,
@@ -126,8 +145,11 @@ class AuditClient:
         # The channel forwards the request's own assertion; an explicit one (an event signed for a
         # user who is not yet the request's, e.g. at login) takes its place.
         metadata = ((IDENTITY_HEADER, assertion),) if assertion else None
-        # One retry with the same record_id: the audit service stores it once either way.
-        for attempt in (1, 2):
+        loop = asyncio.get_running_loop()
+        deadline = None if deadline_seconds is None else loop.time() + deadline_seconds
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 response = await self._stub.Record(request, metadata=metadata)
                 return response.entry
@@ -136,9 +158,16 @@ class AuditClient:
                 log.warning(
                     "audit record failed", extra={"action": action, "attempt": attempt, "code": code.name}
                 )
-                if not isinstance(error, Unavailable) or attempt == 2:
+                if not isinstance(error, Unavailable):
                     raise Unavailable(UNAVAILABLE_MESSAGE) from None
-        raise AssertionError("unreachable")
+                if deadline is None:
+                    if attempt == 2:
+                        raise Unavailable(UNAVAILABLE_MESSAGE) from None
+                    continue
+                pause = _RETRY_PAUSES[min(attempt, len(_RETRY_PAUSES)) - 1]
+                if loop.time() + pause >= deadline:
+                    raise Unavailable(UNAVAILABLE_MESSAGE) from None
+                await asyncio.sleep(pause)
 
     async def close(self) -> None:
         await self._channel.close()
