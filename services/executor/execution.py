@@ -28,6 +28,7 @@ from services.executor.sandbox import (
     SandboxBusy,
     SandboxError,
 )
+from services.executor.sandbox.languages import canonical_name
 from services.executor.secrets_client import SecretsClient
 from services.platform.audit import (
     CANCELLED,
@@ -91,7 +92,8 @@ class Executions:
         self._backend.replenish()
 
     async def execute(self, request: ExecutionRequest) -> ExecutionResult:
-        language = request.language or "python"
+        # An alias (py, js, node, sh...) runs as its language, and is recorded under that name.
+        language = canonical_name(request.language or "python") or request.language
         limits = self._validate(request, language)
         # The secrets service judges the names (and says which one is wrong).
         names = None if request.secret_names is None else list(request.secret_names)

@@ -132,3 +132,17 @@ def test_payloads_are_plain_framed_data_never_a_python_serialisation(tmp_path: P
         script = runtimes["bash"].payload(RunSpec("bash", "echo hi"), cpu_seconds=3).decode("ascii")
         assert script.startswith("exec 4<&-\n") and "exec /usr/bin/env -i" in script
     assert frame(b"{}") == b"2\n{}"
+
+
+def test_common_aliases_name_their_language() -> None:
+    from services.executor.sandbox.languages import canonical_name
+
+    assert {alias: canonical_name(alias) for alias in ("py", "python3", "js", "node", "sh", "bash")} == {
+        "py": "python",
+        "python3": "python",
+        "js": "javascript",
+        "node": "javascript",
+        "sh": "bash",
+        "bash": "bash",
+    }
+    assert canonical_name("ruby") is None and canonical_name("Python") is None

@@ -20,6 +20,7 @@ class Language:
     find_runtime: Callable[[Language, str | None, Path], runtimes.Runtime]
     smoke_test: str  # code that must print exactly "ok\n": run by every backend at start-up
     hello: str  # code that prints exactly "hello\n" (benchmarks)
+    aliases: tuple[str, ...] = ()  # other names callers commonly use for it
 
 
 SMOKE_TEST_OUTPUT = "ok\n"
@@ -27,11 +28,29 @@ SMOKE_TEST_OUTPUT = "ok\n"
 LANGUAGES: Mapping[str, Language] = {
     language.name: language
     for language in (
-        Language("python", "main.py", runtimes.find_python, "print('ok')", "print('hello')"),
-        Language("javascript", "main.js", runtimes.find_node, "console.log('ok')", "console.log('hello')"),
-        Language("bash", "main.sh", runtimes.find_bash, "echo ok", "echo hello"),
+        Language(
+            "python", "main.py", runtimes.find_python, "print('ok')", "print('hello')", ("py", "python3")
+        ),
+        Language(
+            "javascript",
+            "main.js",
+            runtimes.find_node,
+            "console.log('ok')",
+            "console.log('hello')",
+            ("js", "node", "nodejs"),
+        ),
+        Language("bash", "main.sh", runtimes.find_bash, "echo ok", "echo hello", ("sh", "shell")),
     )
 }
+
+_BY_NAME = {
+    name: language.name for language in LANGUAGES.values() for name in (language.name, *language.aliases)
+}
+
+
+def canonical_name(name: str) -> str | None:
+    """The language a name or alias (e.g. "py", "node") stands for; None for no language."""
+    return _BY_NAME.get(name)
 
 
 def discover(
