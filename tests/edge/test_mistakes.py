@@ -388,3 +388,13 @@ def test_native_grpc_echoes_the_request_id(edge, doubles):
         )
     assert ("x-request-id", "grpc-1") in [(m.key, m.value) for m in call.initial_metadata()]
     assert doubles.system.recorder.only("Info").metadata["x-request-id"] == "grpc-1"
+
+
+def test_native_grpc_with_a_request_id_the_audit_log_cannot_hold_is_invalid_argument(edge, doubles):
+    with grpc.insecure_channel(f"127.0.0.1:{edge.port}") as channel, pytest.raises(grpc.RpcError) as raised:
+        system_pb2_grpc.SystemServiceStub(channel).Info(
+            system_pb2.InfoRequest(), metadata=[("x-request-id", "a" * 129)], timeout=10
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith("x-request-id: expected 1 to 128")
+    assert doubles.system.recorder.calls == []
