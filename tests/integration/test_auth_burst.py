@@ -18,6 +18,7 @@ import httpx
 import psycopg
 import pytest
 
+from services.auth import passwords
 from services.runner.mesh import Mesh, MeshConfig
 from tests.integration.conftest import PASSWORD, new_email
 from tests.postgres import throwaway_database
@@ -25,9 +26,19 @@ from tests.postgres import throwaway_database
 BURST = 20
 # High enough that no request of these tests meets the per-address limit (its own tests check it).
 LIMITS = {"auth": {"PYTHONON_AUTH_CLIENT_IP_RATE_BURST": "100000"}}
-# "Within a few seconds" on the two shared cores of a test machine (the old code took ~60 s).
-BURST_SECONDS = 10.0
+# Another user's call during a burst (the old code made them wait ~60 s, then 503).
 BYSTANDER_SECONDS = 2.5
+
+
+def burst_bound_seconds() -> float:
+    """How long a burst may take: what its password hashes cost on this machine's cores right now
+    (Argon2id is meant to be slow; a shared test machine makes it slower), 2.5 times, plus 4 s. The old
+    code's lock waits (30 s busy timeout, ~60 s stalls) stay far beyond it."""
+    started = time.perf_counter()
+    for _ in range(3):
+        passwords.hash_password(PASSWORD)
+    one_hash = (time.perf_counter() - started) / 3
+    return 2.5 * BURST * one_hash / (os.cpu_count() or 1) + 4.0
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -79,34 +90,49 @@ async def _burst_with_bystander(
         return list(answers), elapsed, await bystander
 
 
+def _seconds(answers: list[tuple[int, float]]) -> str:
+    times = sorted(seconds for _, seconds in answers)
+    return (
+        f"{len(times)} calls, median {times[len(times) // 2]:.2f} s, max {times[-1]:.2f} s"
+        if times
+        else "none"
+    )
+
+
 def test_a_burst_of_registrations_and_logins_answers_correctly_within_seconds(mesh: Mesh) -> None:
     bystander = register(mesh, new_email("bystander"))
     emails = [new_email("burst") for _ in range(BURST)]
     registrations = [("/api/register", {"email": email, "password": PASSWORD}) for email in emails]
+    bound = burst_bound_seconds()
     answers, elapsed, others = asyncio.run(_burst_with_bystander(mesh, registrations, bystander["token"]))
-    print(f"\n{BURST} registrations: {elapsed:.2f} s; bystander: {[round(s, 2) for _, s in others]}")
+    print(f"\n{BURST} registrations: {elapsed:.2f} s (bound {bound:.1f} s); bystander: {_seconds(others)}")
     assert [status for status, _ in answers] == [201] * BURST
-    assert elapsed < BURST_SECONDS
+    assert elapsed < bound
     assert others and {status for status, _ in others} == {200}
     assert max(seconds for _, seconds in others) < BYSTANDER_SECONDS
 
     # 20 logins of one account at once.
     logins = [("/api/login", {"email": emails[0], "password": PASSWORD})] * BURST
+    bound = burst_bound_seconds()
     answers, elapsed, others = asyncio.run(_burst_with_bystander(mesh, logins, bystander["token"]))
-    print(f"{BURST} logins of one account: {elapsed:.2f} s; bystander: {[round(s, 2) for _, s in others]}")
+    print(
+        f"{BURST} logins of one account: {elapsed:.2f} s (bound {bound:.1f} s); bystander: {_seconds(others)}"
+    )
     assert [status for status, _ in answers] == [200] * BURST
-    assert elapsed < BURST_SECONDS
+    assert elapsed < bound
     assert others and {status for status, _ in others} == {200}
     assert max(seconds for _, seconds in others) < BYSTANDER_SECONDS
 
 
 async def _hang_up_round(mesh: Mesh, emails: list[str], login_email: str) -> None:
-    """Registrations and logins whose callers give up after 20 ms to 1 s, as a flood of impatient
+    """Registrations and logins whose callers give up after 20 ms to 4 s, as a flood of impatient
     clients (or a killed load balancer) would: before, during and after the password hash, the
-    audit record and the database write."""
+    audit record and the database write (hashes queue, so the later ones need the longer waits)."""
 
     async def impatient(path: str, body: dict) -> None:
-        timeout = random.choice((random.uniform(0.02, 0.08), random.uniform(0.08, 1.0)))
+        timeout = random.choice(
+            (random.uniform(0.02, 0.08), random.uniform(0.08, 1.0), random.uniform(1.0, 4.0))
+        )
         try:
             async with httpx.AsyncClient(base_url=mesh.url, timeout=timeout) as http:
                 await http.post(path, json=body)
