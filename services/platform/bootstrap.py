@@ -108,12 +108,32 @@ def server_credentials(tls: MeshTls) -> grpc.ServerCredentials:
     )
 
 
+async def start_health_server(
+    host: str, port: int, health_servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server answering only grpc.health.v1 from the service's own health servicer, for
+    probes without a mesh certificate (the kubelet's gRPC probes speak no TLS). It tells whether
+    the service is serving, nothing else; returns it and its port."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} (health)")
+    await server.start()
+    return server, bound
+
+
 async def _serve(definition: ServiceDefinition[S], server_settings: ServerSettings, settings: S) -> None:
     # Before build: the clients it connects are traced by the same provider as the server.
     telemetry.configure(server_settings.service, server_settings.otlp_endpoint)
     parts = await definition.build(server_settings, settings)
     server, health_servicer, port = await start_server(server_settings, parts)
     log.info("serving", extra={"host": server_settings.host, "port": port})
+    health_server = None
+    if server_settings.health_port is not None:
+        health_server, _ = await start_health_server(
+            server_settings.host, server_settings.health_port, health_servicer
+        )
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -124,6 +144,8 @@ async def _serve(definition: ServiceDefinition[S], server_settings: ServerSettin
     log.info("stopping", extra={"grace_seconds": server_settings.shutdown_grace_seconds})
     await health_servicer.enter_graceful_shutdown()
     await server.stop(server_settings.shutdown_grace_seconds)
+    if health_server is not None:  # answered NOT_SERVING through the grace period
+        await health_server.stop(None)
     # Changes whose requests were cancelled still owe their audit record: finish them first.
     await wait_for_units_of_work(server_settings.shutdown_grace_seconds)
     for close in parts.on_stop:

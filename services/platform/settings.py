@@ -68,6 +68,13 @@ COMMON_SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("PYTHONON_MESH_KEY_FILE", None, "PEM private key of PYTHONON_MESH_CERT_FILE.", wired=True),
     Setting(
+        "PYTHONON_HEALTH_PORT",
+        None,
+        "Port of a second, plaintext gRPC server that answers only grpc.health.v1 (the kubelet's gRPC "
+        "probes speak no TLS); unset: none. The Kubernetes manifests set it; leave it unset under `pyth-on up` "
+        "(every service would want the same port).",
+    ),
+    Setting(
         "PYTHONON_SHUTDOWN_GRACE_SECONDS",
         "5",
         "Seconds in-flight calls get to finish after SIGTERM before the server stops.",
@@ -236,6 +243,8 @@ class ServerSettings:
     otlp_endpoint: str | None
     shutdown_grace_seconds: float
     mesh_tls: MeshTls | None
+    # Plaintext grpc.health.v1 only, for probes that cannot present a mesh certificate (Kubernetes).
+    health_port: int | None = None
 
     @classmethod
     def load(cls, service: str, env: Environment) -> ServerSettings:
@@ -257,6 +266,7 @@ class ServerSettings:
             otlp_endpoint=env.optional("OTEL_EXPORTER_OTLP_ENDPOINT"),
             shutdown_grace_seconds=float(env.integer("PYTHONON_SHUTDOWN_GRACE_SECONDS", 5)),
             mesh_tls=mesh_tls,
+            health_port=env.port("PYTHONON_HEALTH_PORT") if env.optional("PYTHONON_HEALTH_PORT") else None,
         )
 
 
