@@ -38,10 +38,12 @@ test: venv system-packages check-generated lint typecheck proto-lint proto-break
 generate: venv
 	$(BIN)/python tools/generate.py
 	$(BIN)/python tools/settings_reference.py
+	$(BIN)/python tools/k8s_manifests.py
 
 check-generated: venv
 	$(BIN)/python tools/generate.py --check
 	$(BIN)/python tools/settings_reference.py --check
+	$(BIN)/python tools/k8s_manifests.py --check
 
 lint: venv
 	$(BIN)/ruff check .
