@@ -684,3 +684,64 @@ def test_a_run_gets_no_more_than_its_share_of_the_cpus(sandbox: Sandbox, factory
     assert result.exit_code == 0, result.stderr
     assert 0.2 < float(result.stdout) <= 0.6, result.stdout
     sandbox.assert_healthy()
+
+
+# -- what the root holds --------------------------------------------------------------------------
+
+
+def test_time_zones_work_in_every_language(sandbox: Sandbox) -> None:
+    python = sandbox.python(
+        "import datetime, zoneinfo\n"
+        "print(datetime.datetime(2026, 1, 1, tzinfo=zoneinfo.ZoneInfo('Asia/Shanghai')).utcoffset())"
+    )
+    assert (python.stdout, python.stderr) == ("8:00:00\n", "")
+    needs(sandbox, "bash")
+    bash = sandbox.run(RunSpec("bash", "TZ=Asia/Shanghai date -d @0 '+%Y-%m-%d %H:%M %Z'"))
+    assert (bash.stdout, bash.stderr) == ("1970-01-01 08:00 CST\n", "")
+    needs(sandbox, "javascript")
+    code = "console.log(new Date(0).toLocaleString('en-GB', {timeZone: 'Asia/Shanghai'}))"
+    node = sandbox.run(RunSpec("javascript", code, env={"TZ": "Asia/Shanghai"}))
+    assert (node.stdout, node.stderr) == ("01/01/1970, 08:00:00\n", "")
+
+
+def test_bash_runs_can_call_python3_node_and_the_usual_tools(sandbox: Sandbox) -> None:
+    needs(sandbox, "bash")
+    code = """
+python3 -c 'import sys; print("python", sys.version_info[0])'
+command -v node >/dev/null && node -e 'console.log("node", typeof process)' || echo "node missing"
+printf 'b\\na\\n' | sort | head -1
+echo 'x y' | awk '{print $2}' | sed s/y/z/ | tr z Z
+seq 3 | paste -sd+ | bc
+echo hello | sha256sum | cut -c1-8
+"""
+    result = sandbox.run(RunSpec("bash", code))
+    expected_node = "node object" if "javascript" in sandbox.backend.languages() else "node missing"
+    assert result.stdout.splitlines() == ["python 3", expected_node, "a", "Z", "6", "5891b5b5"], result.stderr
+
+
+def test_the_root_holds_only_what_the_runtime_needs(sandbox: Sandbox) -> None:
+    """Libraries the runtime does not link (the JVM, PostgreSQL's, other host software under
+    /usr/lib) are not there; those it does are."""
+    code = """
+import json, os
+host_software = ["/usr/lib/jvm", "/usr/lib/postgresql", "/usr/lib/google-cloud-sdk", "/usr/lib/llvm-14",
+                 "/usr/lib/python3", "/usr/share/doc", "/usr/lib/x86_64-linux-gnu/libpq.so.5"]
+print(json.dumps({"present": [p for p in host_software if os.path.exists(p)],
+                  "libc": os.path.exists("/usr/lib/x86_64-linux-gnu/libc.so.6") or os.path.exists("/lib/libc.so.6")}))
+"""
+    result = sandbox.python(code)
+    seen = json.loads(result.stdout)
+    assert seen == {"present": [], "libc": True}, result.stderr
+
+
+def test_mountinfo_shows_no_path_of_the_mesh(sandbox: Sandbox, tmp_path: Path) -> None:
+    """No host path of the executor's own (its runtime directory, the temporary directory's
+    pythonon-* folders, the data directory, the repository) appears in what the program can read
+    about its mounts."""
+    code = "print(open('/proc/self/mountinfo').read())\nprint(open('/proc/self/cgroup').read())"
+    result = sandbox.python(code, env={"PYTHONPATH": "/opt/env"}, readonly_paths=[])
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout
+    for marker in ("pythonon-", str(tmp_path), os.getcwd(), "/work/", "/tmp/"):
+        assert marker not in text, marker
+    sandbox.assert_healthy()

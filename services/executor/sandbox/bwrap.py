@@ -64,6 +64,8 @@ OPEN_FILES = 1024
 MINIMUM_BWRAP = (0, 10)  # --size for tmpfs
 # bwrap's own processes in a sandbox's cgroup: the outer one and the pid namespace's init.
 BWRAP_PROCESSES = 2
+# The sandbox's /etc files come on descriptors from here on (bwrap --file copies each in).
+ETC_FD = 7
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,13 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
                 + 8
             )
             self._uids = _UidBlock(options.uid_base, slots) if self._root else None
-            self._etc = self._write_etc(("sandbox", uid) for uid in (self._uids.free if self._uids else ()))
+            etc = self._write_etc(("sandbox", uid) for uid in (self._uids.free if self._uids else ()))
+            self._etc_files = {path.name: path.read_bytes() for path in sorted(etc.iterdir())}
+            assert self._prlimit is not None
+            tools = [(self._prlimit, f"{TOOLS_INSIDE}/prlimit")]
+            if self._setpriv:
+                tools.append((self._setpriv, f"{TOOLS_INSIDE}/setpriv"))
+            self._tool_binds = tools + runtimes.linked_libraries(host for host, _ in tools)
             self._cgroups = cgroups.detect(
                 self._runtime_dir.name.rpartition("-")[2],
                 parent=Path(options.cgroup_parent) if options.cgroup_parent else None,
@@ -197,6 +205,7 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
                 self._argv(runtime, profile, uid),
                 self._seccomp,
                 owner=uid,
+                inputs={fd: data for fd, data in enumerate(self._etc_files.values(), start=ETC_FD)},
                 cgroup_procs=self._cgroups.procs_files(cgroup) if cgroup is not None else (),
             )
         except OSError as error:
@@ -281,15 +290,14 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
     # -- the bwrap command line -----------------------------------------------------------------
 
     def _argv(self, runtime: runtimes.Runtime, profile: _Profile, uid: int | None) -> list[str]:
-        lib_binds, lib_links = runtimes.system_library_binds()
-        binds = [*lib_binds, *runtime.binds, (str(self._etc), "/etc")]
-        assert self._prlimit is not None
-        binds.append((self._prlimit, f"{TOOLS_INSIDE}/prlimit"))
-        if self._setpriv:
-            binds.append((self._setpriv, f"{TOOLS_INSIDE}/setpriv"))
+        # Only what the runtime needs (its files and the libraries they link), the time zones, our
+        # two tools and their libraries; /etc is copied in from descriptors (ETC_FILES), so that
+        # no path of the executor's own (its runtime directory) shows in /proc/self/mountinfo.
+        binds = runtimes.unique_binds([*runtime.binds, *runtimes.common_binds(), *self._tool_binds])
         binds += list(profile.readonly_paths)
-        links = [*lib_links, *runtime.symlinks]
+        links = [*runtimes.system_library_links(), *runtime.symlinks]
         tmpfs = [*PRIVATE_TMPFS, WORKDIR]
+        etc = [f"/etc/{name}" for name in self._etc_files]
         args = [self._bwrap]
         if self._root:
             args += [
@@ -311,10 +319,14 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
                 str(NOBODY),
             ]
         args += ["--die-with-parent", "--new-session", "--hostname", "sandbox"]
-        for directory in _ancestors([inside for _, inside in binds] + [link for _, link in links] + tmpfs):
+        for directory in _ancestors(
+            [inside for _, inside in binds] + [link for _, link in links] + tmpfs + etc
+        ):
             args += ["--perms", "0755", "--dir", directory]
         for host, inside in sorted(binds, key=lambda pair: pair[1].count("/")):
             args += ["--ro-bind", host, inside]
+        for fd, path in enumerate(etc, start=ETC_FD):
+            args += ["--perms", "0644", "--file", str(fd), path]
         for target, link in links:
             args += ["--symlink", target, link]
         args += ["--proc", "/proc", "--dev", "/dev"]

@@ -277,10 +277,16 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
         bundle = self._runtime_dir / "bundles" / container
         rootfs = bundle / "rootfs"
         rootfs.mkdir(parents=True)
-        lib_binds, lib_links = runtimes.system_library_binds()
-        binds = [*lib_binds, *runtime.binds, (str(self._etc), "/etc"), *profile.readonly_paths]
+        lib_links = runtimes.system_library_links()
+        binds = runtimes.unique_binds(
+            [*runtime.binds, *runtimes.common_binds(), (str(self._etc), "/etc"), *profile.readonly_paths]
+        )
         mounts: list[dict[str, Any]] = [{"destination": "/proc", "type": "proc", "source": "proc"}]
         for host, inside in binds:
+            # A file is hard-linked into the read-only root rather than mounted: each mount costs
+            # the sandbox's kernel threads (a Bash root holds ~200 files), and a link costs nothing.
+            if not os.path.isdir(host) and _hard_link(host, rootfs / inside.lstrip("/")):
+                continue
             _mount_point(rootfs, inside, directory=os.path.isdir(host))
             mounts.append({"destination": inside, "type": "bind", "source": host, "options": ["rbind", "ro"]})
         for target, link in [*lib_links, *runtime.symlinks]:
@@ -377,11 +383,27 @@ def _kill_tree(pid: int) -> None:
 
 def _readable_by_all(root: Path) -> None:
     """Directories 0755 and files 0644 under root, whatever the service's umask (the runner's is 077):
-    the sandbox's unprivileged uid must be able to reach its mount points and /etc. Only for trees this
-    backend wrote itself: on a hard link to a host file it would change the host file's mode."""
+    the sandbox's unprivileged uid must be able to reach its mount points and /etc. Hard links to host
+    files are left alone: a mode change would change the host file's."""
     for path in [root, *root.rglob("*")]:
-        if not path.is_symlink():
-            path.chmod(0o755 if path.is_dir() else 0o644)
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o755)
+        elif path.stat().st_nlink == 1:
+            path.chmod(0o644)
+
+
+def _hard_link(host: str, target: Path) -> bool:
+    """Link a host file into a container's root; False where the two are on different filesystems."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(os.path.realpath(host), target)
+    except FileExistsError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _mount_point(rootfs: Path, inside: str, directory: bool) -> None:

@@ -90,7 +90,9 @@ def spawn(
         highest = max(child)
         sources = {target: _above(fd, highest + 1, opened) for target, fd in child.items()}
         actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in sources.items()]
-        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds(exclude=set(sources.values()))]
+        # Then close what else would leak, except the descriptors just placed.
+        placed = set(sources.values()) | set(child)
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds(exclude=placed)]
         pid = os.posix_spawn(argv[0], list(argv), {}, file_actions=actions, setsid=True)
     except BaseException:
         for fd in opened:

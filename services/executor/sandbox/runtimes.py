@@ -14,8 +14,9 @@ import json
 import os
 import posixpath
 import shutil
+import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,8 +41,11 @@ SAFE_ENV = {
 # sandbox itself has finished tearing down (gVisor takes ~10 ms more); the backend strips it.
 END_MARKER = b"\x00pythonon-exit "
 
-# Shared libraries every runtime loads; kept as the host has them (directories or merged-/usr links).
+# Top-level library directories: where they are merged-/usr links on the host, the sandbox has the
+# same links (what is bound under them is resolved per runtime: see `linked_libraries`).
 SYSTEM_LIBRARY_DIRS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32")
+# What ordinary programs expect besides their runtime, bound for every language when the host has it.
+TIME_ZONES = "/usr/share/zoneinfo"
 
 # What a Bash script may call: coreutils and the handful of tools scripts commonly expect.
 BASH_TOOLS = (
@@ -89,14 +93,67 @@ def frame(body: bytes) -> bytes:
     return b"%d\n" % len(body) + body
 
 
-def system_library_binds() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    binds, links = [], []
-    for path in SYSTEM_LIBRARY_DIRS:
-        if os.path.islink(path):
-            links.append((os.readlink(path), path))
-        elif os.path.isdir(path):
-            binds.append((path, path))
-    return binds, links
+def system_library_links() -> list[tuple[str, str]]:
+    """(target, link) of the host's merged-/usr links (/lib -> usr/lib...), kept in the sandbox so
+    that the paths binaries were linked with (/lib64/ld-linux-x86-64.so.2) lead where they do here."""
+    return [(os.readlink(path), path) for path in SYSTEM_LIBRARY_DIRS if os.path.islink(path)]
+
+
+_LINKED: dict[tuple[str, float], frozenset[str]] = {}
+
+
+def linked_libraries(files: Iterable[str]) -> list[tuple[str, str]]:
+    """(host file, sandbox path) binds of the shared libraries that `files` (executables and
+    shared objects) load at start-up, the dynamic loader included, as the host's loader resolves
+    them (ldd): the sandbox holds those instead of all of the host's /usr/lib. Each path is written
+    without merged-/usr links in its directory, and bound to the file it finally names."""
+    wanted = sorted({os.path.realpath(f) for f in files if os.path.isfile(f)})
+    unknown = [f for f in wanted if (f, os.path.getmtime(f)) not in _LINKED]
+    for start in range(0, len(unknown), 64):
+        batch = unknown[start : start + 64]
+        found = _ldd(batch)
+        for path in batch:
+            _LINKED[(path, os.path.getmtime(path))] = found.get(path, frozenset())
+    libraries = set().union(*(_LINKED[(f, os.path.getmtime(f))] for f in wanted)) if wanted else set()
+    binds = []
+    for library in sorted(libraries):
+        inside = os.path.join(os.path.realpath(os.path.dirname(library)), os.path.basename(library))
+        binds.append((os.path.realpath(library), inside))
+    return binds
+
+
+def _ldd(files: list[str]) -> dict[str, frozenset[str]]:
+    """file -> the absolute paths of the libraries it loads (ldd's "=> /path" and the loader)."""
+    ldd = shutil.which("ldd", path="/usr/bin:/bin")
+    if ldd is None:
+        raise LookupError("ldd is not installed: the sandbox cannot tell which libraries a runtime needs")
+    answer = subprocess.run(  # noqa: S603 - our own files, no shell
+        [ldd, *files], capture_output=True, text=True, timeout=60, env={"LC_ALL": "C"}, check=False
+    )
+    found: dict[str, set[str]] = {}
+    current = files[0] if len(files) == 1 else None
+    for line in answer.stdout.splitlines():
+        if not line.startswith(("\t", " ")) and line.endswith(":"):
+            current = line[:-1]
+            continue
+        words = line.split()
+        path = words[2] if "=>" in words and len(words) > 2 else words[0] if words else ""
+        if current is not None and path.startswith("/"):
+            found.setdefault(current, set()).add(path)
+    return {path: frozenset(libraries) for path, libraries in found.items()}
+
+
+def unique_binds(binds: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Binds without a second one at the same place inside (the first wins)."""
+    seen: dict[str, str] = {}
+    for host, inside in binds:
+        seen.setdefault(inside, host)
+    return [(host, inside) for inside, host in seen.items()]
+
+
+def common_binds() -> list[tuple[str, str]]:
+    """What every language's sandbox holds besides its runtime: the time-zone database."""
+    return [(TIME_ZONES, TIME_ZONES)] if os.path.isdir(TIME_ZONES) else []
 
 
 def find_python(language: Language, executable: str | None, runtime_dir: Path) -> Runtime:
@@ -117,6 +174,9 @@ def find_python(language: Language, executable: str | None, runtime_dir: Path) -
         raise LookupError(f"no standard library found under {prefix / 'lib'}")
     binds = [(str(exe), str(exe)), (str(prefix / "lib" / version), str(prefix / "lib" / version))]
     binds += [(str(p), str(p)) for p in sorted((prefix / "lib").glob(f"lib{version}*.so*")) if p.is_file()]
+    # The extension modules are loaded later, but what they link must be there too.
+    extensions = sorted(str(p) for p in (prefix / "lib" / version / "lib-dynload").glob("*.so"))
+    binds += linked_libraries([str(exe), *extensions])
     symlinks = [(exe.name, str(exe.parent / name)) for name in ("python3", "python") if name != exe.name]
     bootstrap = Path(bootstrap_python.__file__).read_text()
     return Runtime(
@@ -149,7 +209,7 @@ def find_node(language: Language, executable: str | None, runtime_dir: Path) -> 
         main_file=language.main_file,
         command=(str(exe), "-e", NODE_BOOTSTRAP),
         command_stdin=(str(exe), "-e", NODE_BOOTSTRAP, "stdin"),
-        binds=((str(exe), str(exe)),),
+        binds=((str(exe), str(exe)), *linked_libraries([str(exe)])),
         symlinks=(),
         path=f"{exe.parent}:/usr/local/bin:/usr/bin:/bin",
         limit_address_space=False,
@@ -158,37 +218,47 @@ def find_node(language: Language, executable: str | None, runtime_dir: Path) -> 
 
 
 def find_bash(language: Language, executable: str | None, runtime_dir: Path) -> Runtime:
+    """Bash with the usual tools in /usr/bin (each bound from the host on its own, with the
+    libraries they link), and `python3` and `node` there too when the host has them."""
     bash = executable or shutil.which("bash", path="/usr/bin:/bin")
     if not bash or not os.access(bash, os.X_OK):
         raise LookupError("bash is not installed")
-    toolbox = runtime_dir / "bash-tools"
-    toolbox.mkdir(exist_ok=True)
-    toolbox.chmod(0o755)  # not left to the umask: the sandbox's uid must be able to use the tools
+    binds: list[tuple[str, str]] = []
+    symlinks: list[tuple[str, str]] = [("usr/bin", "/bin")]
     for tool in BASH_TOOLS:
         host = Path(bash) if tool == "bash" else shutil.which(tool, path="/usr/bin:/bin")
-        if host is None:
+        if host is not None:
+            binds.append((str(Path(host).resolve()), f"/usr/bin/{tool}"))
+    binds += linked_libraries(host for host, _ in binds)
+    for other, names in (("python", ("python3", "python")), ("javascript", ("node", "nodejs"))):
+        runtime = _other_runtime(other, runtime_dir)
+        if runtime is None:
             continue
-        _link_or_copy(Path(host).resolve(), toolbox / tool)
+        binds += [bind for bind in runtime.binds if bind not in binds]
+        symlinks += [(runtime.command[0], f"/usr/bin/{name}") for name in names]
+    taken = {inside for _, inside in binds}
+    symlinks = [(target, link) for target, link in symlinks if link not in taken]
     return Runtime(
         language=language.name,
         main_file=language.main_file,
         command=("/usr/bin/bash", "-c", BASH_BOOTSTRAP),
         command_stdin=("/usr/bin/bash", "-c", BASH_BOOTSTRAP_STDIN),
-        binds=((str(toolbox), "/usr/bin"),),
-        symlinks=(("usr/bin", "/bin"),),
+        binds=tuple(binds),
+        symlinks=tuple(symlinks),
         path="/usr/bin:/bin",
         limit_address_space=True,
         encoder=_bash_payload,
     )
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    if target.exists():
-        return
+def _other_runtime(name: str, runtime_dir: Path) -> Runtime | None:
+    """Another language's runtime, for Bash scripts to call; None when the host lacks it."""
+    from services.executor.sandbox.languages import LANGUAGES
+
     try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+        return LANGUAGES[name].find_runtime(LANGUAGES[name], None, runtime_dir)
+    except LookupError:
+        return None
 
 
 def _files(spec: RunSpec) -> list[tuple[str, bytes]]:
