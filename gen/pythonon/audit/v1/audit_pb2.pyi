@@ -40,7 +40,7 @@ class RecordRequest(_message.Message):
     resource: _builtins.str
     """What the action was on, e.g. "user/<id>" or "secret/API_TOKEN"."""
     outcome: _builtins.str
-    """"success", "failure" or "denied"."""
+    """"success", "failure", "denied" or "cancelled" (a run whose caller went away)."""
     request_id: _builtins.str
     client_ip: _builtins.str
     @_builtins.property
