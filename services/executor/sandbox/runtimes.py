@@ -44,8 +44,10 @@ END_MARKER = b"\x00pythonon-exit "
 # Top-level library directories: where they are merged-/usr links on the host, the sandbox has the
 # same links (what is bound under them is resolved per runtime: see `linked_libraries`).
 SYSTEM_LIBRARY_DIRS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32")
-# What ordinary programs expect besides their runtime, bound for every language when the host has it.
+# What ordinary programs expect besides their runtime, bound for every language when the host has it:
+# the time-zone database, and the C.UTF-8 locale (LANG's; without it Bash counts bytes, not characters).
 TIME_ZONES = "/usr/share/zoneinfo"
+COMMON_DIRECTORIES = (TIME_ZONES, "/usr/lib/locale/C.utf8")
 
 # What a Bash script may call: coreutils and the handful of tools scripts commonly expect.
 BASH_TOOLS = (
@@ -152,8 +154,8 @@ def unique_binds(binds: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def common_binds() -> list[tuple[str, str]]:
-    """What every language's sandbox holds besides its runtime: the time-zone database."""
-    return [(TIME_ZONES, TIME_ZONES)] if os.path.isdir(TIME_ZONES) else []
+    """What every language's sandbox holds besides its runtime (COMMON_DIRECTORIES)."""
+    return [(path, path) for path in COMMON_DIRECTORIES if os.path.isdir(path)]
 
 
 def find_python(language: Language, executable: str | None, runtime_dir: Path) -> Runtime:
