@@ -173,6 +173,8 @@ class Capabilities(_message.Message):
     SANDBOX_FIELD_NUMBER: _builtins.int
     LANGUAGES_FIELD_NUMBER: _builtins.int
     ENFORCED_LIMITS_FIELD_NUMBER: _builtins.int
+    RUNTIMES_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     sandbox: _builtins.str
     @_builtins.property
     def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -180,17 +182,312 @@ class Capabilities(_message.Message):
     def enforced_limits(self) -> _containers.ScalarMap[_builtins.str, _builtins.bool]:
         """Limit name ("memory", "processes", "network", ...) to whether this host enforces it."""
 
+    @_builtins.property
+    def runtimes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Runtime]:
+        """Each available language's runtime: its version and the other names it answers to."""
+
+    @_builtins.property
+    def limits(self) -> Global___ExecutorLimits:
+        """The limits a run gets."""
+
     def __init__(
         self,
         *,
         sandbox: _builtins.str = ...,
         languages: _abc.Iterable[_builtins.str] | None = ...,
         enforced_limits: _abc.Mapping[_builtins.str, _builtins.bool] | None = ...,
+        runtimes: _abc.Iterable[Global___Runtime] | None = ...,
+        limits: Global___ExecutorLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforced_limits", b"enforced_limits", "languages", b"languages", "sandbox", b"sandbox"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforced_limits", b"enforced_limits", "languages", b"languages", "limits", b"limits", "runtimes", b"runtimes", "sandbox", b"sandbox"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Capabilities: _TypeAlias = Capabilities  # noqa: Y015
+
+@_typing.final
+class Runtime(_message.Message):
+    """A language's runtime on this executor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    language: _builtins.str
+    version: _builtins.str
+    """e.g. "3.11.2" (empty when it could not be told)."""
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Other names the executor runs as this language (e.g. "py")."""
+
+    def __init__(
+        self,
+        *,
+        language: _builtins.str = ...,
+        version: _builtins.str = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "language", b"language", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Runtime: _TypeAlias = Runtime  # noqa: Y015
+
+@_typing.final
+class ExecutorLimits(_message.Message):
+    """The limits of a run on this executor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMEOUT_DEFAULT_SECONDS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MAX_SECONDS_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    PROCESSES_FIELD_NUMBER: _builtins.int
+    OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
+    FILE_BYTES_FIELD_NUMBER: _builtins.int
+    TMP_BYTES_FIELD_NUMBER: _builtins.int
+    CODE_BYTES_FIELD_NUMBER: _builtins.int
+    timeout_default_seconds: _builtins.float
+    """The timeout of a run that names none, and the longest one a run may name."""
+    timeout_max_seconds: _builtins.float
+    memory_bytes: _builtins.int
+    processes: _builtins.int
+    output_bytes: _builtins.int
+    """Per output stream."""
+    file_bytes: _builtins.int
+    tmp_bytes: _builtins.int
+    code_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        timeout_default_seconds: _builtins.float = ...,
+        timeout_max_seconds: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        processes: _builtins.int = ...,
+        output_bytes: _builtins.int = ...,
+        file_bytes: _builtins.int = ...,
+        tmp_bytes: _builtins.int = ...,
+        code_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_bytes", b"code_bytes", "file_bytes", b"file_bytes", "memory_bytes", b"memory_bytes", "output_bytes", b"output_bytes", "processes", b"processes", "timeout_default_seconds", b"timeout_default_seconds", "timeout_max_seconds", b"timeout_max_seconds", "tmp_bytes", b"tmp_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecutorLimits: _TypeAlias = ExecutorLimits  # noqa: Y015
+
+@_typing.final
+class ClaimRequest(_message.Message):
+    """A sandbox pod asks for its run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLAIM_TOKEN_FIELD_NUMBER: _builtins.int
+    claim_token: _builtins.str
+    """The pod's one-time token (its environment holds it; see docs/architecture.md)."""
+    def __init__(
+        self,
+        *,
+        claim_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_token", b"claim_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimRequest: _TypeAlias = ClaimRequest  # noqa: Y015
+
+@_typing.final
+class RunLimits(_message.Message):
+    """The limits a run gets inside the pod (the pod's own resources bound them from outside)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    PROCESSES_FIELD_NUMBER: _builtins.int
+    OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
+    FILE_BYTES_FIELD_NUMBER: _builtins.int
+    TMP_BYTES_FIELD_NUMBER: _builtins.int
+    CPUS_FIELD_NUMBER: _builtins.int
+    timeout_seconds: _builtins.float
+    memory_bytes: _builtins.int
+    processes: _builtins.int
+    output_bytes: _builtins.int
+    """Per stream."""
+    file_bytes: _builtins.int
+    tmp_bytes: _builtins.int
+    cpus: _builtins.float
+    def __init__(
+        self,
+        *,
+        timeout_seconds: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        processes: _builtins.int = ...,
+        output_bytes: _builtins.int = ...,
+        file_bytes: _builtins.int = ...,
+        tmp_bytes: _builtins.int = ...,
+        cpus: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "file_bytes", b"file_bytes", "memory_bytes", b"memory_bytes", "output_bytes", b"output_bytes", "processes", b"processes", "timeout_seconds", b"timeout_seconds", "tmp_bytes", b"tmp_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunLimits: _TypeAlias = RunLimits  # noqa: Y015
+
+@_typing.final
+class ClaimResponse(_message.Message):
+    """One run, as the pod's runner gets it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class FilesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    PRIVATE_INPUT_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    REPORT_TOKEN_FIELD_NUMBER: _builtins.int
+    language: _builtins.str
+    """"python", "javascript" or "bash"."""
+    code: _builtins.str
+    stdin: _builtins.str
+    private_input: _builtins.bytes
+    """Given to the program on file descriptor 3, never in its environment or arguments."""
+    report_token: _builtins.str
+    """Proves the Report that follows; it travels only in this answer."""
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def files(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]:
+        """Extra files in the working directory (relative paths)."""
+
+    @_builtins.property
+    def limits(self) -> Global___RunLimits: ...
+    def __init__(
+        self,
+        *,
+        language: _builtins.str = ...,
+        code: _builtins.str = ...,
+        stdin: _builtins.str = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        files: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
+        private_input: _builtins.bytes = ...,
+        limits: Global___RunLimits | None = ...,
+        report_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "env", b"env", "files", b"files", "language", b"language", "limits", b"limits", "private_input", b"private_input", "report_token", b"report_token", "stdin", b"stdin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimResponse: _TypeAlias = ClaimResponse  # noqa: Y015
+
+@_typing.final
+class ReportRequest(_message.Message):
+    """What the program did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORT_TOKEN_FIELD_NUMBER: _builtins.int
+    STDOUT_FIELD_NUMBER: _builtins.int
+    STDERR_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
+    OVERFLOWED_FIELD_NUMBER: _builtins.int
+    report_token: _builtins.str
+    stdout: _builtins.bytes
+    """At most the run's output limit each."""
+    stderr: _builtins.bytes
+    exit_code: _builtins.int
+    duration_seconds: _builtins.float
+    timed_out: _builtins.bool
+    overflowed: _builtins.bool
+    """An output stream went past its limit and the run was stopped."""
+    def __init__(
+        self,
+        *,
+        report_token: _builtins.str = ...,
+        stdout: _builtins.bytes = ...,
+        stderr: _builtins.bytes = ...,
+        exit_code: _builtins.int = ...,
+        duration_seconds: _builtins.float = ...,
+        timed_out: _builtins.bool = ...,
+        overflowed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_seconds", b"duration_seconds", "exit_code", b"exit_code", "overflowed", b"overflowed", "report_token", b"report_token", "stderr", b"stderr", "stdout", b"stdout", "timed_out", b"timed_out"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportRequest: _TypeAlias = ReportRequest  # noqa: Y015
+
+@_typing.final
+class ReportResponse(_message.Message):
+    """The result was taken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportResponse: _TypeAlias = ReportResponse  # noqa: Y015

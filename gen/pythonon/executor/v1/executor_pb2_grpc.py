@@ -175,3 +175,130 @@ class ExecutorCapabilitiesService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SandboxRunnerServiceStub:
+    """Called only by the sandbox pods of the kubernetes backend, on the executor's sandbox port (the
+    edge does not route it, and no mesh service calls it): a pod pulls its run with a one-time token
+    and pushes the result back, so nothing of a run ever travels in a pod's spec.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Claim = channel.unary_unary(
+                '/pythonon.executor.v1.SandboxRunnerService/Claim',
+                request_serializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ClaimRequest.SerializeToString,
+                response_deserializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ClaimResponse.FromString,
+                _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/pythonon.executor.v1.SandboxRunnerService/Report',
+                request_serializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ReportRequest.SerializeToString,
+                response_deserializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ReportResponse.FromString,
+                _registered_method=True)
+
+
+class SandboxRunnerServiceServicer:
+    """Called only by the sandbox pods of the kubernetes backend, on the executor's sandbox port (the
+    edge does not route it, and no mesh service calls it): a pod pulls its run with a one-time token
+    and pushes the result back, so nothing of a run ever travels in a pod's spec.
+    """
+
+    def Claim(self, request, context):
+        """Waits until a run is assigned to the pod holding `claim_token`, then hands the run over. A
+        claim token is accepted once, from the pod it was made for; afterwards it is worthless.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Report(self, request, context):
+        """The result of a claimed run, accepted once for the report token that Claim answered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SandboxRunnerServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Claim': grpc.unary_unary_rpc_method_handler(
+                    servicer.Claim,
+                    request_deserializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ClaimRequest.FromString,
+                    response_serializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ClaimResponse.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ReportRequest.FromString,
+                    response_serializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ReportResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pythonon.executor.v1.SandboxRunnerService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pythonon.executor.v1.SandboxRunnerService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SandboxRunnerService:
+    """Called only by the sandbox pods of the kubernetes backend, on the executor's sandbox port (the
+    edge does not route it, and no mesh service calls it): a pod pulls its run with a one-time token
+    and pushes the result back, so nothing of a run ever travels in a pod's spec.
+    """
+
+    @staticmethod
+    def Claim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pythonon.executor.v1.SandboxRunnerService/Claim',
+            pythonon_dot_executor_dot_v1_dot_executor__pb2.ClaimRequest.SerializeToString,
+            pythonon_dot_executor_dot_v1_dot_executor__pb2.ClaimResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pythonon.executor.v1.SandboxRunnerService/Report',
+            pythonon_dot_executor_dot_v1_dot_executor__pb2.ReportRequest.SerializeToString,
+            pythonon_dot_executor_dot_v1_dot_executor__pb2.ReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

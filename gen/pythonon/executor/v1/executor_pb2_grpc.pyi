@@ -87,3 +87,61 @@ class ExecutorCapabilitiesServiceServicer(metaclass=_abc_1.ABCMeta):
         """The sandbox backend, the languages whose runtimes exist, and the limits this host enforces."""
 
 def add_ExecutorCapabilitiesServiceServicer_to_server(servicer: ExecutorCapabilitiesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SandboxRunnerServiceStub:
+    """Called only by the sandbox pods of the kubernetes backend, on the executor's sandbox port (the
+    edge does not route it, and no mesh service calls it): a pod pulls its run with a one-time token
+    and pushes the result back, so nothing of a run ever travels in a pod's spec.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SandboxRunnerServiceAsyncStub: ...
+    Claim: _grpc.UnaryUnaryMultiCallable[_executor_pb2.ClaimRequest, _executor_pb2.ClaimResponse]
+    """Waits until a run is assigned to the pod holding `claim_token`, then hands the run over. A
+    claim token is accepted once, from the pod it was made for; afterwards it is worthless.
+    """
+    Report: _grpc.UnaryUnaryMultiCallable[_executor_pb2.ReportRequest, _executor_pb2.ReportResponse]
+    """The result of a claimed run, accepted once for the report token that Claim answered."""
+
+@_typing.type_check_only
+class SandboxRunnerServiceAsyncStub(SandboxRunnerServiceStub):
+    """Called only by the sandbox pods of the kubernetes backend, on the executor's sandbox port (the
+    edge does not route it, and no mesh service calls it): a pod pulls its run with a one-time token
+    and pushes the result back, so nothing of a run ever travels in a pod's spec.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Claim: _aio.UnaryUnaryMultiCallable[_executor_pb2.ClaimRequest, _executor_pb2.ClaimResponse]  # type: ignore[assignment]
+    """Waits until a run is assigned to the pod holding `claim_token`, then hands the run over. A
+    claim token is accepted once, from the pod it was made for; afterwards it is worthless.
+    """
+    Report: _aio.UnaryUnaryMultiCallable[_executor_pb2.ReportRequest, _executor_pb2.ReportResponse]  # type: ignore[assignment]
+    """The result of a claimed run, accepted once for the report token that Claim answered."""
+
+class SandboxRunnerServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Called only by the sandbox pods of the kubernetes backend, on the executor's sandbox port (the
+    edge does not route it, and no mesh service calls it): a pod pulls its run with a one-time token
+    and pushes the result back, so nothing of a run ever travels in a pod's spec.
+    """
+
+    @_abc_1.abstractmethod
+    def Claim(
+        self,
+        request: _executor_pb2.ClaimRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.ClaimResponse, _abc.Awaitable[_executor_pb2.ClaimResponse]]:
+        """Waits until a run is assigned to the pod holding `claim_token`, then hands the run over. A
+        claim token is accepted once, from the pod it was made for; afterwards it is worthless.
+        """
+
+    @_abc_1.abstractmethod
+    def Report(
+        self,
+        request: _executor_pb2.ReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.ReportResponse, _abc.Awaitable[_executor_pb2.ReportResponse]]:
+        """The result of a claimed run, accepted once for the report token that Claim answered."""
+
+def add_SandboxRunnerServiceServicer_to_server(servicer: SandboxRunnerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
