@@ -25,6 +25,7 @@ from services.executor.sandbox import (
 from services.executor.sandbox.languages import LANGUAGES, discover
 from services.executor.sandbox.runtimes import frame
 from services.platform.identity import generate_private_key_pem, public_key_pem
+from tests.mesh_identity import mesh_identity_files
 
 
 def test_an_unknown_backend_is_a_mistake() -> None:
@@ -96,6 +97,7 @@ def test_the_executor_refuses_to_start_with_a_bad_backend_option(
         "PYTHONON_IDENTITY_PUBLIC_KEY_FILE": str(key),
         "PYTHONON_SECRETS_ADDRESS": "127.0.0.1:1",
         "PYTHONON_AUDIT_ADDRESS": "127.0.0.1:1",
+        **mesh_identity_files(tmp_path, "executor"),
         **settings,
     }
     ended = subprocess.run(
