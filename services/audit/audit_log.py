@@ -86,7 +86,7 @@ def decode_cursor(cursor: str) -> int:
         raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
     except (binascii.Error, ValueError):
         raise refused from None
-    match = _CURSOR.match(raw)
+    match = _CURSOR.fullmatch(raw)
     if match is None or int(match.group(1)) > MAX_SEQUENCE:
         raise refused
     return int(match.group(1))
@@ -136,7 +136,7 @@ def validate_record(record: RecordInput) -> dict[str, Any]:
     _check_length("record_id", record.record_id, MAX_RECORD_ID_LENGTH)
     if not record.action:
         raise InvalidArgument("action is required")
-    if not ACTION.match(record.action):
+    if not ACTION.fullmatch(record.action):
         raise InvalidArgument(
             "action must be 2-64 characters of a-z, 0-9, '_' and '.', starting with a letter, "
             "such as auth.login"
@@ -206,7 +206,7 @@ class AuditLog:
             raise InvalidArgument(f"limit must be between 1 and {self._max_page_size} (0 for the default)")
         limit = query.limit or self._page_size
         before = decode_cursor(query.cursor) if query.cursor else None
-        if query.action and not ACTION.match(query.action):
+        if query.action and not ACTION.fullmatch(query.action):
             raise InvalidArgument("action filter is not a valid action name, such as auth.login")
         if query.since is not None and query.until is not None and query.since > query.until:
             raise InvalidArgument("since must not be after until")
