@@ -16,11 +16,14 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from services.executor.sandbox import Limits, RunSpec, SandboxBusy, SandboxError
+from services.executor import encrypted_runs
+from services.executor.sandbox import Limits, RunSpec, SandboxBusy, SandboxError, zk_decryptor
+from services.zk import recipe
 from tests.host_processes import no_process_left
 from tests.sandbox.conftest import (
     CANARY_NAME,
@@ -745,3 +748,105 @@ def test_mountinfo_shows_no_path_of_the_mesh(sandbox: Sandbox, tmp_path: Path) -
     for marker in ("pythonon-", str(tmp_path), os.getcwd(), "/work/", "/tmp/"):
         assert marker not in text, marker
     sandbox.assert_healthy()
+
+
+# -- encrypted code (issue 12): decrypted inside the sandbox only ---------------------------------------
+
+# Small key-derivation parameters keep the suite fast; the recipe is the same at any size.
+ZK_KDF = recipe.KdfParams(memory_kib=8 * 1024, iterations=1, parallelism=1)
+ZK_PASSWORD = "zk contract pass phrase"
+ZK_PROGRAMS = {
+    "python": (
+        "import os, sys\n"
+        "print('clear', sys.stdin.read().strip(), os.environ['WHO'], __name__, sorted(os.listdir('/proc/self/fd')))\n"
+        "print(open('/proc/self/environ','rb').read().count(b'zk contract'), open('/proc/self/cmdline','rb').read().count(b'zk contract'))\n"
+    ),
+    "javascript": (
+        "const fs = require('fs');\n"
+        "console.log('clear', fs.readFileSync(0, 'utf8').trim(), process.env.WHO, require.main === module,"
+        " fs.readdirSync('/workspace').join(','));\n"
+    ),
+    "bash": 'read -r line\necho "clear $line $WHO $0: $(head -1 "$0")"\nexit 3\n',
+}
+ZK_EXPECTED = {
+    "python": ("clear in zk __main__ ['0', '1', '2', '3']\n0 0\n", 0),
+    "javascript": ("clear in zk true main.js\n", 0),
+    "bash": ("clear in zk /workspace/main.sh: read -r line\n", 3),
+}
+
+
+def sealed(code: str, password: str = ZK_PASSWORD) -> encrypted_runs.SealedCode:
+    return encrypted_runs.SealedCode(recipe.encrypt(code, ZK_PASSWORD, ZK_KDF), password)
+
+
+@pytest.mark.parametrize("language", ["python", "javascript", "bash"])
+def test_encrypted_code_is_decrypted_and_run_inside_the_sandbox(sandbox: Sandbox, language: str) -> None:
+    needs(sandbox, encrypted_runs.DECRYPTING_RUNTIME[language])
+    needs(sandbox, language)
+    code = sealed(ZK_PROGRAMS[language])
+    plain = RunSpec(language, "", stdin="in\n", env={"WHO": "zk"})
+    spec = code.spec(plain, sandbox.backend.languages())
+    assert ZK_PROGRAMS[language] not in spec.code and ZK_PASSWORD not in spec.code
+    assert all(ZK_PASSWORD not in value for value in spec.env.values())
+    result = sandbox.run(spec)
+    assert code.refusal(result) is None, result.stderr
+    assert (result.stdout, result.stderr, result.exit_code) == (
+        *ZK_EXPECTED[language][:1],
+        "",
+        ZK_EXPECTED[language][1],
+    )
+
+
+def test_an_encrypted_programs_traceback_is_its_own(sandbox: Sandbox) -> None:
+    code = sealed("def divide(x):\n    return x / 0\n\ndivide(1)\n")
+    result = sandbox.run(code.spec(RunSpec("python", ""), sandbox.backend.languages()))
+    assert result.exit_code == 1 and code.refusal(result) is None
+    assert result.stderr == (
+        "Traceback (most recent call last):\n"
+        '  File "/workspace/main.py", line 4, in <module>\n'
+        "    divide(1)\n"
+        '  File "/workspace/main.py", line 2, in divide\n'
+        "    return x / 0\n"
+        "           ~~^~~\n"
+        "ZeroDivisionError: division by zero\n"
+    )
+
+
+@pytest.mark.parametrize("language", ["python", "javascript"])
+def test_a_wrong_password_or_altered_payload_is_refused_and_the_code_never_runs(
+    sandbox: Sandbox, language: str
+) -> None:
+    needs(sandbox, encrypted_runs.DECRYPTING_RUNTIME[language])
+    needs(sandbox, language)
+    program = {"python": "print('RAN')", "javascript": "console.log('RAN')"}[language]
+    wrong = sealed(program, password="not the password")
+    good = sealed(program)
+    flipped = bytearray(good.payload.ciphertext)
+    flipped[0] ^= 1
+    altered = encrypted_runs.SealedCode(replace(good.payload, ciphertext=bytes(flipped)), ZK_PASSWORD)
+    for code in (wrong, altered):
+        result = sandbox.run(code.spec(RunSpec(language, ""), sandbox.backend.languages()))
+        refusal = code.refusal(result)
+        assert refusal is not None, (result.stdout, result.stderr)
+        reason, error = refusal
+        assert (reason, error.message) == (
+            "wrong-password",
+            "the password is wrong or the payload was altered",
+        )
+        assert "RAN" not in result.stdout and result.exit_code == zk_decryptor.REFUSED_STATUS
+        # Another run's token does not make the same output a refusal.
+        assert sealed(program).refusal(result) is None
+
+
+def test_the_key_derivation_counts_against_the_runs_memory(sandbox: Sandbox) -> None:
+    code = encrypted_runs.SealedCode(
+        recipe.encrypt("print('RAN')", ZK_PASSWORD, recipe.KdfParams(96 * 1024, 1, 1)), ZK_PASSWORD
+    )
+    limits = Limits(memory_bytes=48 * 1024 * 1024)
+    result = sandbox.run(code.spec(RunSpec("python", "", limits=limits), sandbox.backend.languages()))
+    assert "RAN" not in result.stdout
+    refusal = code.refusal(result)
+    # Refused by the decryptor (Argon2 could not allocate) or killed by the memory limit: never run.
+    assert (refusal is not None and refusal[0] == "kdf-memory") or (
+        result.exit_code == 137 and "memory limit of 48 MiB exceeded" in result.stderr
+    ), (result.exit_code, result.stderr)
