@@ -60,7 +60,7 @@ SERVICES: tuple[ServiceNode, ...] = (
         outside_variables=("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"),
         built=False,
     ),
-    ServiceNode("packages", calls=("audit",), database=True, built=False),
+    ServiceNode("packages", calls=("audit",), database=True),
     ServiceNode("zk", calls=("executor", "audit"), database=True, built=False),
     # Health of every service and of Vault and the databases; the executor's capabilities for info.
     ServiceNode("system", calls=_ALL_BUT_SYSTEM, vault=True),

@@ -50,6 +50,11 @@ class DataLayout:
         return self.root / "logs"
 
     @property
+    def packages(self) -> Path:
+        """The package environments (content-addressed, read-only once built) and users' markers."""
+        return self.root / "packages"
+
+    @property
     def identity_key(self) -> Path:
         """Ed25519 private key that signs identity assertions (the auth service's)."""
         return self.keys / "identity.key"

@@ -130,11 +130,18 @@ def _system_view(plan: MeshPlan) -> dict[str, str]:
     }
 
 
+def _packages_store(variable: str) -> Callable[[MeshPlan], dict[str, str]]:
+    """The package environments' directory, built by the packages service and read by the executor."""
+    return lambda plan: {variable: str(plan.layout.packages)}
+
+
 # Settings of a service that depend on this machine rather than on the graph.
 _LOCAL_SETTINGS: dict[str, Callable[[MeshPlan], dict[str, str]]] = {
     "auth": _auth_keys,
     "secrets": _openbao_login,
     "system": _system_view,
+    "packages": _packages_store("PYTHONON_PACKAGES_DIR"),
+    "executor": _packages_store("PYTHONON_EXECUTOR_PACKAGES_DIR"),
 }
 
 

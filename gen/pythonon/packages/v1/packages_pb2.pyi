@@ -28,12 +28,16 @@ class PackageInfo(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     spec: _builtins.str
     """PEP 508 requirement, e.g. "requests>=2.31"."""
     version: _builtins.str
     """Installed version, once built."""
     status: _builtins.str
+    """"pending", "building", "ready" or "failed"."""
+    reason: _builtins.str
+    """Why the build failed (the resolver's or installer's message), when status is "failed"."""
     def __init__(
         self,
         *,
@@ -41,10 +45,11 @@ class PackageInfo(_message.Message):
         spec: _builtins.str = ...,
         version: _builtins.str = ...,
         status: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "spec", b"spec", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason", "spec", b"spec", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -152,3 +157,66 @@ class RemovePackageRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemovePackageRequest: _TypeAlias = RemovePackageRequest  # noqa: Y015
+
+@_typing.final
+class GetEnvironmentRequest(_message.Message):
+    """Which environment, and how long to wait for one being built."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    wait_seconds: _builtins.float
+    """How long to wait while the environment is pending or building (0: answer at once)."""
+    def __init__(
+        self,
+        *,
+        wait_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["wait_seconds", b"wait_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEnvironmentRequest: _TypeAlias = GetEnvironmentRequest  # noqa: Y015
+
+@_typing.final
+class PackageEnvironment(_message.Message):
+    """The user's package environment and its state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_KEY_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    status: _builtins.str
+    """"none" (no packages), "pending", "building", "ready" or "failed"."""
+    environment_key: _builtins.str
+    """Content address of the environment (lock hash, interpreter version, platform), once known."""
+    path: _builtins.str
+    """Directory of the environment's importable files on the executor's host, when ready."""
+    ready: _builtins.int
+    """Packages of the lock installed so far, and how many it has (for "2 of 3 ready")."""
+    total: _builtins.int
+    reason: _builtins.str
+    """Why the build failed, when status is "failed"."""
+    def __init__(
+        self,
+        *,
+        status: _builtins.str = ...,
+        environment_key: _builtins.str = ...,
+        path: _builtins.str = ...,
+        ready: _builtins.int = ...,
+        total: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_key", b"environment_key", "path", b"path", "ready", b"ready", "reason", b"reason", "status", b"status", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PackageEnvironment: _TypeAlias = PackageEnvironment  # noqa: Y015

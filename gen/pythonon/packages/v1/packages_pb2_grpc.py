@@ -231,3 +231,82 @@ class PackagesService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PackagesResolverServiceStub:
+    """Internal (the edge does not route it): the executor asks for the environment of the user whose
+    identity assertion the call carries, and no one else's.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetEnvironment = channel.unary_unary(
+                '/pythonon.packages.v1.PackagesResolverService/GetEnvironment',
+                request_serializer=pythonon_dot_packages_dot_v1_dot_packages__pb2.GetEnvironmentRequest.SerializeToString,
+                response_deserializer=pythonon_dot_packages_dot_v1_dot_packages__pb2.PackageEnvironment.FromString,
+                _registered_method=True)
+
+
+class PackagesResolverServiceServicer:
+    """Internal (the edge does not route it): the executor asks for the environment of the user whose
+    identity assertion the call carries, and no one else's.
+    """
+
+    def GetEnvironment(self, request, context):
+        """The caller's package environment, waiting up to wait_seconds while it is being built.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PackagesResolverServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetEnvironment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEnvironment,
+                    request_deserializer=pythonon_dot_packages_dot_v1_dot_packages__pb2.GetEnvironmentRequest.FromString,
+                    response_serializer=pythonon_dot_packages_dot_v1_dot_packages__pb2.PackageEnvironment.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pythonon.packages.v1.PackagesResolverService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pythonon.packages.v1.PackagesResolverService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PackagesResolverService:
+    """Internal (the edge does not route it): the executor asks for the environment of the user whose
+    identity assertion the call carries, and no one else's.
+    """
+
+    @staticmethod
+    def GetEnvironment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pythonon.packages.v1.PackagesResolverService/GetEnvironment',
+            pythonon_dot_packages_dot_v1_dot_packages__pb2.GetEnvironmentRequest.SerializeToString,
+            pythonon_dot_packages_dot_v1_dot_packages__pb2.PackageEnvironment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -92,3 +92,40 @@ class PackagesServiceServicer(metaclass=_abc_1.ABCMeta):
         """Removes one package from the caller's list."""
 
 def add_PackagesServiceServicer_to_server(servicer: PackagesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class PackagesResolverServiceStub:
+    """Internal (the edge does not route it): the executor asks for the environment of the user whose
+    identity assertion the call carries, and no one else's.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> PackagesResolverServiceAsyncStub: ...
+    GetEnvironment: _grpc.UnaryUnaryMultiCallable[_packages_pb2.GetEnvironmentRequest, _packages_pb2.PackageEnvironment]
+    """The caller's package environment, waiting up to wait_seconds while it is being built."""
+
+@_typing.type_check_only
+class PackagesResolverServiceAsyncStub(PackagesResolverServiceStub):
+    """Internal (the edge does not route it): the executor asks for the environment of the user whose
+    identity assertion the call carries, and no one else's.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetEnvironment: _aio.UnaryUnaryMultiCallable[_packages_pb2.GetEnvironmentRequest, _packages_pb2.PackageEnvironment]  # type: ignore[assignment]
+    """The caller's package environment, waiting up to wait_seconds while it is being built."""
+
+class PackagesResolverServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Internal (the edge does not route it): the executor asks for the environment of the user whose
+    identity assertion the call carries, and no one else's.
+    """
+
+    @_abc_1.abstractmethod
+    def GetEnvironment(
+        self,
+        request: _packages_pb2.GetEnvironmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_packages_pb2.PackageEnvironment, _abc.Awaitable[_packages_pb2.PackageEnvironment]]:
+        """The caller's package environment, waiting up to wait_seconds while it is being built."""
+
+def add_PackagesResolverServiceServicer_to_server(servicer: PackagesResolverServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,71 @@
+"""The packages service process: `python -m services.packages`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pythonon.packages.v1 import packages_pb2, packages_pb2_grpc
+
+from services.packages import settings as packages_settings
+from services.packages import storage
+from services.packages.builds import Builds
+from services.packages.environments import BuildLimits, EnvironmentStore, Installer, Target
+from services.packages.servicer import PackagesResolverServicer, PackagesServicer
+from services.packages.settings import PackagesSettings
+from services.packages.user_packages import UserPackages
+from services.platform.audit import AuditClient
+from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer, run
+from services.platform.db import Database, Schema
+from services.platform.settings import ServerSettings
+
+
+async def build(server: ServerSettings, settings: PackagesSettings) -> ServiceParts:
+    """Wire the packages service's parts; interrupted builds start again (tests call this too)."""
+    db = Database(settings.database_url)
+    db.require_at_head(Schema("packages"))  # `pyth-on migrate` brings it there, once
+    target = await asyncio.to_thread(Target.probe, settings.python)
+    store = await asyncio.to_thread(EnvironmentStore, settings.store)
+    installer = Installer(uv=settings.uv, index_url=settings.index_url, cache_dir=store.cache)
+    builds = Builds(
+        db,
+        store,
+        installer,
+        target,
+        BuildLimits(max_bytes=settings.max_environment_bytes, max_seconds=settings.max_build_seconds),
+        settings.max_concurrent_builds,
+    )
+    audit = AuditClient(settings.audit_address)
+    target_key = f"{target.version} {target.platform} {settings.index_url or 'default index'}"
+    packages = UserPackages(db, store, builds, audit, target_key)
+    # The database is the truth: the executor's markers follow it, lost builds start again.
+    await asyncio.to_thread(store.reconcile_markers, await db.run(storage.users_with_packages))
+    await builds.resume()
+    builds.collect_soon()
+
+    async def close() -> None:
+        await builds.close()
+        await audit.close()
+        db.dispose()
+
+    services = packages_pb2.DESCRIPTOR.services_by_name
+    return ServiceParts(
+        servicers=[
+            Servicer(
+                packages_pb2_grpc.add_PackagesServiceServicer_to_server,
+                PackagesServicer(packages),
+                services["PackagesService"].full_name,
+            ),
+            Servicer(
+                packages_pb2_grpc.add_PackagesResolverServiceServicer_to_server,
+                PackagesResolverServicer(packages),
+                services["PackagesResolverService"].full_name,
+            ),
+        ],
+        on_stop=[close],
+    )
+
+
+DEFINITION = ServiceDefinition(name="packages", load_settings=packages_settings.load, build=build)
+
+if __name__ == "__main__":
+    run(DEFINITION)

@@ -1,0 +1,382 @@
+"""Package environments on disk: content-addressed, immutable once built, and built with `uv`
+from wheels only, so that no package code runs on the host.
+
+Layout of the store (a directory the executor can read):
+- `environments/<key>/site-packages/`: one environment, read-only for everyone once built, `key`
+  the hash of its lock, the interpreter's version and the platform. Equal locks share one.
+- `environments/<key>/lock.txt`: the lock it was installed from (exact versions and hashes).
+- `users/<digest of the user id>`: present while the user's list is not empty. The executor checks
+  for it with one stat before asking this service anything, so that a run of a user without
+  packages costs what it cost before packages existed.
+- `building/`: environments being installed (renamed into `environments/` when complete).
+- `cache/`: uv's download cache (wheels only, verified against the lock's hashes)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.platform.package_store import ENVIRONMENTS, SITE_PACKAGES, USERS, user_marker
+
+log = logging.getLogger("pythonon.packages.environments")
+
+LOCK_FILE = "lock.txt"
+# The most of an installer's message kept as a build's reason (the first lines say what failed).
+MAX_REASON_CHARACTERS = 600
+_PINNED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)", re.MULTILINE)
+
+
+class BuildFailed(Exception):
+    """A build that cannot succeed as asked; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What environments are built for: the sandbox's interpreter, its version and platform."""
+
+    python: str
+    version: str  # e.g. "3.11.7"
+    platform: str  # e.g. "linux-x86_64"
+
+    @classmethod
+    def probe(cls, python: str) -> Target:
+        """Ask the interpreter itself (the sandbox runs it, so its answer is the one that counts)."""
+        script = "import sys, sysconfig; print(sys.version.split()[0]); print(sysconfig.get_platform())"
+        out = subprocess.run(
+            [python, "-I", "-S", "-c", script], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
+        return cls(python=python, version=out[0], platform=out[1])
+
+    def describe(self) -> str:
+        return f"python {self.version} {self.platform}"
+
+
+@dataclass(frozen=True)
+class Lock:
+    """A resolved requirement set: the lock's text (pins and hashes) and what it pins."""
+
+    text: str
+    versions: dict[str, str]
+
+    def environment_key(self, target: Target) -> str:
+        digest = hashlib.sha256(self.text.encode()).hexdigest()
+        return hashlib.sha256(f"{digest}\n{target.version}\n{target.platform}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class BuildLimits:
+    max_bytes: int
+    max_seconds: float
+
+
+@dataclass(frozen=True)
+class Installer:
+    """How to run uv: its executable, the index (None: uv's default, the public index) and the
+    store's download cache."""
+
+    uv: str
+    index_url: str | None
+    cache_dir: Path
+
+    def _command(self, *arguments: str) -> list[str]:
+        command = [self.uv, "pip", *arguments, "--no-config", "--only-binary", ":all:"]
+        if self.index_url:
+            command += ["--index-url", self.index_url]
+        return command
+
+    def _environment(self) -> dict[str, str]:
+        # Only what uv needs: no credentials or proxies of the service's own environment leak in
+        # by accident, and no UV_* variable steers it.
+        keep = (
+            "PATH",
+            "HOME",
+            "LANG",
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
+            "HTTPS_PROXY",
+            "HTTP_PROXY",
+            "NO_PROXY",
+        )
+        env = {name: os.environ[name] for name in keep if name in os.environ}
+        env["UV_CACHE_DIR"] = str(self.cache_dir)
+        env["UV_NO_PROGRESS"] = "1"
+        return env
+
+    async def resolve(self, requirements: list[str], target: Target, deadline: float) -> Lock:
+        """The lock of `requirements` (exact versions, every wheel's hash), or BuildFailed with the
+        resolver's own words (which package, which version, why)."""
+        command = self._command(
+            "compile", "-", "--generate-hashes", "--no-header", "--no-annotate", "--quiet",
+            "--python", target.python,
+        )  # fmt: skip
+        out, err, code = await _run(command, self._environment(), "\n".join(requirements) + "\n", deadline)
+        if code != 0:
+            raise BuildFailed(_reason(err) or "the requirements could not be resolved")
+        versions = {_canonical(name): version for name, version in _PINNED.findall(out)}
+        return Lock(text=out, versions=versions)
+
+    async def install(
+        self,
+        lock: Lock,
+        into: Path,
+        target: Target,
+        deadline: float,
+        on_progress: Callable[[int], None],
+        check: Callable[[], None],
+    ) -> None:
+        """Install exactly the lock into `into` (created), from wheels only, bytecode compiled.
+        `on_progress` hears how many packages are in place; `check` runs about once a second and
+        stops the install by raising (e.g. BuildFailed past the size cap)."""
+        lock_file = into.parent / LOCK_FILE
+        lock_file.write_text(lock.text)
+        command = self._command(
+            "install", "--target", str(into), "--require-hashes", "--no-deps", "--compile-bytecode",
+            "--python", target.python, "-r", str(lock_file),
+        )  # fmt: skip
+
+        async def watch() -> None:
+            tick = 0
+            while True:
+                await asyncio.sleep(0.2)
+                tick += 1
+                on_progress(_installed_count(into))
+                if tick % 5 == 0:
+                    check()
+
+        installing = asyncio.ensure_future(_run(command, self._environment(), None, deadline))
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait((installing, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if watcher.done():
+                watcher.result()  # raises what the check found (e.g. the size cap)
+            _out, err, code = installing.result()
+        finally:
+            for task in (installing, watcher):
+                task.cancel()
+            await asyncio.gather(installing, watcher, return_exceptions=True)
+        if code != 0:
+            raise BuildFailed(_reason(err) or "the packages could not be installed")
+        on_progress(_installed_count(into))
+
+
+class EnvironmentStore:
+    """The store's directories, its environments and the users' markers."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.environments = root / ENVIRONMENTS
+        self.users = root / USERS
+        self.building = root / "building"
+        self.cache = root / "cache"
+        for directory in (root, self.environments, self.users):
+            directory.mkdir(parents=True, exist_ok=True)
+            # The executor (and, through a mount, the sandbox's uid) reads these whatever the umask.
+            directory.chmod(0o755)
+        for directory in (self.building, self.cache):
+            directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(0o700)
+        # An install interrupted by a stop left a half-made environment: never used, removed now.
+        for leftover in self.building.iterdir():
+            _remove_tree(leftover)
+
+    def path(self, key: str) -> Path:
+        """The importable directory of environment `key` (what the executor mounts)."""
+        return self.environments / key / SITE_PACKAGES
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_dir()
+
+    def keys(self) -> list[str]:
+        return [entry.name for entry in self.environments.iterdir() if entry.is_dir()]
+
+    async def build(
+        self,
+        installer: Installer,
+        lock: Lock,
+        target: Target,
+        limits: BuildLimits,
+        deadline: float,
+        on_progress: Callable[[int], None],
+    ) -> str:
+        """Make the environment of `lock` unless it exists; returns its key. Installed in
+        `building/`, checked against the size cap, made read-only, then renamed into place, so a
+        reader never sees a half-made environment."""
+        key = lock.environment_key(target)
+        if self.exists(key):
+            on_progress(len(lock.versions))
+            return key
+        work = Path(tempfile.mkdtemp(prefix=f"{key[:16]}-", dir=self.building))
+        try:
+            site = work / SITE_PACKAGES
+
+            def check_size() -> None:
+                if _tree_size(site) > limits.max_bytes:
+                    raise BuildFailed(_too_large(limits))
+
+            await installer.install(lock, site, target, deadline, on_progress, check_size)
+            check_size()
+            (work / "environment.json").write_text(
+                json.dumps({"python": target.version, "platform": target.platform, "versions": lock.versions})
+            )
+            _make_read_only(work)
+            try:
+                work.rename(self.environments / key)
+            except OSError:
+                if not self.exists(key):  # another build of an equal lock got there first: use its
+                    raise
+            return key
+        finally:
+            if work.exists():
+                _remove_tree(work)
+
+    def remove(self, key: str) -> None:
+        directory = self.environments / key
+        if directory.exists():
+            # Renamed away first, so that the executor never mounts a half-removed environment.
+            doomed = Path(tempfile.mkdtemp(prefix="removing-", dir=self.building))
+            directory.rename(doomed / key)
+            _remove_tree(doomed)
+
+    def size(self, key: str) -> int:
+        return _tree_size(self.environments / key)
+
+    # -- the users' markers ---------------------------------------------------------------------
+
+    def marker(self, user_id: str) -> Path:
+        return user_marker(self.root, user_id)
+
+    def mark(self, user_id: str, has_packages: bool) -> None:
+        marker = self.marker(user_id)
+        if has_packages:
+            marker.touch(mode=0o644, exist_ok=True)
+            marker.chmod(0o644)
+        else:
+            marker.unlink(missing_ok=True)
+
+    def reconcile_markers(self, user_ids: Iterable[str]) -> None:
+        """Exactly the given users marked (at start-up: the database is the truth)."""
+        wanted = {user_marker(self.root, user_id).name for user_id in user_ids}
+        for entry in self.users.iterdir():
+            if entry.name not in wanted:
+                entry.unlink(missing_ok=True)
+        for name in wanted:
+            (self.users / name).touch(mode=0o644, exist_ok=True)
+
+
+async def _run(
+    command: list[str], env: dict[str, str], stdin: str | None, deadline: float
+) -> tuple[str, str, int]:
+    """Run `command` in a process group of its own; kill the group at the deadline (BuildFailed)
+    or when the caller is cancelled."""
+    loop = asyncio.get_running_loop()
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = await asyncio.wait_for(
+            process.communicate(stdin.encode() if stdin is not None else None),
+            timeout=max(0.0, deadline - loop.time()),
+        )
+    except TimeoutError:
+        _kill_group(process)
+        await process.wait()
+        raise BuildFailed("the build took longer than its time limit") from None
+    except BaseException:
+        _kill_group(process)
+        with contextlib.suppress(ProcessLookupError):
+            await asyncio.shield(process.wait())
+        raise
+    return out.decode(errors="replace"), err.decode(errors="replace"), process.returncode or 0
+
+
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _reason(stderr: str) -> str:
+    """The installer's message, without its colour codes and hints about flags the user cannot pass."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", stderr).strip()
+    lines = [
+        line.rstrip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("hint:")
+    ]
+    reason = " ".join(line.strip() for line in lines)
+    reason = reason.replace("error: ", "", 1).replace(" cause: ", ": ", 1)
+    if "has no usable wheels" in reason:
+        reason += " (only wheels are installed: building packages from source is off)"
+    if len(reason) > MAX_REASON_CHARACTERS:
+        reason = reason[: MAX_REASON_CHARACTERS - 3] + "..."
+    return reason
+
+
+def _too_large(limits: BuildLimits) -> str:
+    return f"the environment is larger than its size limit of {limits.max_bytes // (1024 * 1024)} MiB"
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _installed_count(site: Path) -> int:
+    try:
+        return sum(1 for entry in os.scandir(site) if entry.name.endswith(".dist-info"))
+    except FileNotFoundError:
+        return 0
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(directory, name)).st_size
+    return total
+
+
+def _make_read_only(root: Path) -> None:
+    """Directories r-x and files r-- for everyone (the sandbox's uid reads them through the mount;
+    nothing, not even this service, writes them again)."""
+    for directory, dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                mode = os.lstat(path).st_mode
+                os.chmod(path, 0o555 if mode & 0o111 else 0o444)
+        for name in dirs:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o555)  # noqa: S103 - read-only; the sandbox's uid must traverse it
+    os.chmod(root, 0o555)  # noqa: S103 - as above
+
+
+def _remove_tree(root: Path) -> None:
+    def writable(function: Callable[..., object], path: str, _error: object) -> None:
+        os.chmod(os.path.dirname(path), 0o700)
+        with contextlib.suppress(IsADirectoryError, PermissionError):
+            os.chmod(path, 0o700)
+        function(path)
+
+    with contextlib.suppress(FileNotFoundError):
+        for directory, dirs, _files in os.walk(root):
+            os.chmod(directory, 0o700)
+            for name in dirs:
+                with contextlib.suppress(OSError):
+                    os.chmod(os.path.join(directory, name), 0o700)
+        shutil.rmtree(root, onerror=writable)
