@@ -1,12 +1,13 @@
 """Sandboxes that run untrusted code: the contract (interface), the language table (languages), the
 parts every host backend shares (host_backend, warm_pool, admission), and the backends: bubblewrap
-(bwrap) and gVisor (gvisor). No gRPC here: the executor service wraps this."""
+(bwrap) and gVisor (gvisor), and pods in a cluster (kubernetes, with its own small endpoint for the
+pods' runners: kubernetes_endpoint). Otherwise no gRPC here: the executor service wraps this."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.executor.sandbox import leftovers
 from services.executor.sandbox.host_backend import BackendOptionError, BackendOptions, HostBackend
@@ -21,10 +22,13 @@ from services.executor.sandbox.interface import (
 )
 from services.executor.sandbox.languages import LANGUAGES
 
-BACKENDS = ("bwrap", "gvisor")
+if TYPE_CHECKING:
+    from services.executor.sandbox.kubernetes import KubernetesBackend
+
+BACKENDS = ("bwrap", "gvisor", "kubernetes")
 
 
-def backend_class(name: str) -> type[HostBackend[Any, Any]]:
+def backend_class(name: str) -> type[HostBackend[Any, Any]] | type[KubernetesBackend]:
     """The backend class by name; ValueError for an unknown one."""
     if name == "bwrap":
         from services.executor.sandbox.bwrap import BwrapBackend
@@ -34,6 +38,10 @@ def backend_class(name: str) -> type[HostBackend[Any, Any]]:
         from services.executor.sandbox.gvisor import GvisorBackend
 
         return GvisorBackend
+    if name == "kubernetes":
+        from services.executor.sandbox.kubernetes import KubernetesBackend
+
+        return KubernetesBackend
     raise ValueError(f"unknown sandbox backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
