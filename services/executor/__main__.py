@@ -8,7 +8,7 @@ from services.executor import settings as executor_settings
 from services.executor.execution import ExecutionPolicy, Executions
 from services.executor.sandbox import create_backend, reap_leftovers
 from services.executor.secrets_client import SecretsClient
-from services.executor.servicer import CapabilitiesServicer, ExecutorServicer
+from services.executor.servicer import CapabilitiesServicer, EncryptedExecutorServicer, ExecutorServicer
 from services.executor.settings import ExecutorSettings
 from services.platform.audit import AuditClient
 from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer, run
@@ -48,6 +48,11 @@ async def build(server: ServerSettings, settings: ExecutorSettings) -> ServicePa
                 executor_pb2_grpc.add_ExecutorCapabilitiesServiceServicer_to_server,
                 CapabilitiesServicer(backend),
                 services["ExecutorCapabilitiesService"].full_name,
+            ),
+            Servicer(
+                executor_pb2_grpc.add_ExecutorEncryptedServiceServicer_to_server,
+                EncryptedExecutorServicer(executions),
+                services["ExecutorEncryptedService"].full_name,
             ),
         ],
         on_stop=[close],

@@ -19,6 +19,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from services.executor.encrypted_runs import SealedCode
 from services.executor.sandbox import (
     LANGUAGES,
     Limits,
@@ -59,6 +60,8 @@ class ExecutionRequest:
     env: Mapping[str, str] = field(default_factory=dict)
     # None: every secret of the user; a list: only those.
     secret_names: Sequence[str] | None = None
+    # Encrypted code (then `code` is empty): the sandbox decrypts it, see encrypted_runs.
+    sealed: SealedCode | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,9 @@ class Executions:
             "codeBytes": len(request.code.encode()),
             "secrets": sorted(secrets),
         }
+        if request.sealed is not None:
+            spec = request.sealed.spec(spec, self._backend.languages())
+            details.update(request.sealed.audit_details())
         resource = f"execution/{execution_id}"
         try:
             result = await self._backend.run(spec)
@@ -137,6 +143,21 @@ class Executions:
                 "executor.execute", resource, FAILURE, {**details, "reason": "sandbox_error"}
             )
             raise Unavailable("the sandbox failed to run the code; retry later") from None
+        refusal = request.sealed.refusal(result) if request.sealed is not None else None
+        if refusal is not None:
+            # The decryptor refused (e.g. a wrong password): the code never ran.
+            reason, error = refusal
+            await run_to_completion(
+                self._audit.record(
+                    "executor.execute",
+                    resource,
+                    FAILURE,
+                    {**details, "reason": reason},
+                    record_id=execution_id,
+                ),
+                action="executor.execute",
+            )
+            raise error
         details.update(
             exitCode=result.exit_code,
             durationMs=result.duration_ms,
@@ -176,7 +197,9 @@ class Executions:
             raise InvalidArgument(
                 f"{language} is not available on this server; available: {', '.join(available)}"
             )
-        if not request.code.strip():
+        if request.sealed is not None:
+            request.sealed.check(policy.default_limits.memory_bytes, policy.max_code_bytes)
+        elif not request.code.strip():
             raise InvalidArgument("code must not be empty")
         if len(request.code.encode()) > policy.max_code_bytes:
             raise InvalidArgument(f"code is larger than {policy.max_code_bytes // 1024} KiB")

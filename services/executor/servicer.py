@@ -5,12 +5,16 @@ from __future__ import annotations
 import grpc
 from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
 
+from services.executor.encrypted_runs import sealed_code_from
 from services.executor.execution import ExecutionRequest, Executions
 from services.executor.sandbox import SandboxBackend
 from services.platform.errors import InvalidArgument
+from services.platform.identity import require_identity
 
 
-def secret_names(request: executor_pb2.ExecuteRequest) -> list[str] | None:
+def secret_names(
+    request: executor_pb2.ExecuteRequest | executor_pb2.ExecuteEncryptedRequest,
+) -> list[str] | None:
     """`secrets` absent means all of the user's secrets; a list names some (possibly none)."""
     if not request.HasField("secrets"):
         return None
@@ -65,4 +69,50 @@ class CapabilitiesServicer(executor_pb2_grpc.ExecutorCapabilitiesServiceServicer
             sandbox=self._backend.name,
             languages=self._backend.languages(),
             enforced_limits=self._backend.enforced_limits(),
+        )
+
+
+class EncryptedExecutorServicer(executor_pb2_grpc.ExecutorEncryptedServiceServicer):
+    """Internal, for the zk service: the code arrives encrypted and is decrypted in the sandbox."""
+
+    def __init__(self, executions: Executions) -> None:
+        self._executions = executions
+
+    async def ExecuteEncrypted(  # noqa: N802 (gRPC method name)
+        self, request: executor_pb2.ExecuteEncryptedRequest, context: grpc.aio.ServicerContext
+    ) -> executor_pb2.ExecuteResponse:
+        context.add_done_callback(lambda _context: self._executions.after_answer())
+        code = request.code
+        sealed = sealed_code_from(
+            version=code.version,
+            algorithm=code.algorithm,
+            salt=code.salt,
+            nonce=code.nonce,
+            ciphertext=code.ciphertext,
+            memory_kib=code.memory_kib,
+            iterations=code.iterations,
+            parallelism=code.parallelism,
+            password=request.password,
+        )
+        done = await self._executions.execute(
+            ExecutionRequest(
+                user_id=require_identity().user_id,
+                code="",
+                sealed=sealed,
+                language=request.language,
+                stdin=request.stdin,
+                timeout_seconds=request.timeout if request.HasField("timeout") else None,
+                env=dict(request.env),
+                secret_names=secret_names(request),
+            )
+        )
+        result = done.result
+        return executor_pb2.ExecuteResponse(
+            output=result.stdout,
+            error=result.stderr,
+            exit_code=result.exit_code,
+            duration_ms=result.duration_ms,
+            timed_out=result.timed_out,
+            truncated=result.truncated,
+            execution_id=done.execution_id,
         )

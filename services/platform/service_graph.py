@@ -61,7 +61,7 @@ SERVICES: tuple[ServiceNode, ...] = (
         built=False,
     ),
     ServiceNode("packages", calls=("audit",), database=True),
-    ServiceNode("zk", calls=("executor", "audit"), database=True, built=False),
+    ServiceNode("zk", calls=("executor", "audit"), database=True),
     # Health of every service and of Vault and the databases; the executor's capabilities for info.
     ServiceNode("system", calls=_ALL_BUT_SYSTEM, vault=True),
 )

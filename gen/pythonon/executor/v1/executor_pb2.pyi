@@ -491,3 +491,113 @@ class ReportResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportResponse: _TypeAlias = ReportResponse  # noqa: Y015
+
+@_typing.final
+class EncryptedCode(_message.Message):
+    """A ZKPayload's fields (pythonon.zk.v1.ZKPayload; that file imports this one, so they are repeated)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    SALT_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    MEMORY_KIB_FIELD_NUMBER: _builtins.int
+    ITERATIONS_FIELD_NUMBER: _builtins.int
+    PARALLELISM_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    algorithm: _builtins.str
+    salt: _builtins.bytes
+    nonce: _builtins.bytes
+    ciphertext: _builtins.bytes
+    memory_kib: _builtins.int
+    iterations: _builtins.int
+    parallelism: _builtins.int
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        algorithm: _builtins.str = ...,
+        salt: _builtins.bytes = ...,
+        nonce: _builtins.bytes = ...,
+        ciphertext: _builtins.bytes = ...,
+        memory_kib: _builtins.int = ...,
+        iterations: _builtins.int = ...,
+        parallelism: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "ciphertext", b"ciphertext", "iterations", b"iterations", "memory_kib", b"memory_kib", "nonce", b"nonce", "parallelism", b"parallelism", "salt", b"salt", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncryptedCode: _TypeAlias = EncryptedCode  # noqa: Y015
+
+@_typing.final
+class ExecuteEncryptedRequest(_message.Message):
+    """One encrypted run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CODE_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
+    language: _builtins.str
+    """"python", "javascript" or "bash"."""
+    password: _builtins.str
+    """Reaches the sandbox on its private input only."""
+    stdin: _builtins.str
+    timeout: _builtins.float
+    @_builtins.property
+    def code(self) -> Global___EncryptedCode: ...
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def secrets(self) -> _struct_pb2.ListValue:
+        """Names of the user's secrets to inject; absent means all of them."""
+
+    def __init__(
+        self,
+        *,
+        code: Global___EncryptedCode | None = ...,
+        language: _builtins.str = ...,
+        password: _builtins.str = ...,
+        stdin: _builtins.str = ...,
+        timeout: _builtins.float | None = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        secrets: _struct_pb2.ListValue | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_timeout", b"_timeout", "code", b"code", "secrets", b"secrets", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_timeout", b"_timeout", "code", b"code", "env", b"env", "language", b"language", "password", b"password", "secrets", b"secrets", "stdin", b"stdin", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
+    _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
+
+Global___ExecuteEncryptedRequest: _TypeAlias = ExecuteEncryptedRequest  # noqa: Y015

@@ -302,3 +302,83 @@ class SandboxRunnerService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ExecutorEncryptedServiceStub:
+    """Called by the zk service only (the edge does not route it): runs code the executor holds only
+    encrypted. The sandbox decrypts it (DESIGN.md §3, zk); the executor sees ciphertext and password.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ExecuteEncrypted = channel.unary_unary(
+                '/pythonon.executor.v1.ExecutorEncryptedService/ExecuteEncrypted',
+                request_serializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteEncryptedRequest.SerializeToString,
+                response_deserializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteResponse.FromString,
+                _registered_method=True)
+
+
+class ExecutorEncryptedServiceServicer:
+    """Called by the zk service only (the edge does not route it): runs code the executor holds only
+    encrypted. The sandbox decrypts it (DESIGN.md §3, zk); the executor sees ciphertext and password.
+    """
+
+    def ExecuteEncrypted(self, request, context):
+        """Decrypts the code inside the sandbox and runs it; a wrong password or an altered payload is
+        PERMISSION_DENIED and the code never runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ExecutorEncryptedServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ExecuteEncrypted': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExecuteEncrypted,
+                    request_deserializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteEncryptedRequest.FromString,
+                    response_serializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pythonon.executor.v1.ExecutorEncryptedService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pythonon.executor.v1.ExecutorEncryptedService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ExecutorEncryptedService:
+    """Called by the zk service only (the edge does not route it): runs code the executor holds only
+    encrypted. The sandbox decrypts it (DESIGN.md §3, zk); the executor sees ciphertext and password.
+    """
+
+    @staticmethod
+    def ExecuteEncrypted(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pythonon.executor.v1.ExecutorEncryptedService/ExecuteEncrypted',
+            pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteEncryptedRequest.SerializeToString,
+            pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -145,3 +145,46 @@ class SandboxRunnerServiceServicer(metaclass=_abc_1.ABCMeta):
         """The result of a claimed run, accepted once for the report token that Claim answered."""
 
 def add_SandboxRunnerServiceServicer_to_server(servicer: SandboxRunnerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ExecutorEncryptedServiceStub:
+    """Called by the zk service only (the edge does not route it): runs code the executor holds only
+    encrypted. The sandbox decrypts it (DESIGN.md §3, zk); the executor sees ciphertext and password.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ExecutorEncryptedServiceAsyncStub: ...
+    ExecuteEncrypted: _grpc.UnaryUnaryMultiCallable[_executor_pb2.ExecuteEncryptedRequest, _executor_pb2.ExecuteResponse]
+    """Decrypts the code inside the sandbox and runs it; a wrong password or an altered payload is
+    PERMISSION_DENIED and the code never runs.
+    """
+
+@_typing.type_check_only
+class ExecutorEncryptedServiceAsyncStub(ExecutorEncryptedServiceStub):
+    """Called by the zk service only (the edge does not route it): runs code the executor holds only
+    encrypted. The sandbox decrypts it (DESIGN.md §3, zk); the executor sees ciphertext and password.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ExecuteEncrypted: _aio.UnaryUnaryMultiCallable[_executor_pb2.ExecuteEncryptedRequest, _executor_pb2.ExecuteResponse]  # type: ignore[assignment]
+    """Decrypts the code inside the sandbox and runs it; a wrong password or an altered payload is
+    PERMISSION_DENIED and the code never runs.
+    """
+
+class ExecutorEncryptedServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Called by the zk service only (the edge does not route it): runs code the executor holds only
+    encrypted. The sandbox decrypts it (DESIGN.md §3, zk); the executor sees ciphertext and password.
+    """
+
+    @_abc_1.abstractmethod
+    def ExecuteEncrypted(
+        self,
+        request: _executor_pb2.ExecuteEncryptedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_pb2.ExecuteResponse, _abc.Awaitable[_executor_pb2.ExecuteResponse]]:
+        """Decrypts the code inside the sandbox and runs it; a wrong password or an altered payload is
+        PERMISSION_DENIED and the code never runs.
+        """
+
+def add_ExecutorEncryptedServiceServicer_to_server(servicer: ExecutorEncryptedServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
