@@ -2,8 +2,10 @@
 from wheels only, so that no package code runs on the host.
 
 Layout of the store (a directory the executor can read):
-- `environments/<key>/site-packages/`: one environment, read-only for everyone once built, `key`
-  the hash of its lock, the interpreter's version and the platform. Equal locks share one.
+- `environments/<key>/<instance>/`: one environment's importable files, read-only for everyone once
+  built, `key` the hash of its lock, the interpreter's version and the platform (equal locks share
+  one). `instance` is random per build: an environment collected and later built again gets a new
+  path, so a warm sandbox that still mounts the old one (emptied) is never taken for the new one.
 - `environments/<key>/lock.txt`: the lock it was installed from (exact versions and hashes).
 - `users/<digest of the user id>`: present while the user's list is not empty. The executor checks
   for it with one stat before asking this service anything, so that a run of a user without
@@ -20,6 +22,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -28,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.platform.package_store import ENVIRONMENTS, SITE_PACKAGES, USERS, user_marker
+from services.platform.package_store import ENVIRONMENTS, USERS, user_marker
 
 log = logging.getLogger("pythonon.packages.environments")
 
@@ -193,7 +196,13 @@ class EnvironmentStore:
 
     def path(self, key: str) -> Path:
         """The importable directory of environment `key` (what the executor mounts)."""
-        return self.environments / key / SITE_PACKAGES
+        try:
+            instance = next(
+                entry.name for entry in os.scandir(self.environments / key) if entry.name.startswith("i-")
+            )
+        except (FileNotFoundError, StopIteration):
+            return self.environments / key / "missing"
+        return self.environments / key / instance
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_dir()
@@ -219,7 +228,7 @@ class EnvironmentStore:
             return key
         work = Path(tempfile.mkdtemp(prefix=f"{key[:16]}-", dir=self.building))
         try:
-            site = work / SITE_PACKAGES
+            site = work / f"i-{secrets.token_hex(8)}"
 
             def check_size() -> None:
                 if _tree_size(site) > limits.max_bytes:

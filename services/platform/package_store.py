@@ -8,7 +8,6 @@ from pathlib import Path
 
 ENVIRONMENTS = "environments"
 USERS = "users"
-SITE_PACKAGES = "site-packages"
 # Where a run finds its user's environment (read-only) and what PYTHONPATH names.
 SANDBOX_MOUNT = "/opt/pythonon/packages"
 
