@@ -29,7 +29,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_the_table_names_every_section_once_and_what_is_built() -> None:
     assert SECTIONS == ("auth", "executor", "secrets", "audit", "generator", "packages", "zk", "system")
-    assert [node.name for node in built_services()] == ["auth", "executor", "secrets", "audit", "system"]
+    assert [node.name for node in built_services()] == [
+        "auth",
+        "executor",
+        "secrets",
+        "audit",
+        "packages",
+        "zk",
+        "system",
+    ]
     assert [node.name for node in service_graph.SERVICES if node.database] == [
         "auth",
         "audit",
@@ -41,11 +49,11 @@ def test_the_table_names_every_section_once_and_what_is_built() -> None:
 
 
 def test_calls_to_unbuilt_services_wait_until_they_are_built() -> None:
-    assert calls("executor") == ("secrets", "audit")
+    assert calls("executor") == ("secrets", "packages", "audit")
     assert calls("executor", built_only=False) == ("secrets", "packages", "audit")
     assert calls("generator", built_only=False) == ("executor", "secrets", "packages", "audit")
     assert calls("zk", built_only=False) == ("executor", "audit")
-    assert calls("system") == ("auth", "executor", "secrets", "audit")
+    assert calls("system") == ("auth", "executor", "secrets", "audit", "packages", "zk")
     assert calls("audit") == ()
 
 
@@ -56,8 +64,10 @@ def test_the_edges_of_the_built_mesh() -> None:
         ("executor", "secrets"), ("executor", "audit"),
         ("secrets", "audit"),
         ("system", "auth"), ("system", "executor"), ("system", "secrets"), ("system", "audit"),
+        ("edge", "packages"), ("executor", "packages"), ("packages", "audit"), ("system", "packages"),
+        ("edge", "zk"), ("zk", "executor"), ("zk", "audit"), ("system", "zk"),
     }  # fmt: skip
-    assert edge_calls() == ("auth", "executor", "secrets", "audit", "system")
+    assert edge_calls() == ("auth", "executor", "secrets", "audit", "packages", "zk", "system")
     assert ("zk", "executor") in set(edges(built_only=False))
     assert service_graph.EXT_AUTHZ in edge_calls()
 
@@ -77,6 +87,7 @@ def test_a_services_wiring_is_derived_from_the_table() -> None:
 
     assert wiring_environment("executor", address_of) == {
         "PYTHONON_SECRETS_ADDRESS": "secrets.mesh:50051",
+        "PYTHONON_PACKAGES_ADDRESS": "packages.mesh:50051",
         "PYTHONON_AUDIT_ADDRESS": "audit.mesh:50051",
     }
     assert wiring_environment("auth", address_of, "sqlite:///auth.db") == {
