@@ -46,7 +46,7 @@ async def build(server: ServerSettings, settings: ExecutorSettings) -> ServicePa
             ),
             Servicer(
                 executor_pb2_grpc.add_ExecutorCapabilitiesServiceServicer_to_server,
-                CapabilitiesServicer(backend),
+                CapabilitiesServicer(backend, policy),
                 services["ExecutorCapabilitiesService"].full_name,
             ),
             Servicer(

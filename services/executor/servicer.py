@@ -6,8 +6,9 @@ import grpc
 from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.executor.encrypted_runs import sealed_code_from
-from services.executor.execution import ExecutionRequest, Executions
-from services.executor.sandbox import SandboxBackend
+from services.executor.execution import ExecutionPolicy, ExecutionRequest, Executions
+from services.executor.runtime_versions import RuntimeVersions
+from services.executor.sandbox import LANGUAGES, SandboxBackend
 from services.platform.errors import InvalidArgument
 from services.platform.identity import require_identity
 
@@ -59,16 +60,34 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
 
 class CapabilitiesServicer(executor_pb2_grpc.ExecutorCapabilitiesServiceServicer):
-    def __init__(self, backend: SandboxBackend) -> None:
+    def __init__(self, backend: SandboxBackend, policy: ExecutionPolicy) -> None:
         self._backend = backend
+        self._policy = policy
+        self._versions = RuntimeVersions(backend)
 
     async def GetCapabilities(  # noqa: N802 (gRPC method name)
         self, request: executor_pb2.GetCapabilitiesRequest, context: grpc.aio.ServicerContext
     ) -> executor_pb2.Capabilities:
+        versions = await self._versions.get()
+        limits = self._policy.default_limits
         return executor_pb2.Capabilities(
             sandbox=self._backend.name,
             languages=self._backend.languages(),
             enforced_limits=self._backend.enforced_limits(),
+            runtimes=[
+                executor_pb2.Runtime(language=name, version=version, aliases=LANGUAGES[name].aliases)
+                for name, version in versions.items()
+            ],
+            limits=executor_pb2.ExecutorLimits(
+                timeout_default_seconds=limits.timeout_seconds,
+                timeout_max_seconds=self._policy.max_timeout_seconds,
+                memory_bytes=limits.memory_bytes,
+                processes=limits.processes,
+                output_bytes=limits.output_bytes,
+                file_bytes=limits.file_bytes,
+                tmp_bytes=limits.tmp_bytes,
+                code_bytes=self._policy.max_code_bytes,
+            ),
         )
 
 

@@ -46,6 +46,10 @@ class ServiceParts:
     servicers: Sequence[Servicer]
     generic_handlers: Sequence[grpc.GenericRpcHandler] = ()
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Names of servicers that cannot serve for want of configuration (e.g. the generator without an
+    # API key): their gRPC health is NOT_SERVING while the server's own ("") is SERVING, so probes
+    # keep the process in service and /health reports the service "not_configured".
+    not_serving: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,11 @@ async def start_server(
         raise OSError(f"cannot listen on {server_settings.host}:{server_settings.port}")
     await server.start()
     for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        serving = name not in parts.not_serving
+        await health_servicer.set(
+            name,
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
     return server, health_servicer, port
 
 

@@ -58,7 +58,6 @@ SERVICES: tuple[ServiceNode, ...] = (
         "generator",
         calls=("executor", "secrets", "packages", "audit"),
         outside_variables=("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"),
-        built=False,
     ),
     ServiceNode("packages", calls=("audit",), database=True),
     ServiceNode("zk", calls=("executor", "audit"), database=True),

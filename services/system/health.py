@@ -26,6 +26,9 @@ log = logging.getLogger("pythonon.system.health")
 OK = "ok"
 DOWN = "down"
 NOT_BUILT = "not_built"
+# Running, but its API cannot serve until the operator configures it (e.g. the generator without an
+# API key); it does not degrade the whole, since everything else works.
+NOT_CONFIGURED = "not_configured"
 DEGRADED = "degraded"
 DATABASE = "database"
 VAULT = "vault"
@@ -35,7 +38,7 @@ DEFAULT_TIMEOUT_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class HealthReport:
-    """`services` maps every section and dependency to "ok", "down" or "not_built"."""
+    """`services` maps every section and dependency to "ok", "down", "not_built" or "not_configured"."""
 
     status: str
     version: str
@@ -49,16 +52,29 @@ class HealthReport:
 
 class ServiceProbe:
     """Asks one service's grpc.health.v1 for the overall ("") status over a kept-open channel
-    (whose short reconnect back-off lets a restarted service read "ok" on the next check)."""
+    (whose short reconnect back-off lets a restarted service read "ok" on the next check); with
+    `api_service` (a service that may run unconfigured), also that servicer's own status: NOT_SERVING
+    there while the server serves means "not_configured"."""
 
-    def __init__(self, service: str, address: str, timeout: float) -> None:
+    def __init__(self, service: str, address: str, timeout: float, api_service: str | None = None) -> None:
         self._channel = connect(service, address, timeout_seconds=timeout)
         self._stub = health_pb2_grpc.HealthStub(self._channel)
+        self._api_service = api_service
 
-    async def healthy(self) -> bool:
+    async def status(self) -> str:
+        """OK, DOWN or NOT_CONFIGURED."""
+        if not await self._serving(""):
+            return DOWN
+        if self._api_service is not None and not await self._serving(self._api_service):
+            return NOT_CONFIGURED
+        return OK
+
+    async def _serving(self, name: str) -> bool:
         try:
             # wait_for_ready: a channel still in reconnect back-off gets the whole timeout to connect.
-            response = await self._stub.Check(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True)
+            response = await self._stub.Check(
+                health_pb2.HealthCheckRequest(service=name), wait_for_ready=True
+            )
         except DomainError:
             return False
         return response.status == health_pb2.HealthCheckResponse.SERVING
@@ -112,9 +128,9 @@ class DatabaseProbe:
             return False
         return True
 
-    async def healthy(self) -> bool:
+    async def status(self) -> str:
         results = await asyncio.gather(*(self._one_healthy(engine) for engine in self._engines))
-        return all(results)
+        return OK if all(results) else DOWN
 
     async def close(self) -> None:
         for engine in self._engines:
@@ -139,20 +155,22 @@ class VaultProbe:
         except urllib.error.HTTPError as error:
             return int(error.code)
 
-    async def healthy(self) -> bool:
+    async def status(self) -> str:
         try:
             status = await asyncio.wait_for(asyncio.to_thread(self._status), self._timeout + 1)
         except (TimeoutError, OSError) as error:
             log.warning("vault check failed", extra={"error": type(error).__name__})
-            return False
+            return DOWN
         if status != 200:
             log.warning("vault check failed", extra={"status": status})
-        return status == 200
+        return OK if status == 200 else DOWN
 
 
 class HealthChecker:
     """Checks the built services and the core dependencies; sections without a server are
-    reported "not_built" and do not degrade the whole."""
+    reported "not_built", and services running unconfigured "not_configured": neither degrades
+    the whole. `api_services`: for a service that may run unconfigured, the servicer whose health
+    says whether it is configured."""
 
     def __init__(
         self,
@@ -163,13 +181,18 @@ class HealthChecker:
         version: str,
         vault_address: str | None = None,
         own_section: str | None = None,
+        api_services: Mapping[str, str] | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sections = list(sections)
         # The section the checker itself serves: it is up, since it is answering.
         self._own_section = own_section
-        self._probes = {name: ServiceProbe(name, address, timeout) for name, address in services.items()}
+        api_services = api_services or {}
+        self._probes = {
+            name: ServiceProbe(name, address, timeout, api_services.get(name))
+            for name, address in services.items()
+        }
         urls = list(database_urls)
         self._database = DatabaseProbe(urls, timeout) if urls else None
         self._vault = VaultProbe(vault_address, timeout) if vault_address else None
@@ -180,21 +203,21 @@ class HealthChecker:
     async def check(self) -> HealthReport:
         """Run every check concurrently and aggregate them."""
         names = list(self._probes)
-        checks = [self._probes[name].healthy() for name in names]
+        checks = [self._probes[name].status() for name in names]
         if self._database is not None:
             names.append(DATABASE)
-            checks.append(self._database.healthy())
+            checks.append(self._database.status())
         if self._vault is not None:
             names.append(VAULT)
-            checks.append(self._vault.healthy())
+            checks.append(self._vault.status())
         results = dict(zip(names, await asyncio.gather(*checks), strict=True))
 
         statuses = {section: NOT_BUILT for section in self._sections}
         if self._own_section is not None:
             statuses[self._own_section] = OK
-        statuses.update({name: OK if healthy else DOWN for name, healthy in results.items()})
+        statuses.update(results)
         return HealthReport(
-            status=OK if all(results.values()) else DEGRADED,
+            status=OK if all(status in (OK, NOT_CONFIGURED) for status in results.values()) else DEGRADED,
             version=self._version,
             services=statuses,
             uptime_seconds=round(self._clock() - self._started, 3),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pythonon.system.v1 import system_pb2, system_pb2_grpc
 
+from services.platform import service_graph
 from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer
 from services.platform.service_graph import SECTIONS
 from services.platform.settings import ServerSettings
@@ -26,6 +27,11 @@ async def build(server_settings: ServerSettings, settings: SystemSettings) -> Se
         version=version,
         vault_address=settings.vault_address,
         own_section="system",
+        api_services={
+            name: api_service(name)
+            for name in settings.services
+            if service_graph.service(name).outside_variables
+        },
     )
     executor = ExecutorCapabilities(settings.services.get("executor"))
     servicer = SystemServicer(health, deployment_info(built, version), executor)
@@ -40,6 +46,12 @@ async def build(server_settings: ServerSettings, settings: SystemSettings) -> Se
         generic_handlers=[UnbuiltSectionHandler(SECTIONS, settings.is_built)],
         on_stop=[health.close, executor.close],
     )
+
+
+def api_service(section: str) -> str:
+    """The full name of a section's public gRPC service (pythonon.<section>.v1.<Section>Service):
+    a service that needs outside configuration reports NOT_SERVING there until it has it."""
+    return f"pythonon.{section}.v1.{section.capitalize()}Service"
 
 
 DEFINITION: ServiceDefinition[SystemSettings] = ServiceDefinition(

@@ -207,10 +207,10 @@ def test_each_service_gets_the_addresses_of_what_it_calls_and_its_outside_variab
     plan = _plan_for_every_service(mesh)
     env = {node.name: mesh._service_env(node, plan) for node in service_graph.SERVICES}
 
-    # generator and zk are not built yet: what they will get once they are (packages, unbuilt, left out).
     assert _addresses(env["generator"]) == {
         "PYTHONON_EXECUTOR_ADDRESS": "127.0.0.1:5001",
         "PYTHONON_SECRETS_ADDRESS": "127.0.0.1:5002",
+        "PYTHONON_PACKAGES_ADDRESS": "127.0.0.1:5005",
         "PYTHONON_AUDIT_ADDRESS": "127.0.0.1:5003",
     }
     assert env["generator"]["ANTHROPIC_API_KEY"] == "sk-outside"

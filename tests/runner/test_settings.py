@@ -18,6 +18,7 @@ import pytest
 from services.audit.settings import AuditSettings
 from services.auth.settings import AuthSettings
 from services.executor.settings import ExecutorSettings
+from services.generator.settings import GeneratorSettings
 from services.platform import service_graph
 from services.platform.settings import COMMON_SETTINGS, Environment, ServerSettings
 from services.runner.cli import main
@@ -33,6 +34,7 @@ LOADERS: dict[str, Any] = {
     "auth": AuthSettings,
     "audit": AuditSettings,
     "executor": ExecutorSettings,
+    "generator": GeneratorSettings,
     "secrets": SecretsSettings,
     "system": SystemSettings,
 }
@@ -128,7 +130,7 @@ def test_the_runner_gives_each_service_its_own_settings_and_the_common_ones() ->
             "PYTHONON_EXECUTOR_POOL_SIZE": "0",
             "PYTHONON_SHUTDOWN_GRACE_SECONDS": "1",
             "PYTHONON_DATABASE_URL": "postgresql://u:hunter2@db/x",  # the runner's own: not passed on
-            "PYTHONON_GENERATOR_MODEL": "m",  # a service not built here
+            "PYTHONON_GENERATOR_MODEL": "m",
             "PYTHONON_TEST_POSTGRES_URL": "x",  # not a service's
             "PATH": "/bin",
         }
@@ -138,6 +140,7 @@ def test_the_runner_gives_each_service_its_own_settings_and_the_common_ones() ->
         "executor": {"PYTHONON_EXECUTOR_POOL_SIZE": "0", "PYTHONON_SHUTDOWN_GRACE_SECONDS": "1"},
         "secrets": {"PYTHONON_SHUTDOWN_GRACE_SECONDS": "1"},
         "audit": {"PYTHONON_SHUTDOWN_GRACE_SECONDS": "1"},
+        "generator": {"PYTHONON_GENERATOR_MODEL": "m", "PYTHONON_SHUTDOWN_GRACE_SECONDS": "1"},
         "system": {"PYTHONON_SHUTDOWN_GRACE_SECONDS": "1"},
     }
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%pythonon/generator/v1/generator.proto\x12\x15pythonon.generator.v1\x1a\x1cgoogle/api/annotations.proto\"f\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x0f\n\x07\x65xecute\x18\x03 \x01(\x08\x12\x14\n\x07timeout\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_timeout\"\x9a\x01\n\x10GenerateResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x10\n\x08packages\x18\x03 \x03(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06output\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x11\n\texit_code\x18\x07 \x01(\x05\x12\x13\n\x0b\x65xplanation\x18\x08 \x01(\t2\x8c\x01\n\x10GeneratorService\x12x\n\x08Generate\x12&.pythonon.generator.v1.GenerateRequest\x1a\'.pythonon.generator.v1.GenerateResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/api/v1/generate:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%pythonon/generator/v1/generator.proto\x12\x15pythonon.generator.v1\x1a\x1cgoogle/api/annotations.proto\"\x80\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x0f\n\x07\x65xecute\x18\x03 \x01(\x08\x12\x14\n\x07timeout\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10install_packages\x18\x05 \x01(\x08\x42\n\n\x08_timeout\"\x9a\x01\n\x10GenerateResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x10\n\x08packages\x18\x03 \x03(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06output\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x11\n\texit_code\x18\x07 \x01(\x05\x12\x13\n\x0b\x65xplanation\x18\x08 \x01(\t2\x8c\x01\n\x10GeneratorService\x12x\n\x08Generate\x12&.pythonon.generator.v1.GenerateRequest\x1a\'.pythonon.generator.v1.GenerateResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/api/v1/generate:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATORSERVICE'].methods_by_name['Generate']._loaded_options = None
   _globals['_GENERATORSERVICE'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002\025\"\020/api/v1/generate:\001*'
-  _globals['_GENERATEREQUEST']._serialized_start=94
-  _globals['_GENERATEREQUEST']._serialized_end=196
-  _globals['_GENERATERESPONSE']._serialized_start=199
-  _globals['_GENERATERESPONSE']._serialized_end=353
-  _globals['_GENERATORSERVICE']._serialized_start=356
-  _globals['_GENERATORSERVICE']._serialized_end=496
+  _globals['_GENERATEREQUEST']._serialized_start=95
+  _globals['_GENERATEREQUEST']._serialized_end=223
+  _globals['_GENERATERESPONSE']._serialized_start=226
+  _globals['_GENERATERESPONSE']._serialized_end=380
+  _globals['_GENERATORSERVICE']._serialized_start=383
+  _globals['_GENERATORSERVICE']._serialized_end=523
 # @@protoc_insertion_point(module_scope)

@@ -28,12 +28,15 @@ class GenerateRequest(_message.Message):
     LANGUAGE_FIELD_NUMBER: _builtins.int
     EXECUTE_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    INSTALL_PACKAGES_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     language: _builtins.str
     execute: _builtins.bool
     """Run the generated code and include its output."""
     timeout: _builtins.float
     """Seconds, for the run."""
+    install_packages: _builtins.bool
+    """Add the packages the code needs to the user's package list before the run."""
     def __init__(
         self,
         *,
@@ -41,10 +44,11 @@ class GenerateRequest(_message.Message):
         language: _builtins.str = ...,
         execute: _builtins.bool = ...,
         timeout: _builtins.float | None = ...,
+        install_packages: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_timeout", b"_timeout", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_timeout", b"_timeout", "execute", b"execute", "language", b"language", "prompt", b"prompt", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_timeout", b"_timeout", "execute", b"execute", "install_packages", b"install_packages", "language", b"language", "prompt", b"prompt", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
     _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
@@ -74,7 +78,9 @@ class GenerateResponse(_message.Message):
     exit_code: _builtins.int
     explanation: _builtins.str
     @_builtins.property
-    def packages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def packages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Packages the code needs that the user's environment lacks (names and version specifiers)."""
+
     def __init__(
         self,
         *,

@@ -1,0 +1,217 @@
+"""The generator's client of Claude: the official Anthropic SDK (async), asked for one forced tool
+call whose input is the answer (code, packages, explanation), validated before anyone sees it.
+
+Every failure of the model API becomes a domain error here, in one place, with a message of our own:
+the SDK's exceptions carry the request and its headers, so neither they nor their text reach a log
+or an answer (nothing here ever logs the API key, the prompt or the code)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import grpc
+from anthropic import APIRequest, AsyncAnthropic, AsyncAPIResponse, AsyncCallNext, Middleware
+from anthropic.types import MessageParam, ToolChoiceToolParam, ToolParam
+
+from services.platform.errors import DomainError, ResourceExhausted, Unavailable
+
+log = logging.getLogger("pythonon.generator.model")
+
+TOOL_NAME = "submit_code"
+MAX_PACKAGES = 50
+# A package as the model must name it: a PEP 508 name with an optional version specifier, no URL,
+# path or pip option (the packages service accepts nothing else).
+_PACKAGE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?(?:\[[A-Za-z0-9._,-]+\])?"
+                      r"(?:\s*(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+(?:\s*,\s*(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+)*)?")  # fmt: skip
+
+# The one tool the model is made to call: its input schema is the shape of the answer.
+ANSWER_TOOL: ToolParam = {
+    "name": TOOL_NAME,
+    "description": "Submit the program that does what the user asked, ready to run as it is.",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "description": "The complete program, nothing else."},
+            "packages": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Third-party packages the program imports, as PEP 508 requirements "
+                "(e.g. requests or numpy>=2); empty when it needs only the standard library.",
+            },
+            "explanation": {
+                "type": "string",
+                "description": "A short explanation of what the program does and how to use it.",
+            },
+        },
+        "required": ["code", "packages", "explanation"],
+        "additionalProperties": False,
+    },
+}
+
+_FORCED_TOOL: ToolChoiceToolParam = {"type": "tool", "name": TOOL_NAME}
+
+NOT_CONFIGURED_MESSAGE = "generation is not configured: set ANTHROPIC_API_KEY"
+MALFORMED_MESSAGE = "the model's answer was malformed ({why}); retry"
+OVERLOADED_MESSAGE = "the model is overloaded or unavailable right now; retry later"
+
+
+class ModelTimeout(DomainError):
+    """The model did not answer within the generator's time (HTTP 504)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelAnswer:
+    code: str
+    packages: list[str]
+    explanation: str
+    model: str  # as the API names the model that answered
+    usage: Usage
+
+
+class _RateLimited(Exception):
+    """Raised from inside the SDK's retry loop on a 429, so that it is passed on at once with the
+    API's Retry-After instead of being waited out while the caller's request hangs."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("rate limited")
+        self.retry_after = retry_after
+
+
+class _PassOnRateLimits(Middleware):
+    async def handle_async(self, request: APIRequest, call_next: AsyncCallNext) -> AsyncAPIResponse[Any]:
+        response = await call_next(request)
+        if response.status_code == 429:
+            raise _RateLimited(retry_after_seconds(response.headers.get("retry-after")))
+        return response
+
+
+def retry_after_seconds(value: str | None) -> int:
+    """Whole seconds from a Retry-After header in seconds (at least 1; 1 when absent or a date)."""
+    try:
+        seconds = float(value or "")
+    except ValueError:
+        return 1
+    return max(1, math.ceil(seconds)) if math.isfinite(seconds) else 1
+
+
+class ClaudeCodeWriter:
+    """Writes code for a prompt through the Messages API; one client for the process."""
+
+    def __init__(
+        self,
+        api_key: str,
+        model: str,
+        *,
+        base_url: str | None,
+        max_tokens: int,
+        timeout_seconds: float,
+        max_retries: int,
+    ) -> None:
+        self._client = AsyncAnthropic(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=max_retries,
+            timeout=timeout_seconds,
+            middleware=[_PassOnRateLimits()],
+        )
+        self.model = model
+        self._max_tokens = max_tokens
+        self._timeout = timeout_seconds
+
+    async def write(self, system_prompt: str, prompt: str) -> ModelAnswer:
+        """The model's answer to `prompt`; ResourceExhausted (429), Unavailable (503) or ModelTimeout
+        (504) when the API cannot give one."""
+        user_message: MessageParam = {"role": "user", "content": prompt}
+        try:
+            async with asyncio.timeout(self._timeout):
+                message = await self._client.messages.create(
+                    model=self.model,
+                    max_tokens=self._max_tokens,
+                    system=system_prompt,
+                    messages=[user_message],
+                    tools=[ANSWER_TOOL],
+                    tool_choice=_FORCED_TOOL,
+                )
+        except TimeoutError:
+            raise ModelTimeout(f"the model did not answer within {self._timeout:g} seconds; retry") from None
+        except _RateLimited as limited:
+            log.warning("model rate limited", extra={"retry_after": limited.retry_after})
+            raise ResourceExhausted(
+                "the model's rate limit is reached; retry after the time Retry-After gives",
+                limited.retry_after,
+            ) from None
+        except anthropic.APITimeoutError:
+            raise ModelTimeout("the model did not answer in time; retry") from None
+        except anthropic.APIStatusError as error:
+            raise _status_error(error) from None
+        except anthropic.APIConnectionError:
+            log.warning("model unreachable")
+            raise Unavailable(OVERLOADED_MESSAGE) from None
+        return parse_answer(message)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _status_error(error: anthropic.APIStatusError) -> DomainError:
+    """What the API's refusal means to our caller. Logged with its status, type and request id
+    only: the exception also holds the request, whose headers carry the key."""
+    log.warning(
+        "model call failed",
+        extra={"status": error.status_code, "type": error.type or "", "request_id": error.request_id or ""},
+    )
+    if error.status_code in (401, 403):
+        return Unavailable(
+            "generation is unavailable: the model API refused this server's credentials; "
+            "the operator must check ANTHROPIC_API_KEY"
+        )
+    if error.status_code >= 500:  # 500, 529 overloaded, ...: after the SDK's retries
+        return Unavailable(OVERLOADED_MESSAGE)
+    return Unavailable(
+        f"generation failed: the model API refused the request ({error.type or error.status_code}); retry later"
+    )
+
+
+def parse_answer(message: Any) -> ModelAnswer:
+    """The tool call's input, checked field by field; Unavailable naming what is wrong otherwise."""
+    calls = [
+        block
+        for block in message.content
+        if getattr(block, "type", None) == "tool_use" and getattr(block, "name", None) == TOOL_NAME
+    ]
+    if not calls:
+        why = "it ran out of tokens" if message.stop_reason == "max_tokens" else f"no {TOOL_NAME} call"
+        raise Unavailable(MALFORMED_MESSAGE.format(why=why))
+    answer = calls[0].input
+    if not isinstance(answer, dict):
+        raise Unavailable(MALFORMED_MESSAGE.format(why="its input is not an object"))
+    code, packages, explanation = answer.get("code"), answer.get("packages"), answer.get("explanation")
+    if not isinstance(code, str) or not code.strip():
+        raise Unavailable(MALFORMED_MESSAGE.format(why="code is missing or empty"))
+    if "\x00" in code:
+        raise Unavailable(MALFORMED_MESSAGE.format(why="code contains NUL characters"))
+    if not isinstance(packages, list) or not all(isinstance(p, str) for p in packages):
+        raise Unavailable(MALFORMED_MESSAGE.format(why="packages is not a list of strings"))
+    if len(packages) > MAX_PACKAGES:
+        raise Unavailable(MALFORMED_MESSAGE.format(why=f"more than {MAX_PACKAGES} packages"))
+    cleaned = list(dict.fromkeys(p.strip() for p in packages if p.strip()))
+    if not all(_PACKAGE.fullmatch(p) for p in cleaned):
+        raise Unavailable(MALFORMED_MESSAGE.format(why="a package is not a PEP 508 name and version"))
+    if not isinstance(explanation, str):
+        raise Unavailable(MALFORMED_MESSAGE.format(why="explanation is not a string"))
+    usage = Usage(int(message.usage.input_tokens or 0), int(message.usage.output_tokens or 0))
+    return ModelAnswer(code, cleaned, explanation.strip(), str(message.model), usage)
