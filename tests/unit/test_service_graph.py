@@ -34,6 +34,7 @@ def test_the_table_names_every_section_once_and_what_is_built() -> None:
         "executor",
         "secrets",
         "audit",
+        "generator",
         "packages",
         "zk",
         "system",
@@ -53,7 +54,7 @@ def test_calls_to_unbuilt_services_wait_until_they_are_built() -> None:
     assert calls("executor", built_only=False) == ("secrets", "packages", "audit")
     assert calls("generator", built_only=False) == ("executor", "secrets", "packages", "audit")
     assert calls("zk", built_only=False) == ("executor", "audit")
-    assert calls("system") == ("auth", "executor", "secrets", "audit", "packages", "zk")
+    assert calls("system") == ("auth", "executor", "secrets", "audit", "generator", "packages", "zk")
     assert calls("audit") == ()
 
 
@@ -66,8 +67,10 @@ def test_the_edges_of_the_built_mesh() -> None:
         ("system", "auth"), ("system", "executor"), ("system", "secrets"), ("system", "audit"),
         ("edge", "packages"), ("executor", "packages"), ("packages", "audit"), ("system", "packages"),
         ("edge", "zk"), ("zk", "executor"), ("zk", "audit"), ("system", "zk"),
+        ("edge", "generator"), ("generator", "executor"), ("generator", "secrets"), ("generator", "packages"),
+        ("generator", "audit"), ("system", "generator"),
     }  # fmt: skip
-    assert edge_calls() == ("auth", "executor", "secrets", "audit", "packages", "zk", "system")
+    assert edge_calls() == ("auth", "executor", "secrets", "audit", "generator", "packages", "zk", "system")
     assert ("zk", "executor") in set(edges(built_only=False))
     assert service_graph.EXT_AUTHZ in edge_calls()
 
