@@ -101,7 +101,15 @@ def execute(argv: Sequence[str], run: executor_pb2.ClaimResponse, workdir: Path)
     with it (its own session, killed as a group)."""
     limits = run.limits
     env = {"PATH": PROGRAM_PATH, **SAFE_ENV, "HOME": str(workdir), **run.env}
-    private_read, private_write = os.pipe()
+    # The program runs under the runner's own uid, so the pipes' modes say how it may reopen them
+    # through /proc/self/fd (/dev/stdin, /dev/stderr): inputs for reading, outputs for writing,
+    # never its own output for reading (where it would hang on itself).
+    pipes = [os.pipe() for _ in range(4)]
+    for (read, _), mode in zip(pipes, (0o400, 0o200, 0o200, 0o400), strict=True):
+        os.fchmod(read, mode)  # the two ends share one inode
+    (stdin_read, stdin_write), (out_read, out_write), (err_read, err_write), (private_read, private_write) = (
+        pipes
+    )
     launcher = [
         sys.executable,
         "-S",
@@ -114,23 +122,25 @@ def execute(argv: Sequence[str], run: executor_pb2.ClaimResponse, workdir: Path)
         *argv,
     ]
     started = time.monotonic()
-    process = subprocess.Popen(  # noqa: S603 - the program is what this pod exists to run
-        launcher,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        pass_fds=(private_read,),
-        cwd=workdir,
-        env=env,
-        start_new_session=True,
-    )
-    os.close(private_read)
-    assert process.stdin and process.stdout and process.stderr  # noqa: S101 - PIPE was asked for
+    try:
+        process = subprocess.Popen(  # noqa: S603 - the program is what this pod exists to run
+            launcher,
+            stdin=stdin_read,
+            stdout=out_write,
+            stderr=err_write,
+            pass_fds=(private_read,),
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
+        )
+    finally:
+        for fd in (stdin_read, out_write, err_write, private_read):
+            os.close(fd)
     pending = {
-        process.stdin.fileno(): memoryview(run.stdin.encode()),
+        stdin_write: memoryview(run.stdin.encode()),
         private_write: memoryview(bytes(run.private_input)),
     }
-    outputs = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
+    outputs: dict[int, bytearray] = {out_read: bytearray(), err_read: bytearray()}
     for fd in (*pending, *outputs):
         os.set_blocking(fd, False)
     selector = selectors.DefaultSelector()
@@ -140,12 +150,6 @@ def execute(argv: Sequence[str], run: executor_pb2.ClaimResponse, workdir: Path)
         selector.register(fd, selectors.EVENT_READ)
     deadline = started + limits.timeout_seconds
     timed_out = overflowed = False
-
-    def close_input(fd: int) -> None:
-        if fd == private_write:
-            os.close(fd)
-        else:
-            process.stdin.close()  # type: ignore[union-attr]  # asserted above
 
     while True:
         remaining = deadline - time.monotonic()
@@ -163,7 +167,7 @@ def execute(argv: Sequence[str], run: executor_pb2.ClaimResponse, workdir: Path)
                 if written < 0 or written == len(pending[fd]):
                     selector.unregister(fd)
                     del pending[fd]
-                    close_input(fd)
+                    os.close(fd)
                 else:
                     pending[fd] = pending[fd][written:]
                 continue
@@ -188,12 +192,10 @@ def execute(argv: Sequence[str], run: executor_pb2.ClaimResponse, workdir: Path)
         pass
     exit_code = process.wait()
     duration = time.monotonic() - started
-    for fd in pending:
-        close_input(fd)
+    for fd in (*pending, *outputs):
+        os.close(fd)
     selector.close()
-    stdout, stderr = (bytes(outputs[stream.fileno()]) for stream in (process.stdout, process.stderr))
-    process.stdout.close()
-    process.stderr.close()
+    stdout, stderr = bytes(outputs[out_read]), bytes(outputs[err_read])
     return Outcome(
         stdout=stdout,
         stderr=stderr,

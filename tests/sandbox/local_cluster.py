@@ -1,0 +1,242 @@
+"""A cluster on this machine for the kubernetes backend's tests: the mock API server
+(mock_kubernetes.py) and a stand-in kubelet that, when a sandbox pod is created, starts what its
+spec says (the runner container's command, args and env, `$(VAR)` expanded as the kubelet does)
+inside bubblewrap: a read-only root of the host's /usr and /etc, a pid namespace where the runner
+is pid 1, uid 65534, /tmp, /workspace and /dev/shm as tmpfs of the pod's sizes. The pod's IP is
+127.0.0.1, from where the runner calls the executor, so the pull/push protocol runs for real.
+
+The image's `python3` (which has grpcio and protobuf) is this virtualenv's interpreter; the image's
+PYTHONPATH is the repository and gen/. What a real node adds (gVisor, the pod's cgroup limits,
+NetworkPolicies) is not here: the contract cases that need it are skipped with that reason."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.executor.sandbox.bwrap import find_bwrap
+from tests.sandbox.conftest import BackendFactory, Sandbox, started_backend
+from tests.sandbox.mock_kubernetes import MockKubernetes, Object
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "pythonon-sandbox"
+TEMPLATE_FILE = ROOT / "k8s" / "base" / "sandbox" / "pod-template.yaml"
+POD_IP = "127.0.0.1"
+# What every container status has (the client's models require these fields).
+CONTAINER = {"name": "runner", "image": "pyth-on/sandbox", "imageID": "", "restartCount": 0}
+# What a pod does instead of running its runner (tests of pods that never start, OOM, eviction).
+Behaviour = Callable[["LocalCluster", Object], bool]
+
+
+def pod_template() -> Object:
+    import yaml
+
+    return yaml.safe_load(TEMPLATE_FILE.read_text())  # type: ignore[no-any-return]  # a mapping
+
+
+def _size(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity[: -len(suffix)]) * factor
+    return int(quantity)
+
+
+@dataclass
+class LocalCluster:
+    api: MockKubernetes = field(default_factory=MockKubernetes)
+    pod_ip: str = POD_IP
+    # Called for each created pod before the kubelet starts it; True: the kubelet does nothing more.
+    behaviour: Behaviour | None = None
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    runner_stderr: dict[str, bytes] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.api.put("podtemplates", pod_template())
+        self.api.kubelet = self._start_pod
+        self.api.on_pod_deleted = self._stop_pod
+        self._scratch = Path(tempfile.mkdtemp(prefix="local-cluster-"))
+
+    def options(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "kubeconfig": self.api.kubeconfig(self._scratch),
+            "namespace": NAMESPACE,
+            "callback_address": "127.0.0.1:0",
+            "listen_address": "127.0.0.1:0",
+            "executor_id": "executor-test-0",
+            **extra,
+        }
+
+    def running(self, pod: Object, ip: str | None = None) -> None:
+        meta = pod["metadata"]
+        self.api.set_pod_status(
+            meta["namespace"],
+            meta["name"],
+            {
+                "phase": "Running",
+                "podIP": ip or self.pod_ip,
+                "conditions": [{"type": "PodScheduled", "status": "True"}],
+                "containerStatuses": [{**CONTAINER, "ready": True, "state": {"running": {}}}],
+            },
+        )
+
+    def terminated(self, pod: Object, exit_code: int, reason: str, phase: str = "", **status: Any) -> None:
+        meta = pod["metadata"]
+        self.api.set_pod_status(
+            meta["namespace"],
+            meta["name"],
+            {
+                "phase": phase or ("Succeeded" if exit_code == 0 else "Failed"),
+                "containerStatuses": [
+                    {
+                        **CONTAINER,
+                        "ready": False,
+                        "state": {"terminated": {"exitCode": exit_code, "reason": reason}},
+                    }
+                ],
+                **status,
+            },
+        )
+
+    def command(self, pod: Object) -> tuple[list[str], dict[str, str], dict[str, int]]:
+        """What the kubelet would run for the runner container: argv, env and volume sizes."""
+        (runner,) = [c for c in pod["spec"]["containers"] if c["name"] == "runner"]
+        env = {e["name"]: e.get("value", "") for e in runner.get("env", [])}
+        expand = lambda text: re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), text)  # noqa: E731
+        argv = [expand(word) for word in runner["command"] + runner.get("args", [])]
+        if argv[0] == "python3":
+            argv[0] = sys.executable  # the image's python3, with grpcio and protobuf
+        sizes = {
+            mount["mountPath"]: _size(volume["emptyDir"]["sizeLimit"])
+            for mount in runner.get("volumeMounts", [])
+            for volume in pod["spec"].get("volumes", [])
+            if volume["name"] == mount["name"] and "emptyDir" in volume
+        }
+        env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'gen'}"  # the image's ENV
+        env["PYTHONUNBUFFERED"] = "1"
+        return argv, env, sizes
+
+    def _start_pod(self, pod: Object) -> None:
+        if self.behaviour is not None and self.behaviour(self, pod):
+            return
+        argv, env, sizes = self.command(pod)
+        bwrap = [find_bwrap(), "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-user"]
+        bwrap += ["--uid", "65534", "--gid", "65534", "--as-pid-1", "--die-with-parent", "--new-session"]
+        bwrap += ["--tmpfs", "/", "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
+        for name in ("bin", "lib", "lib64", "sbin"):
+            target = os.readlink(f"/{name}") if os.path.islink(f"/{name}") else None
+            bwrap += (
+                ["--symlink", target, f"/{name}"] if target else ["--ro-bind-try", f"/{name}", f"/{name}"]
+            )
+        for path in {str(ROOT), os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}:
+            bwrap += ["--ro-bind", path, path]
+        bwrap += ["--proc", "/proc", "--dev", "/dev", "--size", str(64 << 20), "--tmpfs", "/dev/shm"]
+        for path, size in sizes.items():
+            bwrap += ["--size", str(size), "--tmpfs", path]
+        # As in a pod: /dev and /proc/sys are not the program's to write (root's, or the kernel's).
+        bwrap += ["--ro-bind", "/proc/sys", "/proc/sys", "--remount-ro", "/dev"]
+        bwrap += ["--remount-ro", "/", "--chdir", "/tmp", "--"]
+        self.running(pod)
+        name = pod["metadata"]["name"]
+        process = subprocess.Popen(  # noqa: S603 - the pod's own command, in bwrap
+            bwrap + argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        with self._lock:
+            self.processes[name] = process
+        _, stderr = process.communicate()
+        self.runner_stderr[name] = stderr
+        code = process.returncode
+        self.terminated(pod, code if code >= 0 else 128 - code, "Completed" if code == 0 else "Error")
+
+    def _stop_pod(self, pod: Object) -> None:
+        with self._lock:
+            process = self.processes.get(pod["metadata"]["name"])
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGKILL)
+
+    def live_processes(self) -> list[str]:
+        with self._lock:
+            return [name for name, process in self.processes.items() if process.poll() is None]
+
+    def close(self) -> None:
+        with self._lock:
+            for process in self.processes.values():
+                if process.poll() is None:
+                    process.kill()
+            for process in self.processes.values():
+                process.wait()
+        self.api.close()
+
+
+@contextlib.contextmanager
+def local_cluster(**fields: Any) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(**fields)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@dataclass(frozen=True)
+class LocalClusterFactory(BackendFactory):
+    """The kubernetes backend against a local cluster of its own, for the contract suite."""
+
+    # Contract cases whose subject is what a node enforces (cgroups, gVisor, NetworkPolicies, the
+    # image's root): test name -> why they cannot be shown without a cluster.
+    needs_a_cluster: Mapping[str, str] = field(default_factory=dict)
+
+    def __call__(self, **overrides: Any) -> contextlib.AbstractContextManager[Sandbox]:
+        return self._started({**self.options, **overrides})
+
+    @contextlib.contextmanager
+    def _started(self, options: Mapping[str, Any]) -> Iterator[Sandbox]:
+        with (
+            local_cluster() as cluster,
+            started_backend("kubernetes", **cluster.options(**options)) as sandbox,
+        ):
+            yield sandbox
+
+
+_NODE = "enforced by the pod's cgroup on a gVisor node; the local stand-in of a pod has no cgroup limit"
+kubernetes_factory = LocalClusterFactory(
+    "kubernetes",
+    {"pool_size": 2, "max_concurrent": 24, "max_runs_per_user": 24, "max_waiting_per_user": 8},
+    needs_a_cluster={
+        "test_memory_bomb_is_killed_with_a_clear_message": _NODE,
+        "test_a_run_gets_no_more_than_its_share_of_the_cpus": _NODE,
+        "test_fork_bomb_is_held_to_the_process_limit": "RLIMIT_NPROC counts the uid in the pod's own "
+        "kernel (gVisor); the local stand-in shares the host's",
+        "test_shell_fork_bomb_is_contained": "as the fork bomb: the pod's kernel (gVisor) and pids cgroup",
+        "test_network_egress_to_a_host_listener_fails_and_only_loopback_exists": "a sandbox pod's network is "
+        "the namespace's NetworkPolicy (no egress but the executor's port); the local stand-in shares the "
+        "host's network to reach the executor",
+        "test_readonly_paths_are_mounted_read_only": "host paths of the executor do not exist in a pod: "
+        "package environments come from a volume (refused with ValueError)",
+        "test_only_the_usual_socket_families_can_be_opened": "the families a pod can open are gVisor's",
+        "test_the_root_holds_only_what_the_runtime_needs": "a pod's root is the sandbox image's",
+        "test_mountinfo_shows_no_path_of_the_mesh": "a pod's mounts are the image's and its volumes; the "
+        "local stand-in binds the repository",
+        **dict.fromkeys(
+            (
+                "test_encrypted_code_is_decrypted_and_run_inside_the_sandbox",
+                "test_an_encrypted_programs_traceback_is_its_own",
+                "test_a_wrong_password_or_altered_payload_is_refused_and_the_code_never_runs",
+                "test_the_key_derivation_counts_against_the_runs_memory",
+            ),
+            "the decryptor's packages are bound from the executor's host (readonly_paths); a pod "
+            "must find them in the sandbox image, which does not install them yet",
+        ),
+    },
+)
