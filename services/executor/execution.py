@@ -60,6 +60,8 @@ class ExecutionRequest:
     env: Mapping[str, str] = field(default_factory=dict)
     # None: every secret of the user; a list: only those.
     secret_names: Sequence[str] | None = None
+    # Who asks: the sandbox shares its run slots and turns in line fairly among users.
+    user_id: str = ""
     # Encrypted code (then `code` is empty): the sandbox decrypts it, see encrypted_runs.
     sealed: SealedCode | None = None
 
@@ -104,7 +106,14 @@ class Executions:
         # The request's own variables win over secrets of the same name: the caller chose them.
         env = {**secrets, **request.env}
         execution_id = uuid.uuid4().hex
-        spec = RunSpec(language=language, code=request.code, stdin=request.stdin, env=env, limits=limits)
+        spec = RunSpec(
+            language=language,
+            code=request.code,
+            stdin=request.stdin,
+            env=env,
+            limits=limits,
+            owner=request.user_id,
+        )
         details: dict[str, object] = {
             "language": language,
             "codeSha256": hashlib.sha256(request.code.encode()).hexdigest(),

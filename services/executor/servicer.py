@@ -27,8 +27,9 @@ def secret_names(
     return names
 
 
-def to_execution_request(request: executor_pb2.ExecuteRequest) -> ExecutionRequest:
+def to_execution_request(request: executor_pb2.ExecuteRequest, user_id: str) -> ExecutionRequest:
     return ExecutionRequest(
+        user_id=user_id,
         code=request.code,
         language=request.language,
         stdin=request.stdin,
@@ -46,7 +47,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self, request: executor_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
     ) -> executor_pb2.ExecuteResponse:
         context.add_done_callback(lambda _context: self._executions.after_answer())
-        done = await self._executions.execute(to_execution_request(request))
+        # A run waiting in line for a slot leaves it when its caller goes away: gRPC cancels this
+        # task, and the cancellation unwinds the backend's wait (see admission.Admission.slot).
+        done = await self._executions.execute(to_execution_request(request, require_identity().user_id))
         result = done.result
         return executor_pb2.ExecuteResponse(
             output=result.stdout,

@@ -49,12 +49,36 @@ SETTINGS: tuple[Setting, ...] = (
         "2",
         "Warm sandboxes kept started per language, waiting for a run (0: none).",
     ),
-    Setting("PYTHONON_EXECUTOR_MAX_CONCURRENT", "0", "Most runs at once (0: twice the number of cores)."),
     Setting(
-        "PYTHONON_EXECUTOR_MAX_WAITING",
-        None,
-        "Most runs waiting for a free slot before new ones are refused as busy "
-        "(unset: as many as PYTHONON_EXECUTOR_MAX_CONCURRENT).",
+        "PYTHONON_EXECUTOR_MAX_CONCURRENT",
+        "0",
+        "Most runs at once (0: sized at start-up as min(available memory / PYTHONON_EXECUTOR_MEMORY_MIB, "
+        "available cores × PYTHONON_EXECUTOR_RUNS_PER_CORE / a run's CPU quota of one core), where "
+        "available means the host's, bounded by the executor's cgroup limits).",
+    ),
+    Setting(
+        "PYTHONON_EXECUTOR_RUNS_PER_CORE",
+        "4",
+        "Runs that share a core when PYTHONON_EXECUTOR_MAX_CONCURRENT is 0: a sleeping or waiting run "
+        "uses no core, and the CPU quota keeps a busy one to its share.",
+    ),
+    Setting(
+        "PYTHONON_EXECUTOR_MAX_RUNS_PER_USER",
+        "0",
+        "Most runs of one user at once (0: half of the runs at once, rounded up); a user's further runs "
+        "wait in line, served round-robin with other users'.",
+    ),
+    Setting(
+        "PYTHONON_EXECUTOR_MAX_QUEUE_SECONDS",
+        "30",
+        "Longest expected wait in line for a run slot, in seconds; a run whose expected wait is longer "
+        "is refused with 429 and that wait as Retry-After (0: refuse rather than wait).",
+    ),
+    Setting(
+        "PYTHONON_EXECUTOR_MAX_WAITING_PER_USER",
+        "100",
+        "Most runs of one user waiting in line; further ones are refused with 429 (bounds the memory "
+        "held by queued requests).",
     ),
     Setting("PYTHONON_EXECUTOR_MAX_CODE_BYTES", "262144", "Largest code accepted, in bytes."),
     Setting("PYTHONON_EXECUTOR_MAX_STDIN_BYTES", "1048576", "Largest stdin accepted, in bytes."),
@@ -87,7 +111,7 @@ class ExecutorSettings:
                 "PYTHONON_EXECUTOR_TIMEOUT_SECONDS must not exceed PYTHONON_EXECUTOR_MAX_TIMEOUT_SECONDS"
             )
         max_concurrent = env.integer("PYTHONON_EXECUTOR_MAX_CONCURRENT", 0)
-        max_waiting = env.optional("PYTHONON_EXECUTOR_MAX_WAITING")
+        max_runs_per_user = env.integer("PYTHONON_EXECUTOR_MAX_RUNS_PER_USER", 0)
         default_limits = Limits(
             timeout_seconds=float(default_timeout),
             memory_bytes=env.integer("PYTHONON_EXECUTOR_MEMORY_MIB", 256, minimum=16) * MiB,
@@ -99,7 +123,10 @@ class ExecutorSettings:
         options: dict[str, Any] = {
             "pool_size": env.integer("PYTHONON_EXECUTOR_POOL_SIZE", 2),
             "max_concurrent": max_concurrent or None,
-            "max_waiting": env.integer("PYTHONON_EXECUTOR_MAX_WAITING") if max_waiting else None,
+            "runs_per_core": float(env.integer("PYTHONON_EXECUTOR_RUNS_PER_CORE", 4, minimum=1)),
+            "max_runs_per_user": max_runs_per_user or None,
+            "max_queue_seconds": float(env.integer("PYTHONON_EXECUTOR_MAX_QUEUE_SECONDS", 30)),
+            "max_waiting_per_user": env.integer("PYTHONON_EXECUTOR_MAX_WAITING_PER_USER", 100),
             "max_timeout_seconds": float(max_timeout),
             "default_limits": default_limits,
             **_extra_backend_options(env),

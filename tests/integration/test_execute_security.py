@@ -487,7 +487,7 @@ def saturated_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     """A mesh whose executor runs one program at a time and lets none wait."""
     service_env = {
         **GENEROUS_LIMITS,
-        "executor": {"PYTHONON_EXECUTOR_MAX_CONCURRENT": "1", "PYTHONON_EXECUTOR_MAX_WAITING": "0"},
+        "executor": {"PYTHONON_EXECUTOR_MAX_CONCURRENT": "1", "PYTHONON_EXECUTOR_MAX_QUEUE_SECONDS": "0"},
     }
     config = MeshConfig(port=0, data_dir=tmp_path_factory.mktemp("saturated"), service_env=service_env)
     with Mesh(config) as running:

@@ -106,5 +106,9 @@ class BackendFactory:
 
 
 # Enough room for the runs-in-parallel test; saturation tests make a backend of their own.
-bwrap_factory = BackendFactory("bwrap", {"pool_size": 2, "max_concurrent": 24, "max_waiting": 8})
-gvisor_factory = BackendFactory("gvisor", {"pool_size": 2, "max_concurrent": 12, "max_waiting": 24})
+bwrap_factory = BackendFactory(
+    "bwrap", {"pool_size": 2, "max_concurrent": 24, "max_runs_per_user": 24, "max_waiting_per_user": 8}
+)
+gvisor_factory = BackendFactory(
+    "gvisor", {"pool_size": 2, "max_concurrent": 12, "max_runs_per_user": 12, "max_waiting_per_user": 24}
+)

@@ -412,7 +412,7 @@ def test_printing_forever_is_truncated_quickly(sandbox: Sandbox, stream: str) ->
 
 
 def test_saturation_raises_busy_with_retry_after_instead_of_queueing(factory: BackendFactory) -> None:
-    with factory(pool_size=1, max_concurrent=1, max_waiting=1, languages=["python"]) as sandbox:
+    with factory(pool_size=1, max_concurrent=1, max_waiting_per_user=1, languages=["python"]) as sandbox:
 
         async def scenario() -> tuple[list[object], float]:
             slow = RunSpec("python", "import time\ntime.sleep(1.5)\nprint('slow')")

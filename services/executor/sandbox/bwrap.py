@@ -133,8 +133,7 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
         self._uids: _UidBlock | None = None
         try:
             slots = (
-                self.max_concurrent
-                + self._admission.max_waiting
+                2 * self.max_concurrent  # the runs', and those of finished runs still being reaped
                 + options.pool_size * len(self._runtimes)
                 + len(self._runtimes)  # the start-up checks
                 + 8

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, NoReturn, Self, TypeVar
 
 from services.executor.sandbox import leftovers
-from services.executor.sandbox.admission import Admission
+from services.executor.sandbox.admission import Admission, host_capacity
 from services.executor.sandbox.interface import (
     WORKDIR,
     Limits,
@@ -51,8 +51,12 @@ class BackendOptions:
     """Options every host backend takes; a backend adds its own in a subclass."""
 
     pool_size: int = 2  # warm sandboxes per language (0: none)
-    max_concurrent: int | None = None  # runs at once (default: twice the cores)
-    max_waiting: int | None = None  # runs waiting for a slot before SandboxBusy (default: max_concurrent)
+    # Admission (see admission.py). Runs at once; default: sized by memory and cores.
+    max_concurrent: int | None = None
+    runs_per_core: float = 4.0  # runs sharing a core when max_concurrent is sized (most sleep or wait)
+    max_runs_per_user: int | None = None  # one user's runs at once (default: half of max_concurrent)
+    max_queue_seconds: float = 30.0  # longest expected wait in line before SandboxBusy (0: no waiting)
+    max_waiting_per_user: int = 100  # one user's runs waiting in line before SandboxBusy
     languages: tuple[str, ...] | None = None  # only these (default: every language found)
     executables: Mapping[str, str] = field(default_factory=dict)  # language -> interpreter path
     spawn_timeout: float = 30.0  # seconds a sandbox may take to start
@@ -75,7 +79,10 @@ class BackendOptions:
     def __post_init__(self) -> None:
         _integer(self, "pool_size", minimum=0)
         _integer(self, "max_concurrent", minimum=1, optional=True)
-        _integer(self, "max_waiting", minimum=0, optional=True)
+        _number(self, "runs_per_core")
+        _integer(self, "max_runs_per_user", minimum=1, optional=True)
+        _number(self, "max_queue_seconds", zero_allowed=True)
+        _integer(self, "max_waiting_per_user", minimum=0)
         _number(self, "spawn_timeout")
         _number(self, "max_timeout_seconds")
         languages = self.languages
@@ -110,9 +117,11 @@ def _integer(options: object, name: str, minimum: int, optional: bool = False) -
         raise_option(name, f"an integer of at least {minimum}", value)
 
 
-def _number(options: object, name: str) -> None:
+def _number(options: object, name: str, zero_allowed: bool = False) -> None:
     value = getattr(options, name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 <= value < math.inf):
+        raise_option(name, "a positive number", value)
+    if value == 0 and not zero_allowed:
         raise_option(name, "a positive number", value)
 
 
@@ -144,10 +153,26 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
         if not hasattr(os, "pidfd_open"):
             raise SandboxUnavailable(f"the {self.name} backend needs Linux 5.3 or later (pidfd_open)")
         self.options = options
-        cpus = os.cpu_count() or 1
-        self.max_concurrent = options.max_concurrent or 2 * cpus
-        waiting = self.max_concurrent if options.max_waiting is None else options.max_waiting
-        self._admission = Admission(self.max_concurrent, waiting)
+        if options.max_concurrent is None:
+            capacity = host_capacity(options.default_limits, options.runs_per_core)
+            self.max_concurrent = capacity.slots
+            sizing = capacity.describe()
+        else:
+            self.max_concurrent = options.max_concurrent
+            sizing = f"{self.max_concurrent} runs at once (configured)"
+        self._admission = Admission(
+            self.max_concurrent,
+            options.max_runs_per_user or math.ceil(self.max_concurrent / 2),
+            options.max_queue_seconds,
+            options.max_waiting_per_user,
+        )
+        log.info(
+            "%s sandbox admission: %s; %d per user; waiting up to %g s",
+            self.name,
+            sizing,
+            self._admission.per_user,
+            options.max_queue_seconds,
+        )
         # RLIMIT_CPU is a backstop behind the wall-clock timeout: fixed when a sandbox starts, at
         # the longest timeout, then lowered to the run's own when its payload arrives.
         self._cpu_ceiling = math.ceil(options.max_timeout_seconds) + 1
@@ -212,7 +237,7 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
         validate_spec(spec, {name: runtime.main_file for name, runtime in self._runtimes.items()})
         if self._closed:
             raise SandboxError("the sandbox backend is closed")
-        async with self._admission.slot():
+        async with self._admission.slot(spec.owner):
             profile = self._profile(spec.language, spec.limits, spec.readonly_paths)
             sandbox = self._pool.take(profile)
             if sandbox is None:

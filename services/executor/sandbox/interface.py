@@ -53,6 +53,8 @@ class RunSpec:
     private_input: bytes = b""
     # (host path, sandbox path) pairs bind-mounted read-only, e.g. the user's package environment.
     readonly_paths: Sequence[tuple[str, str]] = ()
+    # Whom the run is for (e.g. a user id): runs at once and turns in line are shared fairly among owners.
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class SandboxUnavailable(SandboxError):
 
 
 class SandboxBusy(SandboxError):
-    """Every run slot and every place in the wait queue is taken: try again later."""
+    """Every run slot is taken and the expected wait (`retry_after`) is past the queue's bound."""
 
     def __init__(self, retry_after: float, message: str = "") -> None:
         self.retry_after = retry_after
