@@ -182,7 +182,8 @@ class MockKubernetes:
         for pod_obj in gone:
             if self.on_pod_deleted is not None:
                 self.on_pod_deleted(pod_obj)
-        return 200, _status(200, "Success", "deleted")
+        # As the API server: a deleted pod comes back as the object, a Job as a Status.
+        return 200, (found if resource == "pods" else _status(200, "Success", "deleted"))
 
     def _start_job(self, job: Object) -> Object:
         """The Job controller: the Job's one pod (backoffLimit 0: never a second)."""

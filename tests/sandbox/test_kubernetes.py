@@ -1,0 +1,442 @@
+"""The kubernetes backend without a cluster: the official client against the mock API server
+(mock_kubernetes.py, every request recorded) and pods whose runner is started locally in
+bubblewrap (local_cluster.py), or played by the test where a pod must misbehave.
+
+What is checked: the exact Job the backend creates and that nothing of a run is in it; the
+one-time tokens (a replayed, foreign or misplaced token is refused, and the pod it belonged to is
+deleted); the warm pool; timeouts (the pod deleted), OOM kills, evictions and pods never scheduled
+ending the run clearly; the watch resuming; orphans reaped at start; 403s named; a clean close."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
+
+from services.executor.sandbox import (
+    BackendOptionError,
+    Limits,
+    RunSpec,
+    SandboxError,
+    SandboxUnavailable,
+    backend_options,
+    create_backend,
+    kubernetes,
+)
+from services.executor.sandbox.pod_runner import CLAIM_TOKEN_VARIABLE
+from tests.sandbox.conftest import started_backend
+from tests.sandbox.local_cluster import NAMESPACE, LocalCluster, local_cluster
+from tests.sandbox.mock_kubernetes import Object
+
+SECRET_CODE = "print('the code of s3cret-code')"
+SECRET_STDIN = "s3cret-stdin"
+SECRET_ENV = "s3cret-env-value"
+SECRET_PASSWORD = b"s3cret-password"
+FAST = {"smoke_test": False, "languages": ["python"]}
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    with local_cluster() as started:
+        yield started
+
+
+def backend(cluster: LocalCluster, **options: Any) -> Any:
+    return started_backend("kubernetes", **cluster.options(**{**FAST, "pool_size": 0, **options}))
+
+
+def runner_env(pod_or_job: Object) -> dict[str, str]:
+    spec = pod_or_job["spec"]
+    spec = spec["template"]["spec"] if "template" in spec else spec
+    (runner,) = spec["containers"]
+    return {e["name"]: e.get("value", "") for e in runner["env"]}
+
+
+def claim(pod: Object, token: str | None = None) -> executor_pb2.ClaimResponse:
+    """Play a pod's runner: Claim with the pod's token (or `token`) at the address in its spec."""
+    env = runner_env(pod)
+    with grpc.insecure_channel(env[kubernetes.ADDRESS_VARIABLE]) as channel:
+        stub = executor_pb2_grpc.SandboxRunnerServiceStub(channel)
+        request = executor_pb2.ClaimRequest(claim_token=token or env[CLAIM_TOKEN_VARIABLE])
+        return stub.Claim(request, timeout=20)
+
+
+def playing(cluster: LocalCluster, then: Any) -> list[Object]:
+    """Pods are not started by the kubelet: each is marked Running and `then(cluster, pod)` runs in
+    a thread of its own. The pods seen, in order."""
+    seen: list[Object] = []
+
+    def behaviour(_: LocalCluster, pod: Object) -> bool:
+        seen.append(pod)
+        cluster.running(pod)
+        threading.Thread(target=then, args=(cluster, pod), daemon=True).start()
+        return True
+
+    cluster.behaviour = behaviour
+    return seen
+
+
+def wait_for(condition: Any, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+# -- the Job ---------------------------------------------------------------------------------------
+
+
+def test_the_job_holds_nothing_of_the_run_and_is_the_template_with_its_limits(cluster: LocalCluster) -> None:
+    spec = RunSpec(
+        "python",
+        SECRET_CODE
+        + "\nimport os, sys\nprint(sys.stdin.read(), os.environ['TOKEN'], os.read(3, 100).decode())",
+        stdin=SECRET_STDIN,
+        env={"TOKEN": SECRET_ENV},
+        private_input=SECRET_PASSWORD,
+        files={"data.txt": b"s3cret-file"},
+        limits=Limits(memory_bytes=128 << 20, tmp_bytes=32 << 20, cpus=0.5, timeout_seconds=7),
+    )
+    with backend(cluster) as sandbox:
+        result = sandbox.run(spec)
+    assert result.stdout == "the code of s3cret-code\ns3cret-stdin s3cret-env-value s3cret-password\n"
+    for request in cluster.api.requests:  # no request to the API carries anything of the run
+        assert "s3cret" not in json.dumps([request.path, request.query, request.body])
+    (created,) = cluster.api.made("POST", "jobs")
+    job = created.body
+    sandbox_id = job["metadata"]["labels"][kubernetes.SANDBOX_LABEL]
+    assert job["metadata"] == {
+        "name": f"sandbox-{sandbox_id}",
+        "namespace": NAMESPACE,
+        "labels": {
+            "app.kubernetes.io/part-of": "pyth-on",
+            "app.kubernetes.io/component": "sandbox",
+            kubernetes.EXECUTOR_LABEL: "executor-test-0",
+            kubernetes.SANDBOX_LABEL: sandbox_id,
+        },
+    }
+    deadline = 120 + 60 + 5  # spawn_timeout + max_timeout_seconds + the report's grace
+    assert {k: v for k, v in job["spec"].items() if k != "template"} == {
+        "backoffLimit": 0,
+        "ttlSecondsAfterFinished": 60,
+        "activeDeadlineSeconds": deadline,
+    }
+    pod = job["spec"]["template"]
+    assert "annotations" not in pod["metadata"]
+    assert pod["metadata"]["labels"] == {
+        "app.kubernetes.io/name": "sandbox-runner",
+        "app.kubernetes.io/part-of": "pyth-on",
+        "app.kubernetes.io/component": "sandbox",
+        kubernetes.EXECUTOR_LABEL: "executor-test-0",
+        kubernetes.SANDBOX_LABEL: sandbox_id,
+    }
+    pod_spec = pod["spec"]
+    assert pod_spec["runtimeClassName"] == "gvisor"
+    assert pod_spec["automountServiceAccountToken"] is False and pod_spec["enableServiceLinks"] is False
+    assert pod_spec["restartPolicy"] == "Never" and pod_spec["activeDeadlineSeconds"] == deadline
+    (runner,) = pod_spec["containers"]
+    env = runner_env(job)
+    assert set(env) == {kubernetes.ADDRESS_VARIABLE, CLAIM_TOKEN_VARIABLE, "PYTHONDONTWRITEBYTECODE"}
+    assert env[kubernetes.ADDRESS_VARIABLE].startswith("127.0.0.1:") and len(env[CLAIM_TOKEN_VARIABLE]) >= 40
+    assert runner["command"] == ["python3", "-m", "services.executor.sandbox.pod_runner"]
+    assert runner["args"] == ["--executor", "$(PYTHONON_SANDBOX_EXECUTOR_ADDRESS)"]
+    # The pod is made for the default limits' profile, not this run's (its profile: 128 MiB, 2 x
+    # 32 MiB of memory volumes, the runner's 48 MiB; half a core).
+    memory = str((128 + 2 * 32 + 48) << 20)
+    assert runner["resources"]["limits"] == {"cpu": "500m", "memory": memory, "ephemeral-storage": "128Mi"}
+    assert runner["resources"]["requests"]["memory"] == memory
+    assert {v["name"]: v["emptyDir"]["sizeLimit"] for v in pod_spec["volumes"]} == {
+        "tmp": str(32 << 20),
+        "workspace": str(32 << 20),
+    }
+    assert runner["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_a_finished_run_deletes_its_job_and_its_pod(cluster: LocalCluster) -> None:
+    with backend(cluster) as sandbox:
+        assert sandbox.python("print('done')").stdout == "done\n"
+        wait_for(lambda: not cluster.api.jobs() and not cluster.api.pods())
+        (deleted,) = cluster.api.made("DELETE", "jobs")
+        assert deleted.query == {"propagationPolicy": "Background", "gracePeriodSeconds": "0"}
+        assert cluster.live_processes() == []
+
+
+# -- tokens ----------------------------------------------------------------------------------------
+
+
+def test_a_replayed_claim_token_and_an_unknown_report_token_are_refused(cluster: LocalCluster) -> None:
+    with backend(cluster) as sandbox:
+        assert sandbox.python("print('first')").stdout == "first\n"
+        (created,) = cluster.api.made("POST", "jobs")
+        with pytest.raises(grpc.RpcError) as replayed:
+            claim(created.body)  # the token its runner used a moment ago
+        assert replayed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert replayed.value.details() == "unknown or already used claim token"
+        with pytest.raises(grpc.RpcError) as forged:
+            claim(created.body, token="a" * 43)
+        assert forged.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        address = runner_env(created.body)[kubernetes.ADDRESS_VARIABLE]
+        with grpc.insecure_channel(address) as channel:
+            stub = executor_pb2_grpc.SandboxRunnerServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as report:
+                stub.Report(executor_pb2.ReportRequest(report_token="b" * 43, stdout=b"forged"), timeout=5)
+        assert report.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        sandbox.assert_healthy()
+
+
+def test_a_claim_token_is_used_once_even_while_its_pod_waits_for_a_run(cluster: LocalCluster) -> None:
+    claimed = threading.Event()
+
+    def waiting_runner(_: LocalCluster, pod: Object) -> None:
+        claimed.set()
+        with pytest.raises(grpc.RpcError):
+            claim(pod)  # waits for a run until the backend closes and retires it
+
+    pods = playing(cluster, waiting_runner)
+    with backend(cluster, pool_size=1, spawn_timeout=5):
+        assert claimed.wait(10)
+        time.sleep(0.5)  # its claim is in
+        with pytest.raises(grpc.RpcError) as replayed:
+            claim(pods[0])
+        assert replayed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_token_presented_from_another_address_is_refused_and_its_pod_deleted(cluster: LocalCluster) -> None:
+    """The pod's IP (as the API says) is 127.0.0.2; its runner, and the test, call from 127.0.0.1:
+    as if the token had been read from the spec and used elsewhere."""
+    cluster.pod_ip = "127.0.0.2"
+    with backend(cluster, spawn_timeout=10) as sandbox:
+        started = time.monotonic()
+        with pytest.raises(SandboxError) as failed:
+            sandbox.python("print('never')")
+        assert time.monotonic() - started < 8  # ended by the refusal, not by the spawn timeout
+        assert "ended before its runner claimed a run: TokenMisused" in str(failed.value)
+        (pod,) = [r.body for r in cluster.api.made("POST", "jobs")]
+        wait_for(lambda: len(cluster.runner_stderr) == 1)
+        (stderr,) = cluster.runner_stderr.values()
+        assert (
+            stderr
+            == b"pod_runner: the claim was refused: PERMISSION_DENIED this claim token belongs to another pod\n"
+        )
+        assert [r.path.rsplit("/", 1)[1] for r in cluster.api.made("DELETE", "jobs")] == [
+            pod["metadata"]["name"]
+        ]
+        with pytest.raises(grpc.RpcError) as again:
+            claim(pod)  # burnt: not even the right pod could use it now
+        assert again.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_runner_never_sees_its_token_again_and_the_program_cannot_read_the_runners_memory(
+    cluster: LocalCluster,
+) -> None:
+    code = """
+import os
+def read(path):
+    try:
+        return open(path, "rb").read()
+    except OSError as error:
+        return type(error).__name__.encode()
+print(read("/proc/1/environ")[:20], read("/proc/1/mem")[:20], os.getppid())
+"""
+    with backend(cluster) as sandbox:
+        result = sandbox.python(code)
+    token = runner_env(cluster.api.made("POST", "jobs")[0].body)[CLAIM_TOKEN_VARIABLE]
+    assert token not in result.stdout
+    assert result.stdout.startswith("b'PermissionError' b'PermissionError'"), result.stdout
+
+
+# -- the warm pool ---------------------------------------------------------------------------------
+
+
+def test_a_warm_pod_serves_a_run_without_a_pod_start(cluster: LocalCluster) -> None:
+    with backend(cluster, pool_size=1) as sandbox:
+        assert len(cluster.api.made("POST", "jobs")) == 1  # warmed at start
+        wait_for(lambda: len(cluster.live_processes()) == 1)
+        started = time.monotonic()
+        assert sandbox.python("print('warm')").stdout == "warm\n"
+        assert time.monotonic() - started < 2
+        wait_for(lambda: len(cluster.api.made("POST", "jobs")) == 2)  # replenished after the answer
+        wait_for(lambda: len(cluster.api.jobs()) == 1)
+
+
+# -- how runs end ----------------------------------------------------------------------------------
+
+
+def test_a_runner_that_never_reports_is_timed_out_and_its_pod_deleted(cluster: LocalCluster) -> None:
+    playing(cluster, lambda _, pod: claim(pod))  # claims, then says nothing
+    with backend(cluster) as sandbox:
+        started = time.monotonic()
+        result = sandbox.python("print('x')", limits=Limits(timeout_seconds=1))
+        elapsed = time.monotonic() - started
+        assert (result.timed_out, result.exit_code, result.stdout) == (True, 137, "")
+        assert result.stderr == "[sandbox] execution timed out after 1 s\n"
+        assert 1 + kubernetes.REPORT_GRACE_SECONDS <= elapsed < 1 + kubernetes.REPORT_GRACE_SECONDS + 3
+        wait_for(lambda: len(cluster.api.made("DELETE", "jobs")) == 1 and not cluster.api.pods())
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (
+            {"reason": "OOMKilled", "exit_code": 137},
+            "[sandbox] memory limit of 256 MiB exceeded\n",
+        ),
+        (
+            {
+                "phase": "Failed",
+                "reason": "Evicted",
+                "message": "Pod ephemeral local storage usage exceeds the total limit of containers 128Mi.",
+            },
+            "[sandbox] the sandbox pod was stopped by Kubernetes (Evicted: Pod ephemeral local storage "
+            "usage exceeds the total limit of containers 128Mi.); the run did not finish\n",
+        ),
+    ],
+    ids=["oom-killed", "evicted"],
+)
+def test_a_pod_killed_by_kubernetes_ends_the_run_clearly(
+    cluster: LocalCluster, status: dict[str, Any], expected: str
+) -> None:
+    def killed(cluster: LocalCluster, pod: Object) -> None:
+        claim(pod)
+        time.sleep(0.3)
+        meta = pod["metadata"]
+        if status["reason"] == "OOMKilled":
+            cluster.terminated(pod, 137, "OOMKilled")
+        else:
+            cluster.api.set_pod_status(meta["namespace"], meta["name"], status)
+
+    playing(cluster, killed)
+    with backend(cluster) as sandbox:
+        started = time.monotonic()
+        result = sandbox.python("data = b'x' * (1 << 30)")
+        assert time.monotonic() - started < 3
+        assert (result.exit_code, result.stdout, result.stderr, result.timed_out) == (
+            137,
+            "",
+            expected,
+            False,
+        )
+        wait_for(lambda: len(cluster.api.made("DELETE", "jobs")) == 1)
+
+
+def test_a_pod_that_is_never_scheduled_fails_the_run_with_the_schedulers_reason(
+    cluster: LocalCluster,
+) -> None:
+    message = "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."
+
+    def unschedulable(cluster: LocalCluster, pod: Object) -> bool:
+        meta = pod["metadata"]
+        condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+        cluster.api.set_pod_status(
+            meta["namespace"], meta["name"], {"phase": "Pending", "conditions": [condition]}
+        )
+        return True
+
+    cluster.behaviour = unschedulable
+    with backend(cluster, spawn_timeout=1.5) as sandbox:
+        with pytest.raises(SandboxError) as failed:
+            sandbox.python("print('never')")
+        assert str(failed.value).endswith(
+            f"did not start within 1.5 s: not scheduled (Unschedulable): {message}"
+        )
+        wait_for(lambda: len(cluster.api.made("DELETE", "jobs")) == 1 and not cluster.api.jobs())
+
+
+def test_a_cancelled_run_deletes_its_pod(cluster: LocalCluster) -> None:
+    with backend(cluster) as sandbox:
+
+        async def cancelled() -> None:
+            run = asyncio.ensure_future(sandbox.backend.run(RunSpec("python", "import time\ntime.sleep(30)")))
+            await asyncio.sleep(1.5)
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+
+        sandbox.loop.call(cancelled())
+        wait_for(lambda: not cluster.api.jobs() and cluster.live_processes() == [])
+
+
+# -- the API ---------------------------------------------------------------------------------------
+
+
+def test_the_watch_resumes_from_where_it_was(cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kubernetes, "WATCH_SECONDS", 1)
+    with backend(cluster) as sandbox:
+        assert sandbox.python("print(1)").stdout == "1\n"
+        wait_for(lambda: len([r for r in cluster.api.requests if r.query.get("watch")]) >= 3)
+        watches = [r.query for r in cluster.api.requests if r.query.get("watch")]
+        assert watches[0]["labelSelector"] == f"{kubernetes.EXECUTOR_LABEL}=executor-test-0"
+        assert "resourceVersion" not in watches[0]
+        assert all(int(w["resourceVersion"]) > 0 for w in watches[2:])  # not from scratch again
+        assert sandbox.python("print(2)").stdout == "2\n"
+
+
+def test_orphans_of_this_executor_are_reaped_at_start_and_other_executors_pods_are_not(
+    cluster: LocalCluster,
+) -> None:
+    def put(kind: str, name: str, executor: str) -> None:
+        labels = {kubernetes.EXECUTOR_LABEL: executor, kubernetes.SANDBOX_LABEL: name}
+        pod_spec = {"containers": [{"name": "runner", "image": "pyth-on/sandbox"}]}
+        spec = {"template": {"spec": pod_spec}} if kind == "jobs" else pod_spec
+        body: Object = {"metadata": {"name": name, "namespace": NAMESPACE, "labels": labels}, "spec": spec}
+        cluster.api.put(kind, body)
+
+    put("jobs", "sandbox-left1", "executor-test-0")
+    put("pods", "sandbox-left1-abc", "executor-test-0")
+    put("jobs", "sandbox-other", "executor-test-1")
+    put("pods", "sandbox-other-abc", "executor-test-1")
+    with backend(cluster):
+        deleted = sorted(r.path.rsplit("/", 1)[1] for r in cluster.api.requests if r.method == "DELETE")
+        assert deleted == ["sandbox-left1", "sandbox-left1-abc"]
+        assert {j["metadata"]["name"] for j in cluster.api.jobs()} == {"sandbox-other"}
+
+
+def test_a_missing_permission_is_named(cluster: LocalCluster) -> None:
+    cluster.api.forbid("get", "podtemplates")
+    denied = create_backend("kubernetes", **cluster.options(**FAST))
+    with pytest.raises(SandboxUnavailable) as refused:
+        asyncio.run(denied.start())
+    asyncio.run(denied.close())
+    assert str(refused.value) == (
+        "the executor's service account may not get podtemplate pythonon-sandbox/pythonon-sandbox-runner "
+        '(403 Forbidden: podtemplates is forbidden: User "system:serviceaccount:pythonon:executor" cannot '
+        'get resource "podtemplates" in API group "" in the namespace "pythonon-sandbox"); check the Role '
+        "executor-sandbox in k8s/base/sandbox/rbac.yaml is applied and bound"
+    )
+    cluster.api.forbidden.clear()
+    cluster.api.forbid("create", "jobs")
+    with backend(cluster) as sandbox, pytest.raises(SandboxError) as failed:
+        sandbox.python("print(1)")
+    assert str(failed.value).startswith(
+        "the executor's service account may not create jobs in pythonon-sandbox (403 Forbidden: jobs is forbidden"
+    )
+
+
+def test_close_leaves_no_job_pod_or_runner(cluster: LocalCluster) -> None:
+    with backend(cluster, pool_size=2) as sandbox:
+        wait_for(lambda: len(cluster.live_processes()) == 2)
+        assert sandbox.python("print(1)").stdout == "1\n"
+    wait_for(lambda: not cluster.api.jobs() and not cluster.api.pods() and cluster.live_processes() == [])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"callback_address": ""}, "option callback_address: expected host:port"),
+        ({"executables": {"python": "/usr/bin/python3"}}, "option executables: the kubernetes backend runs"),
+        ({"namespace": "Not_A_Name"}, "option namespace: expected a Kubernetes name"),
+        ({"executor_id": "x" * 64}, "option executor_id: expected a label value"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_starts(options: dict[str, Any], message: str) -> None:
+    good = {"callback_address": "10.0.0.5:50052"}
+    with pytest.raises(BackendOptionError) as refused:
+        backend_options("kubernetes", {**good, **options})
+    assert str(refused.value).startswith(message)
