@@ -224,7 +224,9 @@ class KubernetesBackend:
     name = "kubernetes"
     options_type: ClassVar[type[BackendOptions]] = KubernetesOptions
 
-    def __init__(self, options: KubernetesOptions) -> None:
+    def __init__(self, options: BackendOptions) -> None:
+        if not isinstance(options, KubernetesOptions):
+            raise TypeError("the kubernetes backend takes KubernetesOptions")
         self.options = options
         self.executor_id = options.executor_id or _label_safe(
             os.environ.get("HOSTNAME") or socket.gethostname()
@@ -417,10 +419,9 @@ class KubernetesBackend:
         )
         self._sandboxes[sandbox.id] = sandbox
         self._claims[sandbox.claim_token] = sandbox
+        job: Any = self.job(sandbox)  # the client takes a plain mapping as well as a V1Job
         try:
-            await asyncio.to_thread(
-                self._batch.create_namespaced_job, self.options.namespace, self.job(sandbox)
-            )
+            await asyncio.to_thread(self._batch.create_namespaced_job, self.options.namespace, job)
         except ApiException as error:
             self._forget(sandbox)
             raise SandboxError(
@@ -429,8 +430,9 @@ class KubernetesBackend:
         except BaseException:
             self._dispose(sandbox)
             raise
+        waiting: list[asyncio.Future[Any]] = [sandbox.claimed, sandbox.exited]
         done, _ = await asyncio.wait(
-            [sandbox.claimed, sandbox.exited],
+            waiting,
             timeout=self.options.spawn_timeout,
             return_when=asyncio.FIRST_COMPLETED,
         )
@@ -455,8 +457,9 @@ class KubernetesBackend:
             if sandbox.assignment.done():
                 raise SandboxError(f"sandbox pod {sandbox.job_name} was retired before the run")
             sandbox.assignment.set_result((spec, report_token))
+            ending: list[asyncio.Future[Any]] = [sandbox.result, sandbox.exited]
             done, _ = await asyncio.wait(
-                [sandbox.result, sandbox.exited],
+                ending,
                 timeout=limits.timeout_seconds + REPORT_GRACE_SECONDS,
                 return_when=asyncio.FIRST_COMPLETED,
             )
@@ -646,8 +649,9 @@ class KubernetesBackend:
             ("pod", pods.items, self._core.delete_namespaced_pod),
         ):
             for item in items:
-                name = item.metadata.name
-                if item.metadata.labels.get(SANDBOX_LABEL) in self._sandboxes:
+                name = item.metadata.name if item.metadata else None
+                labels = (item.metadata.labels if item.metadata else None) or {}
+                if name is None or labels.get(SANDBOX_LABEL, "") in self._sandboxes:
                     continue  # our own, alive
                 try:
                     await asyncio.to_thread(

@@ -245,10 +245,10 @@ def serve(executor: str, token: str, workdir: Path) -> int:
             print(f"pod_runner: cannot reach the executor at {executor}", file=sys.stderr)
             return 4
         except grpc.RpcError as error:
-            code = error.code()  # type: ignore[attr-defined]  # a grpc.Call in practice
+            code = error.code()
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 return 0  # retired unused: the executor needs no more of this pod
-            print(f"pod_runner: the claim was refused: {code.name} {error.details()}", file=sys.stderr)  # type: ignore[attr-defined]  # a grpc.Call
+            print(f"pod_runner: the claim was refused: {code.name} {error.details()}", file=sys.stderr)
             return 3 if code == grpc.StatusCode.PERMISSION_DENIED else 4
         clear(workdir)
         outcome = execute(place_files(workdir, run), run, workdir)
