@@ -312,13 +312,9 @@ class KubernetesBackend:
         self._watch_thread.start()
         if self.options.smoke_test:
             await self._smoke_test()
+        # Warmed in the background: a cold pod may take a while (an image pull), and the executor
+        # should report SERVING without waiting for it (runs start pods of their own meanwhile).
         self._pool.keep_warm([self._profile(self.options.default_limits)])
-        try:
-            await asyncio.wait_for(self._pool.fill(1), self.options.spawn_timeout)
-        except TimeoutError:
-            log.warning(
-                "no warm sandbox pod started within %g s; runs start their own", self.options.spawn_timeout
-            )
 
     async def run(self, spec: RunSpec) -> RunResult:
         validate_spec(spec, {name: LANGUAGES[name].main_file for name in self._languages})
