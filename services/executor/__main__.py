@@ -6,6 +6,7 @@ from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.executor import settings as executor_settings
 from services.executor.execution import ExecutionPolicy, Executions
+from services.executor.packages_client import PackagesClient
 from services.executor.sandbox import create_backend, reap_leftovers
 from services.executor.secrets_client import SecretsClient
 from services.executor.servicer import CapabilitiesServicer, EncryptedExecutorServicer, ExecutorServicer
@@ -29,11 +30,15 @@ async def build(server: ServerSettings, settings: ExecutorSettings) -> ServicePa
         max_code_bytes=settings.max_code_bytes,
         max_stdin_bytes=settings.max_stdin_bytes,
     )
-    executions = Executions(backend, secrets, audit, policy)
+    packages = PackagesClient(
+        settings.packages_address, settings.packages_dir, settings.packages_wait_seconds
+    )
+    executions = Executions(backend, secrets, audit, policy, packages)
 
     async def close() -> None:
         await backend.close()
         await secrets.close()
+        await packages.close()
         await audit.close()
 
     services = executor_pb2.DESCRIPTOR.services_by_name

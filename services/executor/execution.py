@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.executor.encrypted_runs import SealedCode
+from services.executor.packages_client import NO_PACKAGES, PackagesClient
 from services.executor.sandbox import (
     LANGUAGES,
     Limits,
@@ -84,9 +85,15 @@ class Executions:
     """Runs users' code; every run is audited (digest and size of the code, never the code)."""
 
     def __init__(
-        self, backend: SandboxBackend, secrets: SecretsClient, audit: AuditClient, policy: ExecutionPolicy
+        self,
+        backend: SandboxBackend,
+        secrets: SecretsClient,
+        audit: AuditClient,
+        policy: ExecutionPolicy,
+        packages: PackagesClient | None = None,
     ) -> None:
         self._backend = backend
+        self._packages = packages
         self._secrets = secrets
         self._audit = audit
         self._policy = policy
@@ -100,11 +107,13 @@ class Executions:
         # An alias (py, js, node, sh...) runs as its language, and is recorded under that name.
         language = canonical_name(request.language or "python") or request.language
         limits = self._validate(request, language)
+        # The user's package environment (one stat when the user has none); waits for a build.
+        packages = await self._packages.for_run(request.user_id, language) if self._packages else NO_PACKAGES
         # The secrets service judges the names (and says which one is wrong).
         names = None if request.secret_names is None else list(request.secret_names)
         secrets = await self._secrets.resolve(names)
         # The request's own variables win over secrets of the same name: the caller chose them.
-        env = {**secrets, **request.env}
+        env = {**secrets, **request.env, **packages.env}
         execution_id = uuid.uuid4().hex
         spec = RunSpec(
             language=language,
@@ -113,6 +122,7 @@ class Executions:
             env=env,
             limits=limits,
             owner=request.user_id,
+            readonly_paths=packages.readonly_paths,
         )
         details: dict[str, object] = {
             "language": language,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from services.executor.sandbox import BACKENDS, BackendOptionError, Limits, backend_options
@@ -80,6 +81,19 @@ SETTINGS: tuple[Setting, ...] = (
         "Most runs of one user waiting in line; further ones are refused with 429 (bounds the memory "
         "held by queued requests).",
     ),
+    Setting(
+        "PYTHONON_EXECUTOR_PACKAGES_DIR",
+        None,
+        "The package environments' directory the packages service builds into, read-only here "
+        "(`pyth-on up`: packages/ in the data directory; unset: runs get no packages).",
+        wired=True,
+    ),
+    Setting(
+        "PYTHONON_EXECUTOR_PACKAGES_WAIT_SECONDS",
+        "20",
+        "How long a run waits for its user's package environment being built before it is refused "
+        "(FAILED_PRECONDITION, with the build's progress).",
+    ),
     Setting("PYTHONON_EXECUTOR_MAX_CODE_BYTES", "262144", "Largest code accepted, in bytes."),
     Setting("PYTHONON_EXECUTOR_MAX_STDIN_BYTES", "1048576", "Largest stdin accepted, in bytes."),
 )
@@ -96,6 +110,9 @@ class ExecutorSettings:
     max_stdin_bytes: int
     secrets_address: str
     audit_address: str
+    packages_address: str | None = None
+    packages_dir: Path | None = None
+    packages_wait_seconds: float = 20.0
 
     @classmethod
     def load(cls, env: Environment) -> ExecutorSettings:
@@ -144,7 +161,23 @@ class ExecutorSettings:
             max_stdin_bytes=env.integer("PYTHONON_EXECUTOR_MAX_STDIN_BYTES", 1 * MiB, minimum=0),
             secrets_address=service_address(env, "secrets"),
             audit_address=service_address(env, "audit"),
+            **_packages(env),
         )
+
+
+def _packages(env: Environment) -> dict[str, Any]:
+    """Where the package environments are and how long a run waits for one (no directory: no packages)."""
+    directory = env.optional("PYTHONON_EXECUTOR_PACKAGES_DIR")
+    wait = float(env.integer("PYTHONON_EXECUTOR_PACKAGES_WAIT_SECONDS", 20))
+    if directory is None:
+        return {"packages_wait_seconds": wait}
+    if not Path(directory).is_absolute():
+        raise SettingsError("PYTHONON_EXECUTOR_PACKAGES_DIR must be an absolute path")
+    return {
+        "packages_address": service_address(env, "packages"),
+        "packages_dir": Path(directory),
+        "packages_wait_seconds": wait,
+    }
 
 
 def _extra_backend_options(env: Environment) -> dict[str, Any]:

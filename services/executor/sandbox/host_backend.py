@@ -37,6 +37,9 @@ from services.executor.sandbox.process import Outcome, SandboxProcess
 from services.executor.sandbox.runtimes import Runtime
 from services.executor.sandbox.warm_pool import WarmPool
 
+# Warm pools kept for profiles with read-only mounts (package environments), the most recent ones.
+RECENT_MOUNT_PROFILES = 4
+
 log = logging.getLogger("pythonon.executor.sandbox")
 
 NOBODY = 65534
@@ -189,6 +192,8 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
             options.pool_size, self._spawn, self._dispose, lambda sandbox: sandbox.process.exited
         )
         self._live: set[SandboxT] = set()
+        # Profiles with read-only mounts kept warm, least recently used first (see _keep_recent_warm).
+        self._recent_mounts: dict[Hashable, None] = {}
         self._disposals: set[asyncio.Task[None]] = set()
         self._closed = False
         self._started = False
@@ -246,6 +251,8 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
                 return await self._execute(sandbox, spec)
             finally:
                 self._dispose(sandbox)
+                if spec.readonly_paths:
+                    self._keep_recent_warm(profile)
 
     def replenish(self) -> None:
         """Refill the warm pool that runs have drawn from (starting a sandbox costs the executor's
@@ -263,6 +270,19 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
         shutil.rmtree(self._runtime_dir, ignore_errors=True)
 
     # -- shared parts ---------------------------------------------------------------------------
+
+    def _keep_recent_warm(self, profile: Hashable) -> None:
+        """Keep a warm pool for each of the RECENT_MOUNT_PROFILES profiles with read-only mounts (a
+        user's package environment) used last, so that a run with packages starts warm too."""
+        known = profile in self._recent_mounts
+        self._recent_mounts.pop(profile, None)
+        self._recent_mounts[profile] = None
+        if not known and not self._closed:
+            self._pool.keep_warm([profile])
+        while len(self._recent_mounts) > RECENT_MOUNT_PROFILES:
+            oldest = next(iter(self._recent_mounts))
+            del self._recent_mounts[oldest]
+            self._pool.forget(oldest)
 
     def _default_profile(self, language: str) -> Hashable:
         return self._profile(language, self.options.default_limits, ())
