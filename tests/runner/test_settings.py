@@ -19,6 +19,7 @@ from services.audit.settings import AuditSettings
 from services.auth.settings import AuthSettings
 from services.executor.settings import ExecutorSettings
 from services.generator.settings import GeneratorSettings
+from services.packages.settings import PackagesSettings
 from services.platform import service_graph
 from services.platform.settings import COMMON_SETTINGS, Environment, ServerSettings
 from services.runner.cli import main
@@ -26,6 +27,7 @@ from services.runner.mesh import SERVICES, Mesh, MeshConfig, MeshError, MeshPlan
 from services.runner.settings_catalog import catalog
 from services.secrets.settings import SecretsSettings
 from services.system.settings import SystemSettings
+from services.zk.settings import ZkSettings
 from tools import settings_reference
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,12 +37,16 @@ LOADERS: dict[str, Any] = {
     "audit": AuditSettings,
     "executor": ExecutorSettings,
     "generator": GeneratorSettings,
+    "packages": PackagesSettings,
     "secrets": SecretsSettings,
     "system": SystemSettings,
+    "zk": ZkSettings,
 }
 # Read only on a branch the runner's wiring does not take: AppRole instead of a token file, the
 # shared database URL when a service has none of its own.
 READ_ONLY_ON_OTHER_BRANCHES = {"PYTHONON_SECRETS_VAULT_APPROLE_MOUNT", "PYTHONON_DATABASE_URL"}
+# Set by the kubernetes backend on each sandbox pod it creates (k8s/README.md), never by an operator.
+SET_ON_SANDBOX_PODS = {"PYTHONON_SANDBOX_EXECUTOR_ADDRESS", "PYTHONON_SANDBOX_CLAIM_TOKEN"}
 
 
 class RecordingEnvironment(Environment):
@@ -102,6 +108,7 @@ def test_every_pythonon_variable_named_in_the_services_code_is_declared() -> Non
         for path in (ROOT / "services").rglob("*.py")
         for match in re.finditer(r"\bPYTHONON_[A-Z0-9_]+\b", path.read_text())
         if not match.group(0).endswith("_")  # a prefix or a marker, not a variable
+        and match.group(0) not in SET_ON_SANDBOX_PODS
     }
     assert {(name, where) for name, where in named if name not in declared} == set()
 
@@ -141,6 +148,8 @@ def test_the_runner_gives_each_service_its_own_settings_and_the_common_ones() ->
         "secrets": {"PYTHONON_SHUTDOWN_GRACE_SECONDS": "1"},
         "audit": {"PYTHONON_SHUTDOWN_GRACE_SECONDS": "1"},
         "generator": {"PYTHONON_GENERATOR_MODEL": "m", "PYTHONON_SHUTDOWN_GRACE_SECONDS": "1"},
+        "packages": {"PYTHONON_SHUTDOWN_GRACE_SECONDS": "1"},
+        "zk": {"PYTHONON_SHUTDOWN_GRACE_SECONDS": "1"},
         "system": {"PYTHONON_SHUTDOWN_GRACE_SECONDS": "1"},
     }
 
