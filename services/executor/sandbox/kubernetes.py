@@ -319,9 +319,11 @@ class KubernetesBackend:
     async def run(self, spec: RunSpec) -> RunResult:
         validate_spec(spec, {name: LANGUAGES[name].main_file for name in self._languages})
         if spec.readonly_paths:
+            # Host paths (e.g. a package environment's folder) mean nothing in a pod; environments
+            # are to reach pods from a volume (docs/architecture.md, "Sandbox pods").
             raise ValueError(
-                "readonly_paths name files of the executor's host, which a sandbox pod cannot see; "
-                "the kubernetes backend gets package environments from a volume"
+                "package environments (and other read-only mounts) are not available on the kubernetes "
+                "sandbox backend yet"
             )
         if self._closed:
             raise SandboxError("the sandbox backend is closed")
