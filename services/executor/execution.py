@@ -229,7 +229,7 @@ class Executions:
         if len(request.env) > MAX_ENV_VARIABLES:
             raise InvalidArgument(f"at most {MAX_ENV_VARIABLES} environment variables")
         for name, value in request.env.items():
-            if not _ENV_NAME.match(name):
+            if not _ENV_NAME.fullmatch(name):
                 raise InvalidArgument(f"env: {name!r} is not an environment-variable name")
             if is_reserved(name):
                 raise InvalidArgument(f"env: {name} is set by the sandbox and cannot be overridden")

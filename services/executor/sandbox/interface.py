@@ -177,19 +177,38 @@ def result_of(
         )
     elif memory_note:
         notes.append(memory_note)
-    text = stderr.decode("utf-8", errors="replace")
+    # Bytes that are not UTF-8 become U+FFFD (3 bytes each), so a stream within its byte cap can
+    # grow up to threefold when decoded: cut it again to the cap, so an answer stays within bounds.
+    output, output_cut = _decoded_within(stdout, limits.output_bytes)
+    text, error_cut = _decoded_within(stderr, limits.output_bytes)
+    for name, cut in (("stdout", output_cut), ("stderr", error_cut)):
+        if cut:
+            notes.append(
+                f"{name} held bytes that are not UTF-8; each was replaced by U+FFFD and the text cut to "
+                f"{describe_bytes(limits.output_bytes)}"
+            )
     if notes:
         if text and not text.endswith("\n"):
             text += "\n"
         text += "".join(f"[sandbox] {note}\n" for note in notes)
     return RunResult(
-        stdout=stdout.decode("utf-8", errors="replace"),
+        stdout=output,
         stderr=text,
         exit_code=exit_code,
         duration_ms=round(duration_seconds * 1000),
         timed_out=timed_out,
-        truncated=overflowed,
+        truncated=overflowed or output_cut or error_cut,
     )
+
+
+def _decoded_within(data: bytes, limit: int) -> tuple[str, bool]:
+    """`data` as text (invalid UTF-8 replaced), at most `limit` bytes once encoded, cut at a
+    character boundary; and whether it was cut."""
+    text = data.decode("utf-8", errors="replace")
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text, False
+    return encoded[:limit].decode("utf-8", errors="ignore"), True
 
 
 def describe_bytes(size: int) -> str:
