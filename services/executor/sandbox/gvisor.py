@@ -110,7 +110,6 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
         self._dies_with_parent = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
         super().__init__(options)
         self._etc = self._write_etc(())
-        self._ids = itertools.count()
         # Named after its owner (pid and start time), so that a successor can tell it was left behind.
         owner = leftovers.owner_tag()
         self._cgroup_parent = f"{_own_cgroup('memory').rstrip('/')}/pythonon-gvisor-{owner}"
@@ -152,7 +151,7 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
 
     async def _spawn(self, profile: _Profile) -> _Container:
         runtime = self._runtime(profile.language)
-        name = f"pythonon-{os.getpid()}-{next(self._ids)}"
+        name = f"pythonon-{os.getpid()}-{next(_CONTAINER_IDS)}"
         memory = None
         try:
             bundle = self._bundle(name, runtime, profile)
@@ -350,6 +349,11 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
         }
         (bundle / "config.json").write_text(json.dumps(config))
         return bundle
+
+
+# One sequence per process: two backends alive in one process share the owner's cgroup parent and
+# runsc's container namespace, so their containers must not be numbered alike.
+_CONTAINER_IDS = itertools.count()
 
 
 def _own_cgroup(controller: str) -> str:
