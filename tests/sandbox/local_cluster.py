@@ -222,8 +222,17 @@ kubernetes_factory = LocalClusterFactory(
         "test_network_egress_to_a_host_listener_fails_and_only_loopback_exists": "a sandbox pod's network is "
         "the namespace's NetworkPolicy (no egress but the executor's port); the local stand-in shares the "
         "host's network to reach the executor",
-        "test_readonly_paths_are_mounted_read_only": "host paths of the executor do not exist in a pod: "
-        "package environments come from a volume (refused with ValueError)",
+        **dict.fromkeys(
+            (
+                "test_readonly_paths_are_mounted_read_only",
+                "test_a_package_environment_is_importable_from_the_run",
+                "test_a_bash_run_finds_the_environment_through_python3",
+                "test_a_run_cannot_write_into_its_package_environment",
+                "test_a_run_sees_only_its_own_package_environment",
+            ),
+            "host paths of the executor do not exist in a pod: the backend refuses readonly_paths "
+            "(ValueError) by design; a pod will get the package environment from a volume",
+        ),
         "test_only_the_usual_socket_families_can_be_opened": "the families a pod can open are gVisor's",
         "test_the_root_holds_only_what_the_runtime_needs": "a pod's root is the sandbox image's",
         "test_mountinfo_shows_no_path_of_the_mesh": "a pod's mounts are the image's and its volumes; the "

@@ -18,11 +18,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from services.executor import encrypted_runs
+from services.executor.packages_client import RunPackages
 from services.executor.sandbox import Limits, RunSpec, SandboxBusy, SandboxError, zk_decryptor
+from services.platform.package_store import SANDBOX_MOUNT
 from services.zk import recipe
 from tests.host_processes import no_process_left
 from tests.sandbox.conftest import (
@@ -210,6 +213,130 @@ except OSError as error:
     )
     assert result.stdout.startswith("from the package\n") and result.stdout.endswith("Error\n"), result.stderr
     assert not (package / "new.py").exists()
+
+
+# -- a user's package environment (issue 11): the shape the executor gives a run ------------------------
+
+
+def package_environment(root: Path, module: str, word: str) -> Path:
+    """A tiny environment laid out as the packages service builds one (a package and its dist-info in
+    an instance directory), world-writable: only the read-only mount can keep a run from writing."""
+    site = root / module / "i-0"
+    package = site / module
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(f"WORD = {word!r}\n")
+    metadata = site / f"{module}-1.0.dist-info"
+    metadata.mkdir()
+    (metadata / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    for directory in (root, root / module):
+        directory.chmod(0o755)
+    for directory, _dirs, files in os.walk(site):
+        os.chmod(directory, 0o777)  # noqa: S103 - on purpose: the mount, not the mode, must refuse
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o666)  # noqa: S103 - as above
+    return site
+
+
+def with_environment(site: Path) -> dict[str, Any]:
+    """The RunSpec fields the executor sets for a user with a ready environment (packages_client)."""
+    mounted = RunPackages(readonly_paths=((str(site), SANDBOX_MOUNT),), env={"PYTHONPATH": SANDBOX_MOUNT})
+    return {"readonly_paths": mounted.readonly_paths, "env": mounted.env}
+
+
+def tree_of(root: Path) -> list[tuple[str, int, int]]:
+    """Every entry under `root` with its size and modification time (what a write would change)."""
+    return sorted(
+        (str(path.relative_to(root)), path.stat().st_size, path.stat().st_mtime_ns)
+        for path in root.rglob("*")
+    )
+
+
+def test_a_package_environment_is_importable_from_the_run(sandbox: Sandbox, tmp_path: Path) -> None:
+    site = package_environment(tmp_path, "greeting", "from the environment")
+    code = """
+import importlib.metadata, subprocess, sys
+import greeting
+print(greeting.WORD, greeting.__file__, importlib.metadata.version("greeting"))
+child = subprocess.run([sys.executable, "-c", "import greeting; print(greeting.WORD)"], capture_output=True, text=True)
+print(child.stdout.strip(), child.returncode)
+"""
+    result = sandbox.python(code, **with_environment(site))
+    assert result.stdout == (
+        f"from the environment {SANDBOX_MOUNT}/greeting/__init__.py 1.0\nfrom the environment 0\n"
+    ), result.stderr
+    assert result.stderr == ""
+
+
+def test_a_bash_run_finds_the_environment_through_python3(sandbox: Sandbox, tmp_path: Path) -> None:
+    needs(sandbox, "bash")
+    site = package_environment(tmp_path, "greeting", "bash sees it")
+    code = "python3 -c 'import greeting; print(greeting.WORD)'"
+    result = sandbox.run(RunSpec("bash", code, **with_environment(site)))
+    assert (result.stdout, result.stderr, result.exit_code) == ("bash sees it\n", "", 0)
+
+
+def test_a_run_cannot_write_into_its_package_environment(sandbox: Sandbox, tmp_path: Path) -> None:
+    site = package_environment(tmp_path, "greeting", "unchanged")
+    before = tree_of(site)
+    code = f"""
+import errno, os
+root = "{SANDBOX_MOUNT}"
+attempts = {{
+    "create": lambda: open(root + "/greeting/evil.py", "w"),
+    "overwrite": lambda: open(root + "/greeting/__init__.py", "w"),
+    "append": lambda: open(root + "/greeting/__init__.py", "a"),
+    "mkdir": lambda: os.mkdir(root + "/greeting/__pycache__"),
+    "unlink": lambda: os.unlink(root + "/greeting/__init__.py"),
+    "rename": lambda: os.rename(root + "/greeting", root + "/moved"),
+    "chmod": lambda: os.chmod(root + "/greeting/__init__.py", 0o777),
+    "utime": lambda: os.utime(root + "/greeting/__init__.py", (0, 0)),
+}}
+for name, attempt in attempts.items():
+    try:
+        attempt()
+        print(name, "succeeded")
+    except OSError as error:
+        print(name, errno.errorcode[error.errno])
+import greeting
+print(greeting.WORD)
+"""
+    result = sandbox.python(code, **with_environment(site))
+    lines = result.stdout.splitlines()
+    assert lines[:6] == [
+        f"{name} EROFS" for name in ("create", "overwrite", "append", "mkdir", "unlink", "rename")
+    ], result.stderr
+    # Changing a file's metadata needs its owner first: a kernel may refuse that before the mount.
+    assert lines[6] in ("chmod EROFS", "chmod EPERM") and lines[7] in ("utime EROFS", "utime EPERM"), lines
+    assert lines[8:] == ["unchanged"], result.stderr
+    # Nothing changed on the host, not even a __pycache__ from the import.
+    assert tree_of(site) == before
+    sandbox.assert_healthy()
+
+
+def test_a_run_sees_only_its_own_package_environment(sandbox: Sandbox, tmp_path: Path) -> None:
+    """After a run with user A's environment (which keeps a warm pool for it), a run with user B's
+    sees B's and not A's, and a run without an environment sees neither, nor the host's paths."""
+    first = package_environment(tmp_path, "first_user_package", "first")
+    second = package_environment(tmp_path, "second_user_package", "second")
+    probe = f"""
+import importlib.util, os
+print([name for name in ("first_user_package", "second_user_package") if importlib.util.find_spec(name)])
+print(os.path.exists("{SANDBOX_MOUNT}"), os.path.exists("{first}"), os.path.exists("{second}"))
+"""
+    assert (
+        sandbox.python(probe, **with_environment(first)).stdout
+        == "['first_user_package']\nTrue False False\n"
+    )
+    assert (
+        sandbox.python(probe, **with_environment(second)).stdout
+        == "['second_user_package']\nTrue False False\n"
+    )
+    # The warm pool kept for an environment never serves a run that did not ask for it.
+    for _ in range(2):
+        alone = sandbox.python(probe, env={"PYTHONPATH": SANDBOX_MOUNT})
+        assert (alone.stdout, alone.stderr) == ("[]\nFalse False False\n", "")
+    again = sandbox.python(probe, **with_environment(first))
+    assert again.stdout == "['first_user_package']\nTrue False False\n", again.stderr
 
 
 def test_a_pooled_sandbox_that_waited_longer_than_the_timeout_is_fine(sandbox: Sandbox) -> None:
