@@ -1,0 +1,226 @@
+"""Package environments: `python -m bench.packages`. Not part of the test suite.
+
+Measures, in one run on this machine:
+- building a cold environment for `requests` with the packages service's own code (its settings,
+  `Installer.resolve` then `EnvironmentStore.build`, as a build does; a fresh store, so an empty
+  download cache) against `pip install --target` of the same set with pip's cache off, alternating
+  the two; the ratio of the medians is printed (target <= 0.3);
+- through the sandbox layer (the warm pool kept per environment), the p50 of a run that imports a
+  package from its environment (mounted read-only at the executor's path, on PYTHONPATH) against
+  the p50 of a plain hello-world, and of a hello-world with the environment mounted (what the mount
+  itself costs), the three interleaved; the ratios are printed (target <= 2.0).
+
+Both need the package index (PYTHONON_PACKAGES_INDEX_URL, else the installer's default): when it
+cannot be reached the benchmark says so and stops."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from bench.baseline import percentile
+from services.executor.packages_client import RunPackages
+from services.executor.sandbox import BACKENDS, LANGUAGES, RunSpec, create_backend
+from services.packages.environments import BuildFailed, BuildLimits, EnvironmentStore, Installer, Target
+from services.packages.settings import PackagesSettings
+from services.platform.package_store import SANDBOX_MOUNT
+from services.platform.settings import Environment
+
+BUILD_SET = ["requests"]
+# The service's own limits (defaults): a build past them would fail there too.
+LIMITS = BuildLimits(max_bytes=1024 * 1024 * 1024, max_seconds=300.0)
+
+
+class IndexUnreachable(Exception):
+    """The package index could not be reached (or refused): nothing can be measured."""
+
+
+def service_settings(store: Path) -> PackagesSettings:
+    """The packages service's settings as it would load them here (index, interpreter, uv), with
+    `store` as its directory. The database and audit addresses are required by the loader but
+    never used: the benchmark calls the build code, not the service."""
+    environ = {
+        **os.environ,
+        "PYTHONON_PACKAGES_DIR": str(store),
+        "PYTHONON_DATABASE_URL": "sqlite://",
+        "PYTHONON_AUDIT_ADDRESS": "127.0.0.1:1",
+    }
+    return PackagesSettings.load(Environment(environ))
+
+
+async def service_build(store_dir: Path, requirements: list[str]) -> tuple[float, Path]:
+    """Seconds to resolve and build `requirements` into a fresh store, as the service's build does,
+    and the environment's importable directory (what the executor mounts)."""
+    settings = service_settings(store_dir)
+    target = Target.probe(settings.python)
+    store = EnvironmentStore(settings.store)
+    installer = Installer(uv=settings.uv, index_url=settings.index_url, cache_dir=store.cache)
+    started = time.perf_counter()
+    deadline = asyncio.get_running_loop().time() + LIMITS.max_seconds
+    try:
+        lock = await installer.resolve(requirements, target, deadline)
+        key = await store.build(installer, lock, target, LIMITS, deadline, lambda _count: None)
+    except BuildFailed as failure:
+        raise IndexUnreachable(str(failure)) from None
+    return time.perf_counter() - started, store.path(key)
+
+
+def pip_install_seconds(into: Path, requirements: list[str]) -> float:
+    """Seconds for `pip install --target` of `requirements`, pip's cache off (cold, as the build).
+    `--isolated`: pip ignores this machine's configuration (extra find-links, ...), as the service's
+    uv does with --no-config, so both ask the same index for the same files."""
+    command = [
+        sys.executable, "-m", "pip", "--isolated", "install", "--quiet", "--disable-pip-version-check",
+        "--no-cache-dir", "--target", str(into), *requirements,
+    ]  # fmt: skip
+    index_url = os.environ.get("PYTHONON_PACKAGES_INDEX_URL")
+    if index_url:
+        command += ["--index-url", index_url]
+    started = time.perf_counter()
+    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    if finished.returncode != 0:
+        raise IndexUnreachable(finished.stderr.strip().splitlines()[-1] if finished.stderr else "pip failed")
+    return time.perf_counter() - started
+
+
+async def measure_builds(scratch: Path, rounds: int) -> tuple[list[float], list[float]]:
+    ours: list[float] = []
+    pips: list[float] = []
+    for number in range(rounds):
+        # Alternating which goes first, so that neither always meets a cold network path.
+        order = ("ours", "pip") if number % 2 == 0 else ("pip", "ours")
+        for which in order:
+            work = Path(tempfile.mkdtemp(dir=scratch))
+            try:
+                if which == "ours":
+                    ours.append((await service_build(work / "store", BUILD_SET))[0])
+                else:
+                    pips.append(await asyncio.to_thread(pip_install_seconds, work / "site", BUILD_SET))
+            finally:
+                _remove(work)
+    return ours, pips
+
+
+async def measure_runs(
+    environment: Path, package: str, backend_name: str, runs: int, pause: float
+) -> dict[str, list[float]]:
+    """Samples (ms) of a hello-world ("plain"), of one with `environment` mounted ("mounted") and of
+    a run importing `package` from it ("import"), interleaved, each from its warm pool (refilled as
+    the executor does once an answer is sent)."""
+    backend = create_backend(backend_name)
+    await backend.start()
+    packages = RunPackages(
+        readonly_paths=((str(environment), SANDBOX_MOUNT),), env={"PYTHONPATH": SANDBOX_MOUNT}
+    )
+    plain = RunSpec("python", LANGUAGES["python"].hello)
+    mounted = RunSpec(
+        "python", LANGUAGES["python"].hello, env=packages.env, readonly_paths=packages.readonly_paths
+    )
+    importing = replace(mounted, code=f"import {package}\nprint('hello')")
+    specs = {"plain": plain, "mounted": mounted, "import": importing}
+
+    async def one(spec: RunSpec) -> float:
+        started = time.perf_counter()
+        result = await backend.run(spec)
+        elapsed = (time.perf_counter() - started) * 1000
+        backend.replenish()
+        if (result.stdout, result.exit_code) != ("hello\n", 0):
+            raise SystemExit(f"a benchmark run failed: {result.exit_code} {result.stderr[-500:]}")
+        return elapsed
+
+    samples: dict[str, list[float]] = {name: [] for name in specs}
+    try:
+        for number in range(runs + 5):
+            for name, spec in specs.items():
+                await asyncio.sleep(pause)
+                elapsed = await one(spec)
+                if number >= 5:  # the first run with the environment starts its warm pool
+                    samples[name].append(elapsed)
+    finally:
+        await backend.close()
+    return samples
+
+
+def _remove(root: Path) -> None:
+    """Remove a tree, the read-only environments included (the store makes them r-x)."""
+    for directory, _dirs, _files in os.walk(root):
+        os.chmod(directory, 0o700)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+async def measure(arguments: argparse.Namespace) -> int:
+    scratch = Path(tempfile.mkdtemp(prefix="bench-packages-"))
+    try:
+        try:
+            ours, pips = await measure_builds(scratch, arguments.rounds)
+            _seconds, environment = await service_build(scratch / "runs", [arguments.package])
+        except IndexUnreachable as failure:
+            print(f"skipped: the package index cannot be reached from here ({failure})")
+            return 0
+        samples = await measure_runs(
+            environment, arguments.package, arguments.backend, arguments.runs, arguments.pause
+        )
+    finally:
+        _remove(scratch)
+
+    ours_median, pip_median = statistics.median(ours), statistics.median(pips)
+    p50 = {name: percentile(values, 0.5) for name, values in samples.items()}
+    p95 = {name: percentile(values, 0.95) for name, values in samples.items()}
+    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
+    print(f"cold build of {' '.join(BUILD_SET)} (n={len(ours)} each, alternating; empty caches):")
+    for label, values in (
+        ("packages service (uv, wheels only, bytecode compiled)", ours),
+        ("pip install --target, --no-cache-dir", pips),
+    ):
+        each = " ".join(f"{value:.2f}" for value in values)
+        print(f"  {label + ':':<56} median {statistics.median(values):.2f} s  ({each})")
+    print(
+        f"{arguments.backend} sandbox, warm pools, interleaved "
+        f"(n={len(samples['plain'])} each, {arguments.pause:g} s apart):"
+    )
+    lines = {
+        "plain": "hello-world",
+        "mounted": "hello-world, environment mounted",
+        "import": f"`import {arguments.package}` from the environment",
+    }
+    for name, label in lines.items():
+        print(f"  {label + ':':<45} p50 {p50[name]:6.1f} ms  p95 {p95[name]:6.1f} ms")
+    print("ratios")
+    print(f"  cold build / pip install --target = {ours_median / pip_median:.2f}   (target <= 0.3)")
+    print(
+        f"  import {arguments.package} p50 / hello-world p50 = {p50['import'] / p50['plain']:.2f}   "
+        "(target <= 2.0)"
+    )
+    print(
+        f"  hello-world mounted p50 / hello-world p50 = {p50['mounted'] / p50['plain']:.2f}   (the mount's cost)"
+    )
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="cold builds of each kind (default 3)")
+    parser.add_argument(
+        "--package", default="humanize", help="the package the runs import (default humanize)"
+    )
+    parser.add_argument("--backend", default="bwrap", choices=BACKENDS)
+    parser.add_argument("--runs", type=int, default=100, help="runs of each kind (default 100)")
+    parser.add_argument(
+        "--pause", type=float, default=0.05, help="seconds between runs (gvisor: ~0.5, a container's start)"
+    )
+    return asyncio.run(measure(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
