@@ -22,7 +22,7 @@ from tests.postgres import throwaway_database
 
 HEADS = {service: Schema(service).head() for service in DATABASE_SERVICES}
 # A table each service's first migration creates.
-TABLES = {"audit": "audit_entries", "auth": "auth_users"}
+TABLES = {"audit": "audit_entries", "auth": "auth_users", "packages": "package_requirements", "zk": "zk_code"}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -128,6 +128,8 @@ def _service_env(layout: DataLayout, database_url: str, service: str) -> dict[st
         "PYTHONON_MESH_KEY_FILE": str(layout.mesh_key(service)),
         "PYTHONON_DATABASE_URL": database_url,
         "PYTHONON_AUDIT_ADDRESS": "127.0.0.1:1",
+        "PYTHONON_EXECUTOR_ADDRESS": "127.0.0.1:1",
+        "PYTHONON_PACKAGES_DIR": str(layout.root / "packages"),
         "PYTHONON_AUTH_IDENTITY_KEY_FILE": str(layout.identity_key),
         "PYTHONON_AUTH_ACCESS_TOKEN_KEY_FILE": str(layout.access_token_key),
         "PYTHONON_AUTH_SECRET_KEY_FILE": str(layout.auth_secret_key),
@@ -200,12 +202,11 @@ def test_bad_arguments_are_refused_before_anything_is_touched(
         main(["migrate", "--service", "secrets", "--data-dir", str(tmp_path / "d")])
     assert exited.value.code == 2
     assert "invalid choice: 'secrets'" in capsys.readouterr().err
-    for service in ("secrets", "packages"):  # no database; a database but not built yet
-        with pytest.raises(MigrationError) as refused:
-            migrate_service(service, f"sqlite:///{tmp_path / 'x.db'}")
-        assert (
-            str(refused.value)
-            == f"'{service}' is not a built service with a database; those are: auth, audit"
-        )
+    with pytest.raises(MigrationError) as refused:
+        migrate_service("secrets", f"sqlite:///{tmp_path / 'x.db'}")  # a service without a database
+    assert (
+        str(refused.value)
+        == "'secrets' is not a built service with a database; those are: auth, audit, packages, zk"
+    )
     assert not (tmp_path / "d").exists()
     assert not (tmp_path / "x.db").exists()
