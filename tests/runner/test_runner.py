@@ -220,6 +220,7 @@ def test_each_service_gets_the_addresses_of_what_it_calls_and_its_outside_variab
 
     assert _addresses(env["executor"]) == {
         "PYTHONON_SECRETS_ADDRESS": "127.0.0.1:5002",
+        "PYTHONON_PACKAGES_ADDRESS": "127.0.0.1:5005",
         "PYTHONON_AUDIT_ADDRESS": "127.0.0.1:5003",
     }
     assert _addresses(env["audit"]) == {}
@@ -231,8 +232,13 @@ def test_each_service_gets_the_addresses_of_what_it_calls_and_its_outside_variab
         "PYTHONON_EXECUTOR_ADDRESS": "127.0.0.1:5001",
         "PYTHONON_SECRETS_ADDRESS": "127.0.0.1:5002",
         "PYTHONON_AUDIT_ADDRESS": "127.0.0.1:5003",
+        "PYTHONON_GENERATOR_ADDRESS": "127.0.0.1:5004",
+        "PYTHONON_PACKAGES_ADDRESS": "127.0.0.1:5005",
+        "PYTHONON_ZK_ADDRESS": "127.0.0.1:5006",
     }
-    assert env["system"]["PYTHONON_SYSTEM_DATABASE_URLS"] == "sqlite:///auth.db,sqlite:///audit.db"
+    assert env["system"]["PYTHONON_SYSTEM_DATABASE_URLS"] == (
+        "sqlite:///auth.db,sqlite:///audit.db,sqlite:///packages.db,sqlite:///zk.db"
+    )
 
 
 # -- A real mesh ----------------------------------------------------------------------------------
@@ -251,7 +257,11 @@ def test_a_mesh_starts_serves_and_stops_every_process(
         assert sorted(pids) == sorted([*BUILT, "envoy", "openbao"])
         health = httpx.get(f"{mesh.url}/health", timeout=10)
         assert health.status_code == 200, health.text
-        assert {name: health.json()["services"][name] for name in BUILT} == dict.fromkeys(BUILT, "ok")
+        # No ANTHROPIC_API_KEY here: the generator runs, and says it is not configured.
+        assert {name: health.json()["services"][name] for name in BUILT} == {
+            **dict.fromkeys(BUILT, "ok"),
+            "generator": "not_configured",
+        }
         assert health.json()["services"]["database"] == "ok"
 
         environments = {name: _environ(pid) for name, pid in pids.items()}
