@@ -139,11 +139,12 @@ class LocalCluster:
             bwrap += (
                 ["--symlink", target, f"/{name}"] if target else ["--ro-bind-try", f"/{name}", f"/{name}"]
             )
-        for path in {str(ROOT), os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}:
-            bwrap += ["--ro-bind", path, path]
         bwrap += ["--proc", "/proc", "--dev", "/dev", "--size", str(64 << 20), "--tmpfs", "/dev/shm"]
         for path, size in sizes.items():
             bwrap += ["--size", str(size), "--tmpfs", path]
+        # After the pod's tmpfs mounts: a checkout under /tmp (a CI clone) would be hidden by them.
+        for path in {str(ROOT), os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}:
+            bwrap += ["--ro-bind", path, path]
         # As in a pod: /dev and /proc/sys are not the program's to write (root's, or the kernel's).
         bwrap += ["--ro-bind", "/proc/sys", "/proc/sys", "--remount-ro", "/dev"]
         bwrap += ["--remount-ro", "/", "--chdir", "/tmp", "--"]
