@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import errno
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -296,6 +297,7 @@ class _Child:
     ) -> None:
         self.name = name
         self.log_path = log_path
+        self.env = dict(env)
         # Logs may name users and paths: private like the rest of the data directory.
         with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -544,6 +546,9 @@ class Mesh:
         services = list(self._children.values())
         self._children.clear()
         self._terminate(services)
+        for child in services:
+            if child.name == "executor":
+                _reap_sandboxes(child)
         if vault is not None:
             self._terminate([vault])
         self._specs.clear()
@@ -803,6 +808,22 @@ class Mesh:
             while child.exit_code() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             child.reap()
+
+
+def _reap_sandboxes(executor: _Child) -> None:
+    """What a stopped executor's sandboxes left (an executor killed after its grace period cannot
+    close its backend): every owner of it is gone now, so its leftovers are reaped here rather than
+    by a successor that may never start. Best effort: a stop must not fail on it."""
+    from services.executor.sandbox import reap_leftovers
+
+    try:
+        options = json.loads(executor.env.get("PYTHONON_EXECUTOR_BACKEND_OPTIONS") or "{}")
+        reaped = reap_leftovers(executor.env.get("PYTHONON_EXECUTOR_BACKEND") or "bwrap", options)
+    except Exception:  # noqa: BLE001 - reported, never raised out of a stop
+        _log.warning("could not reap the executor's leftover sandboxes", exc_info=True)
+        return
+    if reaped:
+        _log.warning("reaped the stopped executor's leftovers: %s", reaped.describe())
 
 
 def _url_host(host: str) -> str:
