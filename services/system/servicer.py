@@ -56,4 +56,10 @@ class SystemServicer(system_pb2_grpc.SystemServiceServicer):
             features=dict(info.features),
             sandbox=executor.sandbox,
             enforced_limits=dict(executor.enforced_limits),
+            runtimes=[
+                system_pb2.LanguageRuntime(
+                    language=runtime.language, version=runtime.version, aliases=list(runtime.aliases)
+                )
+                for runtime in executor.runtimes
+            ],
         )

@@ -45,6 +45,7 @@ INFO_JSON = {
     "features": {},
     "sandbox": "",
     "enforcedLimits": {},
+    "runtimes": [],
 }
 
 

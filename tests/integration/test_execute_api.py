@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import uuid
 
 import grpc
@@ -157,6 +158,25 @@ def test_every_runtime_installed_on_this_host_is_offered(client: httpx.Client) -
     installed = {"javascript": shutil.which("node"), "bash": shutil.which("bash")}
     missing = [language for language, path in installed.items() if path and language not in offered]
     assert missing == [], f"installed here but not offered by the executor: {missing} (offered: {offered})"
+
+
+def test_info_names_each_runtime_version_and_alias_and_an_alias_runs(
+    client: httpx.Client, user: dict
+) -> None:
+    runtimes = {runtime["language"]: runtime for runtime in info(client)["runtimes"]}
+    assert sorted(runtimes) == sorted(info(client)["languages"])
+    python = runtimes["python"]
+    assert python["version"] == ".".join(map(str, sys.version_info[:3]))  # the sandbox's is this base's
+    assert {"py", "python3"} <= set(python["aliases"])
+    for alias in ("py", "python3"):
+        assert ran(execute(client, user, code="print(6 * 7)", language=alias))["output"] == "42\n"
+    if "javascript" in runtimes:
+        assert re.fullmatch(r"\d+\.\d+\.\d+", runtimes["javascript"]["version"])
+        assert {"js", "node"} <= set(runtimes["javascript"]["aliases"])
+        assert ran(execute(client, user, code="console.log(6 * 7)", language="js"))["output"] == "42\n"
+    if "bash" in runtimes:
+        assert "sh" in runtimes["bash"]["aliases"]
+        assert ran(execute(client, user, code="echo $((6 * 7))", language="sh"))["output"] == "42\n"
 
 
 def test_a_language_this_host_lacks_is_400(client: httpx.Client, user: dict) -> None:

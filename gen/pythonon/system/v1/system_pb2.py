@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from pythonon.api.v1 import access_pb2 as pythonon_dot_api_dot_v1_dot_access__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpythonon/system/v1/system.proto\x12\x12pythonon.system.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cpythonon/api/v1/access.proto\"\x0f\n\rHealthRequest\"\xbe\x01\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x42\n\x08services\x18\x03 \x03(\x0b\x32\x30.pythonon.system.v1.HealthResponse.ServicesEntry\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x1a/\n\rServicesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\r\n\x0bInfoRequest\"\xcf\x01\n\x06Limits\x12\x1f\n\x17timeout_default_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13timeout_max_seconds\x18\x02 \x01(\x01\x12\x12\n\nmemory_mib\x18\x03 \x01(\x05\x12\x11\n\tprocesses\x18\x04 \x01(\x05\x12\x14\n\x0coutput_bytes\x18\x05 \x01(\x05\x12\x12\n\nfile_bytes\x18\x06 \x01(\x05\x12\x11\n\ttmp_bytes\x18\x07 \x01(\x05\x12\x12\n\ncode_bytes\x18\x08 \x01(\x05\x12\x0f\n\x07network\x18\t \x01(\x08\"\xf6\x02\n\x0cInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tlanguages\x18\x03 \x03(\t\x12*\n\x06limits\x18\x04 \x01(\x0b\x32\x1a.pythonon.system.v1.Limits\x12@\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32..pythonon.system.v1.InfoResponse.FeaturesEntry\x12\x0f\n\x07sandbox\x18\x06 \x01(\t\x12M\n\x0f\x65nforced_limits\x18\x07 \x03(\x0b\x32\x34.pythonon.system.v1.InfoResponse.EnforcedLimitsEntry\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\x1a\x35\n\x13\x45nforcedLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\x32\xd7\x01\n\rSystemService\x12\x64\n\x06Health\x12!.pythonon.system.v1.HealthRequest\x1a\".pythonon.system.v1.HealthResponse\"\x13\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\t\x12\x07/health\x12`\n\x04Info\x12\x1f.pythonon.system.v1.InfoRequest\x1a .pythonon.system.v1.InfoResponse\"\x15\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/api/infob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpythonon/system/v1/system.proto\x12\x12pythonon.system.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cpythonon/api/v1/access.proto\"\x0f\n\rHealthRequest\"\xbe\x01\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x42\n\x08services\x18\x03 \x03(\x0b\x32\x30.pythonon.system.v1.HealthResponse.ServicesEntry\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\x1a/\n\rServicesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\r\n\x0bInfoRequest\"\xcf\x01\n\x06Limits\x12\x1f\n\x17timeout_default_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13timeout_max_seconds\x18\x02 \x01(\x01\x12\x12\n\nmemory_mib\x18\x03 \x01(\x05\x12\x11\n\tprocesses\x18\x04 \x01(\x05\x12\x14\n\x0coutput_bytes\x18\x05 \x01(\x05\x12\x12\n\nfile_bytes\x18\x06 \x01(\x05\x12\x11\n\ttmp_bytes\x18\x07 \x01(\x05\x12\x12\n\ncode_bytes\x18\x08 \x01(\x05\x12\x0f\n\x07network\x18\t \x01(\x08\"\xad\x03\n\x0cInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tlanguages\x18\x03 \x03(\t\x12*\n\x06limits\x18\x04 \x01(\x0b\x32\x1a.pythonon.system.v1.Limits\x12@\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32..pythonon.system.v1.InfoResponse.FeaturesEntry\x12\x0f\n\x07sandbox\x18\x06 \x01(\t\x12M\n\x0f\x65nforced_limits\x18\x07 \x03(\x0b\x32\x34.pythonon.system.v1.InfoResponse.EnforcedLimitsEntry\x12\x35\n\x08runtimes\x18\x08 \x03(\x0b\x32#.pythonon.system.v1.LanguageRuntime\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\x1a\x35\n\x13\x45nforcedLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\"E\n\x0fLanguageRuntime\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t2\xd7\x01\n\rSystemService\x12\x64\n\x06Health\x12!.pythonon.system.v1.HealthRequest\x1a\".pythonon.system.v1.HealthResponse\"\x13\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\t\x12\x07/health\x12`\n\x04Info\x12\x1f.pythonon.system.v1.InfoRequest\x1a .pythonon.system.v1.InfoResponse\"\x15\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/api/infob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,11 +54,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIMITS']._serialized_start=341
   _globals['_LIMITS']._serialized_end=548
   _globals['_INFORESPONSE']._serialized_start=551
-  _globals['_INFORESPONSE']._serialized_end=925
-  _globals['_INFORESPONSE_FEATURESENTRY']._serialized_start=823
-  _globals['_INFORESPONSE_FEATURESENTRY']._serialized_end=870
-  _globals['_INFORESPONSE_ENFORCEDLIMITSENTRY']._serialized_start=872
-  _globals['_INFORESPONSE_ENFORCEDLIMITSENTRY']._serialized_end=925
-  _globals['_SYSTEMSERVICE']._serialized_start=928
-  _globals['_SYSTEMSERVICE']._serialized_end=1143
+  _globals['_INFORESPONSE']._serialized_end=980
+  _globals['_INFORESPONSE_FEATURESENTRY']._serialized_start=878
+  _globals['_INFORESPONSE_FEATURESENTRY']._serialized_end=925
+  _globals['_INFORESPONSE_ENFORCEDLIMITSENTRY']._serialized_start=927
+  _globals['_INFORESPONSE_ENFORCEDLIMITSENTRY']._serialized_end=980
+  _globals['_LANGUAGERUNTIME']._serialized_start=982
+  _globals['_LANGUAGERUNTIME']._serialized_end=1051
+  _globals['_SYSTEMSERVICE']._serialized_start=1054
+  _globals['_SYSTEMSERVICE']._serialized_end=1269
 # @@protoc_insertion_point(module_scope)

@@ -204,6 +204,7 @@ class InfoResponse(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     SANDBOX_FIELD_NUMBER: _builtins.int
     ENFORCED_LIMITS_FIELD_NUMBER: _builtins.int
+    RUNTIMES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     sandbox: _builtins.str
@@ -220,6 +221,10 @@ class InfoResponse(_message.Message):
     def enforced_limits(self) -> _containers.ScalarMap[_builtins.str, _builtins.bool]:
         """Limit name to whether this host enforces it (reported by the executor)."""
 
+    @_builtins.property
+    def runtimes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LanguageRuntime]:
+        """Each language's runtime version and the other names a run may give it (e.g. "py")."""
+
     def __init__(
         self,
         *,
@@ -230,11 +235,41 @@ class InfoResponse(_message.Message):
         features: _abc.Mapping[_builtins.str, _builtins.bool] | None = ...,
         sandbox: _builtins.str = ...,
         enforced_limits: _abc.Mapping[_builtins.str, _builtins.bool] | None = ...,
+        runtimes: _abc.Iterable[Global___LanguageRuntime] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforced_limits", b"enforced_limits", "features", b"features", "languages", b"languages", "limits", b"limits", "name", b"name", "sandbox", b"sandbox", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforced_limits", b"enforced_limits", "features", b"features", "languages", b"languages", "limits", b"limits", "name", b"name", "runtimes", b"runtimes", "sandbox", b"sandbox", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InfoResponse: _TypeAlias = InfoResponse  # noqa: Y015
+
+@_typing.final
+class LanguageRuntime(_message.Message):
+    """A language the executor runs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    language: _builtins.str
+    version: _builtins.str
+    """e.g. "3.11.7" (empty when it could not be told)."""
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        language: _builtins.str = ...,
+        version: _builtins.str = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "language", b"language", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LanguageRuntime: _TypeAlias = LanguageRuntime  # noqa: Y015
