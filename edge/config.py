@@ -246,6 +246,30 @@ def _grpc_status(code: int) -> list[dict]:
     return [{"header": {"key": "grpc-status", "value": str(code)}, "append_action": "ADD_IF_ABSENT"}]
 
 
+# An empty x-request-id counts as none, so that Envoy generates one (with
+# preserve_external_request_id it would keep the empty header, and its replies before any filter
+# runs would echo it). Header mutations drop a value that formats empty, so the id is moved out
+# through a scratch header and back: a non-empty id survives the round trip, an empty one does not.
+_SCRATCH_REQUEST_ID = "x-pythonon-scratch-request-id"
+_DROP_EMPTY_REQUEST_ID = [
+    {"remove": _SCRATCH_REQUEST_ID},
+    {
+        "append": {
+            "header": {"key": _SCRATCH_REQUEST_ID, "value": "%REQ(x-request-id)%"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    },
+    {"remove": "x-request-id"},
+    {
+        "append": {
+            "header": {"key": "x-request-id", "value": f"%REQ({_SCRATCH_REQUEST_ID})%"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        }
+    },
+    {"remove": _SCRATCH_REQUEST_ID},
+]
+
+
 def _local_reply_config(max_request_bytes: int) -> dict:
     """Envoy's own replies (no route, body too large, upstream down, ...) as google.rpc.Status.
 
@@ -517,9 +541,10 @@ def render(
         "use_remote_address": True,
         "generate_request_id": True,
         # A client's x-request-id is kept (the Lua filter bounds it), so that a caller can find
-        # its request in the audit log; every response carries the id, errors included.
+        # its request in the audit log. Every response carries the id, errors included: the Lua
+        # filter sets it (Envoy's own copy would echo an empty id on a reply it gives before any
+        # filter runs, when the client sent an empty header).
         "preserve_external_request_id": True,
-        "always_set_request_id_in_response": True,
         "normalize_path": True,
         "merge_slashes": True,
         "early_header_mutation_extensions": [
@@ -530,6 +555,7 @@ def render(
                     + "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
                     "mutations": [
                         {"remove": IDENTITY_HEADER},
+                        *_DROP_EMPTY_REQUEST_ID,
                         {
                             "append": {
                                 "header": {

@@ -18,6 +18,8 @@ local concat, floor, huge = table.concat, math.floor, math.huge
 local NULL = {}
 local MAX_DEPTH = 64
 local MAX_ECHO = 64
+-- Where the request handler leaves the request id for the response handler.
+local METADATA_NAMESPACE = "pythonon.edge"
 
 -- Index every message's fields by their JSON and proto names, and list them for messages.
 for _, message in pairs(MESSAGES) do
@@ -602,6 +604,10 @@ end
 function envoy_on_request(handle)
   local headers = handle:headers()
   local request_id = headers:get("x-request-id")
+  if request_id then
+    -- Echoed as sent, also the one refused just below (the client can still find its answer).
+    handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, "request_id", request_id)
+  end
   if request_id and (#request_id > MAX_REQUEST_ID or not find(request_id, "^[%w%-_%.:/+=]+$")) then
     refuse(handle, 400, format(
       "x-request-id: expected 1 to %d letters, digits or -_.:/+=, got %d characters",
@@ -694,10 +700,17 @@ end
 
 function envoy_on_response(handle)
   local headers = handle:headers()
-  local request_id = headers:get("x-request-id")
+  -- The request's id as this filter saw it (Envoy's or the client's), whatever the upstream sent;
+  -- none for an answer Envoy gave before any filter ran.
+  local seen = handle:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE)
+  local request_id = seen and seen.request_id
   if request_id == nil or request_id == "" then
-    headers:replace("x-request-id", new_request_id())
+    request_id = headers:get("x-request-id")
   end
+  if request_id == nil or request_id == "" then
+    request_id = new_request_id()
+  end
+  headers:replace("x-request-id", request_id)
   local content_type = headers:get("content-type") or ""
   if sub(content_type, 1, 16) == "application/grpc" then
     return -- native gRPC: HTTP 200 and its own headers

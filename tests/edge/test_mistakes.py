@@ -372,6 +372,19 @@ def test_a_path_envoy_refuses_before_any_filter_still_gets_a_request_id(client, 
     )
 
 
+def test_an_empty_request_id_counts_as_none_and_a_fresh_one_is_generated(client, doubles):
+    uuid4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+    # Refused by Envoy before any filter runs (the fuzzer's find: an empty id was echoed).
+    refused_early = client.get("/api/v1/packages/%00", headers={**KEY, "x-request-id": ""})
+    assert refused(refused_early) == "the request is malformed"
+    assert re.fullmatch(uuid4, refused_early.headers["x-request-id"])
+    # A call that goes through: the service sees the generated id, not an empty one.
+    served = client.get("/api/info", headers={"x-request-id": ""})
+    assert served.status_code == 200
+    assert re.fullmatch(uuid4, served.headers["x-request-id"])
+    assert doubles.system.recorder.only("Info").metadata["x-request-id"] == served.headers["x-request-id"]
+
+
 def test_a_request_id_the_audit_log_cannot_hold_is_refused(client, doubles):
     assert config.MAX_REQUEST_ID_LENGTH == AUDIT_REQUEST_ID_LENGTH
     too_long = "a" * (config.MAX_REQUEST_ID_LENGTH + 1)
