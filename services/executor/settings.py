@@ -66,8 +66,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "PYTHONON_EXECUTOR_MAX_RUNS_PER_USER",
         "0",
-        "Most runs of one user at once (0: half of the runs at once, rounded up); a user's further runs "
-        "wait in line, served round-robin with other users'.",
+        "Most runs of one user at once while other users want slots (0: half of the runs at once, "
+        "rounded up); a user's further runs wait in line, served round-robin with other users'. Slots "
+        "nobody else wants are lent beyond it, all but one, which stays free for a newcomer.",
     ),
     Setting(
         "PYTHONON_EXECUTOR_MAX_QUEUE_SECONDS",
