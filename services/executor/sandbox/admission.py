@@ -204,11 +204,12 @@ class Capacity:
         )
 
 
-def host_capacity(limits: Limits, runs_per_core: float) -> Capacity:
+def host_capacity(limits: Limits, runs_per_core: float, sharers: int = 1) -> Capacity:
     """min(available memory / a run's memory limit, available cores × runs_per_core / a run's CPU
-    quota): see the module's docstring."""
-    memory = available_memory_bytes()
-    cores = available_cores()
+    quota): see the module's docstring. `sharers`: executors sizing themselves on this host, each
+    for its share of the memory and the cores."""
+    memory = available_memory_bytes() // sharers
+    cores = available_cores() / sharers
     return Capacity(
         by_memory=memory // limits.memory_bytes,
         by_cores=math.floor(cores * runs_per_core / limits.cpus),

@@ -57,6 +57,7 @@ class BackendOptions:
     # Admission (see admission.py). Runs at once; default: sized by memory and cores.
     max_concurrent: int | None = None
     runs_per_core: float = 4.0  # runs sharing a core when max_concurrent is sized (most sleep or wait)
+    host_sharers: int = 1  # executors on this host: each sizes max_concurrent for its share
     max_runs_per_user: int | None = None  # one user's runs at once (default: half of max_concurrent)
     max_queue_seconds: float = 30.0  # longest expected wait in line before SandboxBusy (0: no waiting)
     max_waiting_per_user: int = 100  # one user's runs waiting in line before SandboxBusy
@@ -83,6 +84,7 @@ class BackendOptions:
         _integer(self, "pool_size", minimum=0)
         _integer(self, "max_concurrent", minimum=1, optional=True)
         _number(self, "runs_per_core")
+        _integer(self, "host_sharers", minimum=1)
         _integer(self, "max_runs_per_user", minimum=1, optional=True)
         _number(self, "max_queue_seconds", zero_allowed=True)
         _integer(self, "max_waiting_per_user", minimum=0)
@@ -157,7 +159,7 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
             raise SandboxUnavailable(f"the {self.name} backend needs Linux 5.3 or later (pidfd_open)")
         self.options = options
         if options.max_concurrent is None:
-            capacity = host_capacity(options.default_limits, options.runs_per_core)
+            capacity = host_capacity(options.default_limits, options.runs_per_core, options.host_sharers)
             self.max_concurrent = capacity.slots
             sizing = capacity.describe()
         else:
