@@ -6,7 +6,8 @@ up, or its deadline passes) is stopped (the backend kills its sandbox) and recor
 `cancelled`. A run that ran is recorded with its execution id as the record id, retried until
 RECORD_DEADLINE_SECONDS, as a unit of work a hang-up cannot interrupt; if the audit log still
 cannot confirm it, the output is withheld, the answer says the code ran, and the record goes on
-being retried in the background."""
+being retried in the background. A streamed run (`stream`) is the same run; its output has left as
+it was written, so only its result is withheld then."""
 
 from __future__ import annotations
 
