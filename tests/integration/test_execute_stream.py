@@ -141,6 +141,7 @@ def test_the_first_line_arrives_while_the_program_still_runs(mesh: Mesh, user: d
     # All of the first print before the program's sleep is over; the rest only after it.
     assert bursts([event for seconds, event in arrivals if seconds < 2.5]) == [("stdout", "first\n")]
     assert arrivals[-1][0] >= 3.0
+    print(f"\nfirst line after {arrivals[0][0] * 1000:.0f} ms, the result after {arrivals[-1][0]:.2f} s")
     result = result_of(events)
     assert (result["output"], result["error"], result["exitCode"]) == ("first\nsecond\n", "", 0)
     assert result["durationMs"] >= 3000
