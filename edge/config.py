@@ -523,6 +523,9 @@ def render(
                     "always_print_primitive_fields": True,
                     "add_whitespace": False,
                     "preserve_proto_field_names": False,
+                    # A server-streaming call (POST /api/v1/execute/stream) answers one JSON object
+                    # a line as each message arrives, rather than one JSON array.
+                    "stream_newline_delimited": True,
                 },
                 "convert_grpc_status": True,
                 "ignore_unknown_query_parameters": True,

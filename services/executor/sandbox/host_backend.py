@@ -24,6 +24,7 @@ from services.executor.sandbox.admission import Admission, host_capacity
 from services.executor.sandbox.interface import (
     WORKDIR,
     Limits,
+    OutputListener,
     RunResult,
     RunSpec,
     SandboxError,
@@ -240,7 +241,7 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
         self._pool.keep_warm(self._default_profile(language) for language in self.languages())
         await self._pool.fill(1)
 
-    async def run(self, spec: RunSpec) -> RunResult:
+    async def run(self, spec: RunSpec, on_output: OutputListener | None = None) -> RunResult:
         validate_spec(spec, {name: runtime.main_file for name, runtime in self._runtimes.items()})
         if self._closed:
             raise SandboxError("the sandbox backend is closed")
@@ -250,7 +251,7 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
             if sandbox is None:
                 sandbox = await self._spawn(profile)
             try:
-                return await self._execute(sandbox, spec)
+                return await self._execute(sandbox, spec, on_output)
             finally:
                 self._dispose(sandbox)
                 if spec.readonly_paths:
@@ -369,8 +370,11 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
         SandboxError when it cannot. Registers it with `_track` as soon as its process exists."""
 
     @abstractmethod
-    async def _execute(self, sandbox: SandboxT, spec: RunSpec) -> RunResult:
-        """Send the run's payload to a started sandbox and answer what the program did."""
+    async def _execute(
+        self, sandbox: SandboxT, spec: RunSpec, on_output: OutputListener | None = None
+    ) -> RunResult:
+        """Send the run's payload to a started sandbox and answer what the program did, telling
+        `on_output` the output as it comes."""
 
     @abstractmethod
     def _kill(self, sandbox: SandboxT) -> None:
