@@ -511,6 +511,23 @@ def test_a_cancelled_run_deletes_its_pod(cluster: LocalCluster) -> None:
         wait_for(lambda: not cluster.api.jobs() and cluster.live_processes() == [])
 
 
+def test_a_run_cancelled_while_its_pod_starts_deletes_the_pod(cluster: LocalCluster) -> None:
+    seen = playing(cluster, lambda _cluster, _pod: None)  # running, its runner never claims
+    with backend(cluster) as sandbox:
+
+        async def cancelled() -> None:
+            run = asyncio.ensure_future(sandbox.backend.run(RunSpec("python", "print(1)")))
+            await asyncio.sleep(1)
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+
+        sandbox.loop.call(cancelled())
+        wait_for(lambda: not cluster.api.jobs())  # not left to its deadline
+        (deleted,) = cluster.api.made("DELETE", "jobs")
+        assert deleted.path.endswith("/jobs/" + seen[0]["metadata"]["labels"]["job-name"])
+
+
 # -- the API ---------------------------------------------------------------------------------------
 
 

@@ -495,11 +495,16 @@ class KubernetesBackend:
             self._dispose(sandbox)
             raise
         waiting: list[asyncio.Future[Any]] = [sandbox.claimed, sandbox.exited]
-        done, _ = await asyncio.wait(
-            waiting,
-            timeout=self.options.spawn_timeout,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        try:
+            done, _ = await asyncio.wait(
+                waiting,
+                timeout=self.options.spawn_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        except BaseException:
+            # Cancelled while the pod starts (the caller gone): its Job goes too, not at its deadline.
+            self._dispose(sandbox)
+            raise
         if sandbox.claimed in done:
             return sandbox
         self._dispose(sandbox)
