@@ -6,8 +6,9 @@ and PodDisruptionBudget per built service, each wired to the services it calls, 
 Vault; the edge's (Envoy's) Deployment, its bootstrap from edge.config.render with DNS upstreams;
 the NetworkPolicies: a default deny, then one allow per edge of `service_graph.edges()` (an
 ingress policy on the callee and an egress policy on the caller), DNS, and the outside
-dependencies (PostgreSQL, Vault, the Kubernetes API for the executor); the dev overlay's policies
-for its in-cluster PostgreSQL and OpenBao. Everything else in k8s/ is written by hand.
+dependencies (PostgreSQL, Vault, the Kubernetes API for the executor, the package index for the
+packages service); the dev overlay's policies for its in-cluster PostgreSQL and OpenBao; the claims
+of the package environments' store in both namespaces. Everything else in k8s/ is written by hand.
 
     python tools/k8s_manifests.py            # rewrite every generated/ folder under k8s/
     python tools/k8s_manifests.py --check    # exit 1 when a generated file is stale
@@ -64,6 +65,7 @@ SANDBOX_CALLBACK_PORT = 50052
 POSTGRES_PORT = 5432
 VAULT_PORT = 8200
 KUBE_API_PORTS = (443, 6443)
+PACKAGE_INDEX_PORT = 443
 
 # Where every pod finds its mesh identity: a Secret of type kubernetes.io/tls per member, as
 # cert-manager writes it (ca.crt, tls.crt, tls.key).
@@ -84,6 +86,18 @@ ENVOY_CONFIGMAP = "edge-envoy"
 ENVOY_CONFIG_FILE = "envoy.json"
 SANDBOX_POD_TEMPLATE = "pythonon-sandbox-runner"
 SANDBOX_RUNNER_LABEL = "sandbox-runner"
+
+# The package environments' store: one shared file system (NFS, CephFS, EFS, Azure Files...) that
+# the packages service writes, the executor reads (users' markers), and sandbox pods mount read-only,
+# each its own environment's directory only (subPath). A claim is namespaced, so each namespace has
+# its own, bound to a PersistentVolume of the same storage that the overlay provides.
+PACKAGES_CLAIM = "package-environments"
+PACKAGES_VOLUME_NAMES = {
+    NAMESPACE: "pythonon-package-environments",
+    SANDBOX_NAMESPACE: "pythonon-package-environments-sandbox",
+}
+PACKAGES_DIR = "/var/lib/pythonon/packages"
+PACKAGES_SIZE = "20Gi"
 
 # Services that reach PostgreSQL: those with a database, and the system service, whose /health
 # checks every database (PYTHONON_SYSTEM_DATABASE_URLS).
@@ -254,20 +268,42 @@ def _system_extra(env: list, volumes: list, mounts: list) -> None:
     ]
 
 
+def packages_volume(*, read_only: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    claim: dict[str, Any] = {"claimName": PACKAGES_CLAIM}
+    if read_only:
+        claim["readOnly"] = True
+    volume = {"name": "packages", "persistentVolumeClaim": claim}
+    return volume, {"name": "packages", "mountPath": PACKAGES_DIR, "readOnly": read_only}
+
+
+def _packages_extra(env: list, volumes: list, mounts: list) -> None:
+    volume, mount = packages_volume(read_only=False)
+    env.append(env_value("PYTHONON_PACKAGES_DIR", PACKAGES_DIR))
+    volumes.append(volume)
+    mounts.append(mount)
+
+
 def _executor_extra(env: list, volumes: list, mounts: list) -> None:
     # The kubernetes backend: runs in the sandbox namespace from the PodTemplate there; sandbox
     # pods pull their payload from this replica's own address (its pod IP: the one-time token
-    # lives in this replica), so they need no DNS.
+    # lives in this replica), so they need no DNS. A run's package environment: the sandbox
+    # namespace's claim of the same store this replica reads, at the environment's subPath.
     options = {
         "namespace": SANDBOX_NAMESPACE,
         "pod_template": SANDBOX_POD_TEMPLATE,
         "callback_address": f"$(POD_IP):{SANDBOX_CALLBACK_PORT}",
+        "packages_claim": PACKAGES_CLAIM,
+        "packages_dir": PACKAGES_DIR,
     }
+    volume, mount = packages_volume(read_only=True)
     env += [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         env_value("PYTHONON_EXECUTOR_BACKEND", "kubernetes"),
         env_value("PYTHONON_EXECUTOR_BACKEND_OPTIONS", json.dumps(options, sort_keys=True)),
+        env_value("PYTHONON_EXECUTOR_PACKAGES_DIR", PACKAGES_DIR),
     ]
+    volumes.append(volume)
+    mounts.append(mount)
 
 
 _EXTRA = {
@@ -275,6 +311,7 @@ _EXTRA = {
     "secrets": _secrets_extra,
     "system": _system_extra,
     "executor": _executor_extra,
+    "packages": _packages_extra,
 }
 
 
@@ -623,6 +660,16 @@ def network_policies() -> list[dict[str, Any]]:
                 egress=[{"to": _anywhere(), "ports": [_port(VAULT_PORT)]}],
             )
         )
+    if service_graph.service("packages").built:
+        # Builds download wheels from the configured index (PYTHONON_PACKAGES_INDEX_URL), over HTTPS.
+        policies.append(
+            _policy(
+                "allow-packages-to-package-index",
+                "network",
+                selector("packages"),
+                egress=[{"to": _anywhere(), "ports": [_port(PACKAGE_INDEX_PORT)]}],
+            )
+        )
     policies += [
         _policy(
             "allow-executor-to-kube-apiserver",
@@ -661,6 +708,24 @@ def sandbox_network_policies() -> list[dict[str, Any]]:
             ],
         ),
     ]
+
+
+def package_store_claim(namespace: str) -> dict[str, Any]:
+    """The claim of the package environments' store in `namespace`, bound to the overlay's
+    PersistentVolume of that name (static: both namespaces must see the same files)."""
+    sandbox = namespace == SANDBOX_NAMESPACE
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata(PACKAGES_CLAIM, "package-store", namespace),
+        "spec": {
+            # The sandbox pods only ever read it.
+            "accessModes": ["ReadOnlyMany" if sandbox else "ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": PACKAGES_VOLUME_NAMES[namespace],
+            "resources": {"requests": {"storage": PACKAGES_SIZE}},
+        },
+    }
 
 
 def dev_dependency_policies() -> list[dict[str, Any]]:
@@ -743,7 +808,9 @@ def outputs() -> dict[Path, str]:
         BASE_OUT / "edge.yaml": _documents(edge_objects()),
         BASE_OUT / ENVOY_CONFIG_FILE: json.dumps(envoy_bootstrap(), indent=2, sort_keys=True) + "\n",
         BASE_OUT / "network-policies.yaml": _documents(network_policies()),
+        BASE_OUT / "package-store.yaml": _documents([package_store_claim(NAMESPACE)]),
         SANDBOX_OUT / "network-policies.yaml": _documents(sandbox_network_policies()),
+        SANDBOX_OUT / "package-store.yaml": _documents([package_store_claim(SANDBOX_NAMESPACE)]),
         DEV_OUT / "network-policies.yaml": _documents(dev_dependency_policies()),
         CERT_MANAGER_OUT / "certificates.yaml": _documents(mesh_certificates()),
     }

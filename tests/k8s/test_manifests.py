@@ -8,6 +8,8 @@ Containerfiles copy what exists and start what the manifests run."""
 from __future__ import annotations
 
 import functools
+import json
+import os
 import re
 import shlex
 import shutil
@@ -496,6 +498,8 @@ def test_outside_dependencies_are_reached_only_by_their_clients() -> None:
             expected.add(8200)
         if node.name == "executor":
             expected |= {443, 6443}
+        if node.name == "packages":
+            expected.add(443)  # the package index
         assert egress_ports(node.name) == expected, node.name
     assert egress_ports(EDGE) == set()
 
@@ -523,11 +527,64 @@ def test_the_sandbox_pod_template_keeps_its_contract() -> None:
     } == {
         "LimitRange",
         "NetworkPolicy",
+        "PersistentVolumeClaim",
         "PodTemplate",
         "ResourceQuota",
         "Role",
         "RoleBinding",
     }
+    # Nothing a pod could claim beyond the package store: no volume of the template's is a claim
+    # (the backend adds the store's per pod, read-only, at one environment's subPath).
+    assert all("persistentVolumeClaim" not in volume for volume in spec["volumes"])
+    quota = by_name("production", "ResourceQuota", "sandbox")["spec"]["hard"]
+    assert quota["persistentvolumeclaims"] == "1"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_package_store_is_written_by_packages_only_and_read_only_elsewhere(overlay: str) -> None:
+    """One store in both namespaces (a claim each, bound to the overlay's volume of the same
+    storage): the packages service mounts it read-write, the executor read-only, and the executor's
+    backend knows the sandbox namespace's claim and where it sees the same files."""
+    store = k8s_manifests.PACKAGES_DIR
+    mounts = {}
+    for where, spec in pod_specs(overlay):
+        claims = {
+            volume["name"]: volume["persistentVolumeClaim"]
+            for volume in spec.get("volumes", [])
+            if "persistentVolumeClaim" in volume
+        }
+        for container in containers(spec):
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] in claims:
+                    claim = claims[mount["name"]]
+                    mounts[where] = (claim["claimName"], mount["mountPath"], mount.get("readOnly", False),
+                                     claim.get("readOnly", False))  # fmt: skip
+    assert mounts == {
+        "Deployment/packages": ("package-environments", store, False, False),
+        "Deployment/executor": ("package-environments", store, True, True),
+    }
+    claims = {c["metadata"]["namespace"]: c for c in objects(overlay, "PersistentVolumeClaim")}
+    volumes = {v["metadata"]["name"]: v for v in objects(overlay, "PersistentVolume")}
+    assert set(claims) == {NAMESPACE, SANDBOX_NAMESPACE}
+    sources = []
+    for namespace, claim in claims.items():
+        assert claim["metadata"]["name"] == "package-environments"
+        volume = volumes[claim["spec"]["volumeName"]]
+        assert volume["spec"]["claimRef"] == {"namespace": namespace, "name": "package-environments"}
+        modes = ["ReadOnlyMany"] if namespace == SANDBOX_NAMESPACE else ["ReadWriteMany"]
+        assert claim["spec"]["accessModes"] == volume["spec"]["accessModes"] == modes
+        source = {k: v for k, v in volume["spec"].items() if k in ("nfs", "hostPath")}
+        sources.append(
+            {kind: {k: v for k, v in where.items() if k != "readOnly"} for kind, where in source.items()}
+        )
+    assert sources[0] == sources[1]  # the same files
+    executor = by_name(overlay, "Deployment", "executor")["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in executor["env"]}
+    assert env["PYTHONON_EXECUTOR_PACKAGES_DIR"] == store
+    options = json.loads(env["PYTHONON_EXECUTOR_BACKEND_OPTIONS"])
+    assert (options["packages_claim"], options["packages_dir"]) == ("package-environments", store)
+    packages = by_name(overlay, "Deployment", "packages")["spec"]["template"]["spec"]["containers"][0]
+    assert {item["name"]: item.get("value") for item in packages["env"]}["PYTHONON_PACKAGES_DIR"] == store
 
 
 def test_rbac_is_namespaced_to_the_sandbox_without_wildcards() -> None:
@@ -629,3 +686,40 @@ def test_the_sandbox_runner_module_exists_once_the_kubernetes_backend_does() -> 
     module = template["containers"][0]["command"][2]
     path = ROOT.joinpath(*module.split("."))
     assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), module
+
+
+def test_the_sandbox_image_holds_the_decryptor_where_encrypted_runs_expect_it() -> None:
+    """The kubernetes backend drops an encrypted run's binds (they are host paths) because the image
+    has the same files at the same paths: the decryptor and the recipe copied there, the decryption
+    libraries installed there at the lock's versions, python3 where the Bash line starts it."""
+    import importlib.metadata
+
+    from services.executor import encrypted_runs
+    from services.executor.sandbox import zk_decryptor
+
+    instructions = _instructions(ROOT / "containers" / "sandbox.Containerfile")
+    copies = {shlex.split(args)[1]: shlex.split(args)[0] for op, args in instructions if op == "COPY"}
+    runs = " ".join(args for op, args in instructions if op == "RUN")
+    target = re.search(r"pip install --quiet --no-deps --target (\S+)\s+\$\(grep -E '\^\(([^)]*)\)==' ", runs)
+    assert target is not None, "the sandbox image installs no decryption libraries"
+    libraries, pattern = target[1], target[2]
+    assert libraries == zk_decryptor.LIBRARIES
+    installed = set(pattern.split("|"))
+    lock = (ROOT / "requirements.lock").read_text()
+    assert all(re.search(rf"^{re.escape(name)}==", lock, re.MULTILINE) for name in installed), installed
+    distributions = importlib.metadata.packages_distributions()
+    root = os.path.dirname(zk_decryptor.LIBRARIES) + "/"
+    for _host, inside in encrypted_runs.decryptor_binds():
+        if inside == encrypted_runs.DECRYPTOR_INSIDE:
+            assert copies[inside] == "services/executor/sandbox/zk_decryptor.py"
+        elif inside == f"{libraries}/zk_recipe.py":
+            assert copies[inside] == "services/zk/recipe.py"
+        elif inside.startswith(libraries + "/"):
+            module = os.path.basename(inside).split(".")[0]
+            assert set(distributions[module]) & installed, (module, distributions[module])
+        else:  # a shared library the extension modules link: the base image's own
+            assert not inside.startswith(root) and re.fullmatch(
+                r"/(usr/)?lib(64|/[\w-]+)?/[\w.+-]+\.so[.\d]*", inside
+            ), inside
+    # The Bash line of an encrypted run starts /usr/bin/python3; the base image has it in /usr/local.
+    assert "ln -s /usr/local/bin/python3 /usr/bin/python3" in runs

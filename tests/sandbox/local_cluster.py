@@ -2,12 +2,16 @@
 (mock_kubernetes.py) and a stand-in kubelet that, when a sandbox pod is created, starts what its
 spec says (the runner container's command, args and env, `$(VAR)` expanded as the kubelet does)
 inside bubblewrap: a read-only root of the host's /usr and /etc, a pid namespace where the runner
-is pid 1, uid 65534, /tmp, /workspace and /dev/shm as tmpfs of the pod's sizes. The pod's IP is
+is pid 1, uid 65534, /tmp, /workspace and /dev/shm as tmpfs of the pod's sizes, and each
+persistentVolumeClaim volume the runner mounts bound from the directory that stands for its volume
+(`volumes`), at its subPath, read-only when the pod says so (and only then). The pod's IP is
 127.0.0.1, from where the runner calls the executor, so the pull/push protocol runs for real.
 
 The image's `python3` (which has grpcio and protobuf) is this virtualenv's interpreter; the image's
-PYTHONPATH is the repository and gen/. What a real node adds (gVisor, the pod's cgroup limits,
-NetworkPolicies) is not here: the contract cases that need it are skipped with that reason."""
+PYTHONPATH is the repository and gen/; the decryptor and its libraries that the image installs under
+/opt/pythonon-zk are this virtualenv's, bound where the image has them. What a real node adds
+(gVisor, the pod's cgroup limits, NetworkPolicies) is not here: the contract cases that need it are
+skipped with that reason."""
 
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.executor import encrypted_runs
+from services.executor.sandbox import zk_decryptor
 from services.executor.sandbox.bwrap import find_bwrap
 from tests.sandbox.conftest import BackendFactory, Sandbox, started_backend
 from tests.sandbox.mock_kubernetes import MockKubernetes, Object
@@ -32,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "pythonon-sandbox"
 TEMPLATE_FILE = ROOT / "k8s" / "base" / "sandbox" / "pod-template.yaml"
 POD_IP = "127.0.0.1"
+# The claim of the package environments' store in the sandbox namespace (k8s/base/sandbox/).
+PACKAGES_CLAIM = "package-environments"
 # What every container status has (the client's models require these fields).
 CONTAINER = {"name": "runner", "image": "pyth-on/sandbox", "imageID": "", "restartCount": 0}
 # What a pod does instead of running its runner (tests of pods that never start, OOM, eviction).
@@ -58,6 +66,11 @@ class LocalCluster:
     pod_ip: str = POD_IP
     # Called for each created pod before the kubelet starts it; True: the kubelet does nothing more.
     behaviour: Behaviour | None = None
+    # claimName -> the directory standing for its volume (a PV of the store); tests build their
+    # environments under the temporary directory.
+    volumes: dict[str, str] = field(
+        default_factory=lambda: {PACKAGES_CLAIM: os.path.realpath(tempfile.gettempdir())}
+    )
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     runner_stderr: dict[str, bytes] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -75,6 +88,8 @@ class LocalCluster:
             "callback_address": "127.0.0.1:0",
             "listen_address": "127.0.0.1:0",
             "executor_id": "executor-test-0",
+            "packages_claim": PACKAGES_CLAIM,
+            "packages_dir": self.volumes[PACKAGES_CLAIM],
             **extra,
         }
 
@@ -110,7 +125,7 @@ class LocalCluster:
         )
 
     def command(self, pod: Object) -> tuple[list[str], dict[str, str], dict[str, int]]:
-        """What the kubelet would run for the runner container: argv, env and volume sizes."""
+        """What the kubelet would run for the runner container: argv, env and memory volumes' sizes."""
         (runner,) = [c for c in pod["spec"]["containers"] if c["name"] == "runner"]
         env = {e["name"]: e.get("value", "") for e in runner.get("env", [])}
         expand = lambda text: re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), text)  # noqa: E731
@@ -126,6 +141,23 @@ class LocalCluster:
         env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'gen'}"  # the image's ENV
         env["PYTHONUNBUFFERED"] = "1"
         return argv, env, sizes
+
+    def claimed_volumes(self, pod: Object) -> list[tuple[str, str, bool]]:
+        """The runner's persistentVolumeClaim mounts as (directory, mount path, read-only): the
+        claim's directory at the mount's subPath, read-only if the mount or the volume says so."""
+        (runner,) = [c for c in pod["spec"]["containers"] if c["name"] == "runner"]
+        volumes = {volume["name"]: volume for volume in pod["spec"].get("volumes", [])}
+        mounts = []
+        for mount in runner.get("volumeMounts", []):
+            claim = volumes[mount["name"]].get("persistentVolumeClaim")
+            if claim is None:
+                continue
+            root = self.volumes[claim["claimName"]]  # KeyError: a claim no volume stands for
+            sub_path = mount.get("subPath", "")
+            assert not sub_path.startswith("/") and ".." not in sub_path.split("/"), sub_path  # noqa: S101
+            read_only = bool(mount.get("readOnly") or claim.get("readOnly"))
+            mounts.append((os.path.join(root, sub_path), mount["mountPath"], read_only))
+        return mounts
 
     def _start_pod(self, pod: Object) -> None:
         if self.behaviour is not None and self.behaviour(self, pod):
@@ -145,6 +177,10 @@ class LocalCluster:
         # After the pod's tmpfs mounts: a checkout under /tmp (a CI clone) would be hidden by them.
         for path in {str(ROOT), os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}:
             bwrap += ["--ro-bind", path, path]
+        for host, inside in image_layer():
+            bwrap += ["--ro-bind", host, inside]
+        for host, inside, read_only in self.claimed_volumes(pod):
+            bwrap += ["--ro-bind" if read_only else "--bind", host, inside]
         # As in a pod: /dev and /proc/sys are not the program's to write (root's, or the kernel's).
         bwrap += ["--ro-bind", "/proc/sys", "/proc/sys", "--remount-ro", "/dev"]
         bwrap += ["--remount-ro", "/", "--chdir", "/tmp", "--"]
@@ -179,6 +215,13 @@ class LocalCluster:
             for process in self.processes.values():
                 process.wait()
         self.api.close()
+
+
+def image_layer() -> list[tuple[str, str]]:
+    """What containers/sandbox.Containerfile installs under /opt/pythonon-zk (the decryptor, its
+    libraries, the recipe), as (this host's copy, the image's path)."""
+    root = os.path.dirname(zk_decryptor.LIBRARIES) + "/"
+    return [(host, inside) for host, inside in encrypted_runs.decryptor_binds() if inside.startswith(root)]
 
 
 @contextlib.contextmanager
@@ -223,17 +266,12 @@ kubernetes_factory = LocalClusterFactory(
         "test_network_egress_to_a_host_listener_fails_and_only_loopback_exists": "a sandbox pod's network is "
         "the namespace's NetworkPolicy (no egress but the executor's port); the local stand-in shares the "
         "host's network to reach the executor",
-        **dict.fromkeys(
-            (
-                "test_readonly_paths_are_mounted_read_only",
-                "test_a_package_environment_is_importable_from_the_run",
-                "test_a_bash_run_finds_the_environment_through_python3",
-                "test_a_run_cannot_write_into_its_package_environment",
-                "test_a_run_sees_only_its_own_package_environment",
-            ),
-            "host paths of the executor do not exist in a pod: the backend refuses readonly_paths "
-            "(ValueError) by design; a pod will get the package environment from a volume",
-        ),
+        "test_the_key_derivation_counts_against_the_runs_memory": "a pod's one memory bound is its cgroup "
+        "(the run's memory, its two memory volumes and the runner's 48 MiB), on the node; the local "
+        "stand-in has none. The executor refuses a payload whose key derivation does not fit the run's "
+        "memory before any pod exists (SealedCode.check)",
+        "test_readonly_paths_are_mounted_read_only": "a host path of the executor means nothing in a "
+        "pod: the backend refuses read-only mounts but the package environment (from its volume)",
         "test_only_the_usual_socket_families_can_be_opened": "the families a pod can open are gVisor's",
         "test_the_root_holds_only_what_the_runtime_needs": "a pod's root is the sandbox image's",
         "test_mountinfo_shows_no_path_of_the_mesh": "a pod's mounts are the image's and its volumes; the "
@@ -247,16 +285,6 @@ kubernetes_factory = LocalClusterFactory(
             }
             if ROOT.is_relative_to("/tmp")
             else {}
-        ),
-        **dict.fromkeys(
-            (
-                "test_encrypted_code_is_decrypted_and_run_inside_the_sandbox",
-                "test_an_encrypted_programs_traceback_is_its_own",
-                "test_a_wrong_password_or_altered_payload_is_refused_and_the_code_never_runs",
-                "test_the_key_derivation_counts_against_the_runs_memory",
-            ),
-            "the decryptor's packages are bound from the executor's host (readonly_paths); a pod "
-            "must find them in the sandbox image, which does not install them yet",
         ),
     },
 )

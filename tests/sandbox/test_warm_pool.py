@@ -98,6 +98,24 @@ async def test_fill_starts_size_sandboxes_per_key_and_take_hands_each_out_once(p
 
 
 @in_a_loop
+async def test_keys_kept_as_recently_used_are_warm_and_the_least_recent_is_forgotten(
+    processes: Processes,
+) -> None:
+    """What both kinds of backend do for profiles with a package environment: the last `count`."""
+    pool = make_pool(processes, size=1)
+    pool.keep_warm(["default"])
+    for key in ("env-a", "env-b", "env-a", "env-c"):
+        pool.keep_recently_used(key, 2)
+    await pool.fill(1)
+    # env-b was used least recently when env-c came: forgotten, its sandbox disposed of.
+    assert sorted(pool.keys()) == ["default", "env-a", "env-c"]
+    assert [pool.ready(key) for key in ("default", "env-a", "env-c")] == [1, 1, 1]
+    assert pool.take("env-b") is None
+    assert [s.key for s in processes.alive()].count("env-b") == 0
+    await pool.close()
+
+
+@in_a_loop
 async def test_refill_happens_when_asked_not_on_take(processes: Processes) -> None:
     pool = make_pool(processes)
     pool.keep_warm(["python"])

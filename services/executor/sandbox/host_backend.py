@@ -195,8 +195,6 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
             options.pool_size, self._spawn, self._dispose, lambda sandbox: sandbox.process.exited
         )
         self._live: set[SandboxT] = set()
-        # Profiles with read-only mounts kept warm, least recently used first (see _keep_recent_warm).
-        self._recent_mounts: dict[Hashable, None] = {}
         self._disposals: set[asyncio.Task[None]] = set()
         self._closed = False
         self._started = False
@@ -277,15 +275,8 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
     def _keep_recent_warm(self, profile: Hashable) -> None:
         """Keep a warm pool for each of the RECENT_MOUNT_PROFILES profiles with read-only mounts (a
         user's package environment) used last, so that a run with packages starts warm too."""
-        known = profile in self._recent_mounts
-        self._recent_mounts.pop(profile, None)
-        self._recent_mounts[profile] = None
-        if not known and not self._closed:
-            self._pool.keep_warm([profile])
-        while len(self._recent_mounts) > RECENT_MOUNT_PROFILES:
-            oldest = next(iter(self._recent_mounts))
-            del self._recent_mounts[oldest]
-            self._pool.forget(oldest)
+        if not self._closed:
+            self._pool.keep_recently_used(profile, RECENT_MOUNT_PROFILES)
 
     def _default_profile(self, language: str) -> Hashable:
         return self._profile(language, self.options.default_limits, ())

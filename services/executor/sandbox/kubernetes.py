@@ -17,7 +17,12 @@ Every Job and pod carries the replica's id (`pythonon.dev/executor`): a replica 
 only its own, and deletes what a predecessor of the same id left when it starts. A replica that is
 gone for good leaves pods whose runners lose their connection and exit, and Jobs that the TTL then
 removes. Timeouts, OOM kills, evictions and pods that never start end the run with a clear result
-(docs/architecture.md, "Sandbox pods")."""
+(docs/architecture.md, "Sandbox pods").
+
+A user's package environment reaches the pod as a read-only volume: the PersistentVolumeClaim of
+the sandbox namespace that holds the packages service's store (`packages_claim`), mounted with the
+environment's own directory as `subPath`, so the pod sees that environment and nothing else of the
+store. Encrypted runs' decryptor is the sandbox image's own (containers/sandbox.Containerfile)."""
 
 from __future__ import annotations
 
@@ -42,7 +47,12 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from services.executor.sandbox.admission import Admission
-from services.executor.sandbox.host_backend import BackendOptionError, BackendOptions, raise_option
+from services.executor.sandbox.host_backend import (
+    RECENT_MOUNT_PROFILES,
+    BackendOptionError,
+    BackendOptions,
+    raise_option,
+)
 from services.executor.sandbox.interface import (
     Limits,
     OutputListener,
@@ -57,6 +67,7 @@ from services.executor.sandbox.interface import (
 from services.executor.sandbox.languages import LANGUAGES, SMOKE_TEST_OUTPUT
 from services.executor.sandbox.pod_runner import CLAIM_TOKEN_VARIABLE
 from services.executor.sandbox.warm_pool import WarmPool
+from services.platform.package_store import SANDBOX_MOUNT
 
 log = logging.getLogger("pythonon.executor.sandbox.kubernetes")
 
@@ -64,6 +75,7 @@ EXECUTOR_LABEL = "pythonon.dev/executor"
 SANDBOX_LABEL = "pythonon.dev/sandbox"
 RUNNER_CONTAINER = "runner"
 ADDRESS_VARIABLE = "PYTHONON_SANDBOX_EXECUTOR_ADDRESS"
+PACKAGES_VOLUME = "package-environment"
 # The runner's own interpreter and gRPC client, on top of what the run itself may use.
 RUNNER_MEMORY_BYTES = 48 * 1024 * 1024
 # After the run's timeout, how long the runner has to report (it stops the program itself).
@@ -97,6 +109,11 @@ class KubernetesOptions(BackendOptions):
     # Run each language's smoke test in a pod at start-up (a broken image is found before a user does).
     smoke_test: bool = True
     spawn_timeout: float = 120.0
+    # The PersistentVolumeClaim in `namespace` that holds the package environments' store, and
+    # where this executor sees the same store (PYTHONON_EXECUTOR_PACKAGES_DIR): an environment's
+    # path under `packages_dir` is the subPath its pods mount. Unset: runs with packages are refused.
+    packages_claim: str | None = None
+    packages_dir: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +147,18 @@ class KubernetesOptions(BackendOptions):
             raise_option("job_ttl_seconds", "an integer of at least 0", self.job_ttl_seconds)
         if not isinstance(self.smoke_test, bool):
             raise_option("smoke_test", "true or false", self.smoke_test)
+        if self.packages_claim is not None and not (
+            isinstance(self.packages_claim, str) and _DNS_LABEL.fullmatch(self.packages_claim)
+        ):
+            raise_option("packages_claim", "a Kubernetes name", self.packages_claim)
+        if self.packages_dir is not None and not (
+            isinstance(self.packages_dir, str) and os.path.isabs(self.packages_dir)
+        ):
+            raise_option("packages_dir", "an absolute path", self.packages_dir)
+        if (self.packages_claim is None) != (self.packages_dir is None):
+            raise BackendOptionError(
+                "options packages_claim and packages_dir go together: set both or neither"
+            )
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -137,6 +166,16 @@ def _host_port(address: str) -> tuple[str, int] | None:
     if not host or not port.isdigit() or int(port) > 65535:
         return None
     return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class PodProfile:
+    """What a pod is made for, fixed when it starts: the limits without the timeout (the runner
+    applies that per run), and the package environment it mounts (its subPath in the packages
+    volume), if any. The warm pool keeps pods per profile."""
+
+    limits: Limits
+    environment: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,7 +214,7 @@ class PodSandbox:
     """One sandbox pod (the pod of Job `sandbox-<id>`) and where its life stands."""
 
     id: str
-    profile: Limits
+    profile: PodProfile
     claim_token: str
     deadline_seconds: int
     started: float
@@ -254,7 +293,7 @@ class KubernetesBackend:
         )
         self._languages = list(options.languages or LANGUAGES)
         self.unavailable: dict[str, str] = {}
-        self._pool: WarmPool[Limits, PodSandbox] = WarmPool(
+        self._pool: WarmPool[PodProfile, PodSandbox] = WarmPool(
             options.pool_size, self._spawn, self._dispose, lambda sandbox: sandbox.exited
         )
         self._template: dict[str, Any] = {}
@@ -320,23 +359,20 @@ class KubernetesBackend:
     async def run(self, spec: RunSpec, on_output: OutputListener | None = None) -> RunResult:
         # The pod's runner reports the output once, with the result: `on_output` hears nothing.
         validate_spec(spec, {name: LANGUAGES[name].main_file for name in self._languages})
-        if spec.readonly_paths:
-            # Host paths (e.g. a package environment's folder) mean nothing in a pod; environments
-            # are to reach pods from a volume (docs/architecture.md, "Sandbox pods").
-            raise ValueError(
-                "package environments (and other read-only mounts) are not available on the kubernetes "
-                "sandbox backend yet"
-            )
+        profile = self._profile(spec.limits, self._environment_of(spec))
         if self._closed:
             raise SandboxError("the sandbox backend is closed")
         async with self._admission.slot(spec.owner):
-            sandbox = self._pool.take(self._profile(spec.limits))
+            sandbox = self._pool.take(profile)
             if sandbox is None:
-                sandbox = await self._spawn(self._profile(spec.limits))
+                sandbox = await self._spawn(profile)
             try:
                 return await self._execute(sandbox, spec)
             finally:
                 self._dispose(sandbox)
+                if profile.environment is not None and not self._closed:
+                    # As the host backends do: pods that already mount the environments used last.
+                    self._pool.keep_recently_used(profile, RECENT_MOUNT_PROFILES)
 
     def replenish(self) -> None:
         self._pool.replenish()
@@ -397,11 +433,41 @@ class KubernetesBackend:
 
     # -- a run ----------------------------------------------------------------------------------
 
-    def _profile(self, limits: Limits) -> Limits:
-        """What a pod is made for: the limits without the timeout (the runner applies it per run)."""
-        return dataclasses.replace(limits, timeout_seconds=self.options.max_timeout_seconds)
+    def _profile(self, limits: Limits, environment: str | None = None) -> PodProfile:
+        return PodProfile(
+            dataclasses.replace(limits, timeout_seconds=self.options.max_timeout_seconds), environment
+        )
 
-    async def _spawn(self, profile: Limits) -> PodSandbox:
+    def _environment_of(self, spec: RunSpec) -> str | None:
+        """The subPath of the run's package environment in the packages volume (None: it has none).
+        Host paths mean nothing in a pod: the environment is found in the volume, the decryptor of
+        an encrypted run in the image, and any other read-only mount is refused (ValueError)."""
+        environment = None
+        for host, inside in spec.readonly_paths:
+            if inside == SANDBOX_MOUNT and environment is None:
+                environment = self._volume_path(host)
+            elif not _image_provides(host, inside):
+                raise ValueError(
+                    f"a read-only mount of the executor's {host} cannot reach a sandbox pod: only the "
+                    "user's package environment (from the packages volume) can"
+                )
+        return environment
+
+    def _volume_path(self, host: str) -> str:
+        """Where `host` (an environment as this executor sees it) lies in the packages volume."""
+        if self.options.packages_claim is None or self.options.packages_dir is None:
+            raise ValueError(
+                "package environments are not available on this kubernetes sandbox backend (its options "
+                "packages_claim and packages_dir are not set)"
+            )
+        store = os.path.realpath(self.options.packages_dir)
+        path = os.path.realpath(host)
+        relative = os.path.relpath(path, store)
+        if relative == "." or relative == ".." or relative.startswith("../"):
+            raise ValueError(f"the package environment {host} is not in the packages volume ({store})")
+        return relative
+
+    async def _spawn(self, profile: PodProfile) -> PodSandbox:
         """Make a sandbox Job and return it once its runner has claimed (proved itself and waits)."""
         if self._closed:
             raise SandboxError("the sandbox backend is closed")
@@ -431,11 +497,16 @@ class KubernetesBackend:
             self._dispose(sandbox)
             raise
         waiting: list[asyncio.Future[Any]] = [sandbox.claimed, sandbox.exited]
-        done, _ = await asyncio.wait(
-            waiting,
-            timeout=self.options.spawn_timeout,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        try:
+            done, _ = await asyncio.wait(
+                waiting,
+                timeout=self.options.spawn_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        except BaseException:
+            # Cancelled while the pod starts (the caller gone): its Job goes too, not at its deadline.
+            self._dispose(sandbox)
+            raise
         if sandbox.claimed in done:
             return sandbox
         self._dispose(sandbox)
@@ -560,8 +631,9 @@ class KubernetesBackend:
 
     def job(self, sandbox: PodSandbox) -> dict[str, Any]:
         """The Job of one sandbox: the pod template with this replica's labels, the runner's
-        address and claim token, resources from the limits profile; nothing of any run."""
-        profile = sandbox.profile
+        address and claim token, resources from the limits profile, the package environment's
+        read-only volume if the profile has one; nothing of any run."""
+        profile = sandbox.profile.limits
         template = copy.deepcopy(self._template)
         labels = {
             **template.get("metadata", {}).get("labels", {}),
@@ -588,6 +660,24 @@ class KubernetesBackend:
         for volume in spec.get("volumes", []):
             if volume["name"] in ("tmp", "workspace") and "emptyDir" in volume:
                 volume["emptyDir"]["sizeLimit"] = str(profile.tmp_bytes)
+        environment = sandbox.profile.environment
+        if environment is not None:
+            # Read-only twice over: the claim's volume and the mount; subPath shows this one
+            # environment and nothing else of the store (other users' environments included).
+            spec.setdefault("volumes", []).append(
+                {
+                    "name": PACKAGES_VOLUME,
+                    "persistentVolumeClaim": {"claimName": self.options.packages_claim, "readOnly": True},
+                }
+            )
+            runner.setdefault("volumeMounts", []).append(
+                {
+                    "name": PACKAGES_VOLUME,
+                    "mountPath": SANDBOX_MOUNT,
+                    "subPath": environment,
+                    "readOnly": True,
+                }
+            )
         return {
             "apiVersion": "batch/v1",
             "kind": "Job",
@@ -819,6 +909,16 @@ def peer_address(peer: str) -> str | None:
         return normal_address(host)
     except ValueError:
         return None
+
+
+def _image_provides(host: str, inside: str) -> bool:
+    """The decryptor of encrypted runs and what it needs (its libraries, the recipe, the shared
+    libraries they link) are installed in the sandbox image at the paths the host backends bind
+    them to (containers/sandbox.Containerfile; tests/k8s checks the two agree), so those mounts are
+    already in every pod."""
+    from services.executor import encrypted_runs  # the executor's, which imports this package
+
+    return (host, inside) in encrypted_runs.decryptor_binds()
 
 
 def _label_safe(name: str) -> str:

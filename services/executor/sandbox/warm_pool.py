@@ -48,6 +48,7 @@ class WarmPool(Generic[K, S]):
         self._max_retry_delay = max_retry_delay
         self._ready: dict[K, deque[S]] = {}
         self._refills: dict[K, asyncio.Task[None]] = {}
+        self._recent: dict[K, None] = {}  # keep_recently_used's keys, least recently used first
         self._closed = False
 
     def keep_warm(self, keys: Iterable[K]) -> None:
@@ -55,6 +56,19 @@ class WarmPool(Generic[K, S]):
         for key in keys:
             self._ready.setdefault(key, deque())
         self.replenish()
+
+    def keep_recently_used(self, key: K, count: int) -> None:
+        """Keep `key` warm as one of the `count` keys last used through this call (e.g. profiles
+        that mount a user's package environment); the least recently used beyond that is forgotten."""
+        known = key in self._recent
+        self._recent.pop(key, None)
+        self._recent[key] = None
+        if not known and not self._closed:
+            self.keep_warm([key])
+        while len(self._recent) > count:
+            oldest = next(iter(self._recent))
+            del self._recent[oldest]
+            self.forget(oldest)
 
     def forget(self, key: K) -> None:
         """Stop keeping `key` warm and dispose of its sandboxes."""
