@@ -368,9 +368,11 @@ def test_a_token_presented_from_another_address_is_refused_and_its_pod_deleted(c
         (pod,) = [r.body for r in cluster.api.made("POST", "jobs")]
         wait_for(lambda: len(cluster.runner_stderr) == 1)
         (stderr,) = cluster.runner_stderr.values()
-        assert (
-            stderr
-            == b"pod_runner: the claim was refused: PERMISSION_DENIED this claim token belongs to another pod\n"
+        # The executor deletes the pod as it refuses the claim, and the stand-in kubelet kills at
+        # once (a real one gives the grace period): the runner may be gone before it says why.
+        assert stderr in (
+            b"pod_runner: the claim was refused: PERMISSION_DENIED this claim token belongs to another pod\n",
+            b"",
         )
         assert [r.path.rsplit("/", 1)[1] for r in cluster.api.made("DELETE", "jobs")] == [
             pod["metadata"]["name"]
