@@ -75,6 +75,60 @@ _STATUS_WITH_BODY = {
     "/pythonon.system.v1.SystemService/Health": {503: "Degraded: a service or dependency is down."}
 }
 
+# One well-formed request per call (the body, and the path's `name`): shown on /docs, and the
+# first case schemathesis sends (its explicit phase), so that the fuzzing also goes past validation.
+_EXAMPLES: dict[str, dict[str, Any]] = {
+    "/pythonon.auth.v1.AuthService/Register": {
+        "body": {"email": "ada@example.com", "password": "correct horse battery"}
+    },
+    "/pythonon.auth.v1.AuthService/Login": {
+        "body": {"email": "ada@example.com", "password": "correct horse battery"}
+    },
+    "/pythonon.auth.v1.AuthService/Verify": {"body": {}},
+    "/pythonon.auth.v1.AuthService/Refresh": {"body": {"refreshToken": "rt_..."}},
+    "/pythonon.executor.v1.ExecutorService/Execute": {
+        "body": {
+            "code": "import sys\nprint('hi', sys.stdin.read())",
+            "language": "python",
+            "stdin": "there",
+            "timeout": 5,
+        }
+    },
+    "/pythonon.secrets.v1.SecretsService/PutSecret": {
+        "name": "API_TOKEN",
+        "body": {"value": "s3cr3t", "description": "the payment API's token"},
+    },
+    "/pythonon.secrets.v1.SecretsService/DeleteSecret": {"name": "API_TOKEN"},
+    "/pythonon.generator.v1.GeneratorService/Generate": {
+        "body": {"prompt": "print today's weekday", "language": "python", "execute": True, "timeout": 5}
+    },
+    "/pythonon.packages.v1.PackagesService/SetPackages": {"body": {"packages": ["humanize>=4", "six"]}},
+    "/pythonon.packages.v1.PackagesService/AddPackage": {"body": {"package": "humanize>=4"}},
+    "/pythonon.packages.v1.PackagesService/RemovePackage": {"name": "humanize"},
+    "/pythonon.zk.v1.ZkService/Encrypt": {
+        "body": {"code": "print('hello')", "password": "a long passphrase"}
+    },
+    "/pythonon.zk.v1.ZkService/PutCode": {
+        "name": "hello",
+        "body": {
+            "payload": {
+                "version": 1,
+                "algorithm": "argon2id-xchacha20poly1305",
+                "salt": "AAECAwQFBgcICQoLDA0ODw==",
+                "nonce": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYX",
+                "ciphertext": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJw==",
+                "kdf": {"memoryKib": 19456, "iterations": 2, "parallelism": 1},
+            },
+            "language": "python",
+        },
+    },
+    "/pythonon.zk.v1.ZkService/DeleteCode": {"name": "hello"},
+    "/pythonon.zk.v1.ZkService/Execute": {
+        "name": "hello",
+        "body": {"password": "a long passphrase", "timeout": 5},
+    },
+}
+
 _TEXT_KINDS: dict[str, dict[str, Any]] = {
     "string": {"type": "string"},
     "bytes": {"type": "string", "contentEncoding": "base64"},
@@ -217,17 +271,19 @@ def _operation(
     }
     if public:
         operation["security"] = []
+    example = _EXAMPLES.get(route.grpc_path, {})
     parameters = []
     for variable in route.variables:
         spec = next(s for s in builder.messages[route.input_type].fields if s["proto"] == variable)
-        parameters.append(
-            {
-                "name": variable,
-                "in": "path",
-                "required": True,
-                "schema": builder.field(route.input_type, spec),
-            }
-        )
+        parameter = {
+            "name": variable,
+            "in": "path",
+            "required": True,
+            "schema": builder.field(route.input_type, spec),
+        }
+        if variable in example:
+            parameter["example"] = example[variable]
+        parameters.append(parameter)
     if route.body != "*":
         for spec in builder.messages[route.input_type].fields:
             if spec["proto"] in route.variables or spec["proto"] == route.body or spec["kind"] == "map":
@@ -249,10 +305,10 @@ def _operation(
         spec = next(s for s in builder.messages[route.input_type].fields if s["proto"] == route.body)
         body_schema = builder.field(route.input_type, spec)
     if route.body:
-        operation["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": body_schema}},
-        }
+        media: dict[str, Any] = {"schema": body_schema}
+        if "body" in example:
+            media["example"] = example["body"]
+        operation["requestBody"] = {"required": True, "content": {"application/json": media}}
 
     success = str(_SUCCESS_STATUS.get(route.grpc_path, 200))
     if route.server_streaming:
@@ -429,7 +485,7 @@ h1{margin-bottom:0}h2{border-bottom:2px solid #ddd;margin-top:2.5rem}
 .verb{display:inline-block;min-width:4.5rem;color:#fff;border-radius:4px;padding:0 .4rem;margin-right:.5rem;text-align:center}
 .get{background:#2b6cb0}.post{background:#2f855a}.put{background:#b7791f}.delete{background:#c53030}
 table{border-collapse:collapse;margin:.3rem 0 .8rem}td,th{border:1px solid #e2e2e2;padding:.2rem .5rem;text-align:left;vertical-align:top}
-code{font:.9em ui-monospace,monospace;background:#f4f4f4;padding:0 .2rem}.auth{color:#555;font-size:.9em}
+code{font:.9em ui-monospace,monospace;background:#f4f4f4;padding:0 .2rem}pre{background:#f4f4f4;padding:.5rem;overflow-x:auto}.auth{color:#555;font-size:.9em}
 nav a{margin-right:.8rem}
 """
 
@@ -520,6 +576,11 @@ def reference_page(spec: Mapping[str, Any]) -> str:
             if "requestBody" in operation:
                 body = operation["requestBody"]["content"]["application/json"]["schema"]
                 parts.append("<h4>Request body (JSON)</h4>" + _fields_table(body))
+                example = operation["requestBody"]["content"]["application/json"].get("example")
+                if example is not None:
+                    parts.append(
+                        f"<p>Example:</p><pre><code>{html.escape(json.dumps(example, indent=2))}</code></pre>"
+                    )
             rows = ""
             for status, response in operation["responses"].items():
                 content = response.get("content", {})
