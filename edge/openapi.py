@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -510,6 +511,11 @@ def _type_text(schema: Mapping[str, Any]) -> str:
     return html.escape(f"{text} ({detail})" if detail else text)
 
 
+def _prose(text: str) -> str:
+    """Escaped text, with `code` spans of the document's Markdown as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
 def _fields_table(schema: Mapping[str, Any]) -> str:
     properties = schema.get("properties", {})
     if not properties:
@@ -532,7 +538,7 @@ def reference_page(spec: Mapping[str, Any]) -> str:
         f"<title>{html.escape(info['title'])} API reference</title><style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(info['title'])} API reference</h1>",
         f"<p>Version {html.escape(info['version'])}. {html.escape(info['summary'])}</p>",
-        f"<p>{html.escape(info['description'])}</p>",
+        f"<p>{_prose(info['description'])}</p>",
         f'<p>Machine-readable: <a href="{DOCUMENT_PATH}">{DOCUMENT_PATH}</a> (OpenAPI {spec["openapi"]}).</p>',
         "<p>Authentication: an API key in the <code>x-api-key</code> header, or "
         "<code>Authorization: Bearer &lt;token&gt;</code>. Calls marked <em>public</em> need neither.</p>",
@@ -562,7 +568,7 @@ def reference_page(spec: Mapping[str, Any]) -> str:
             )
             description = operation.get("description", "").replace(operation["summary"], "", 1).strip(" .\n")
             if description:
-                parts.append(f"<p>{html.escape(description)}</p>")
+                parts.append(f"<p>{_prose(description)}</p>")
             if operation.get("parameters"):
                 rows = "".join(
                     f"<tr><td><code>{html.escape(p['name'])}</code></td><td>{p['in']}</td>"
@@ -575,7 +581,15 @@ def reference_page(spec: Mapping[str, Any]) -> str:
                 )
             if "requestBody" in operation:
                 body = operation["requestBody"]["content"]["application/json"]["schema"]
-                parts.append("<h4>Request body (JSON)</h4>" + _fields_table(body))
+                if "$ref" in body:
+                    name = str(body["$ref"]).rsplit("/", 1)[1]
+                    body = {**spec["components"]["schemas"][name], "title": name}
+                title = (
+                    f" {_type_text({'$ref': '#/components/schemas/' + body['title']})}"
+                    if "title" in body
+                    else ""
+                )
+                parts.append(f"<h4>Request body (JSON){title}</h4>" + _fields_table(body))
                 example = operation["requestBody"]["content"]["application/json"].get("example")
                 if example is not None:
                     parts.append(
