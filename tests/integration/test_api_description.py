@@ -164,6 +164,11 @@ def test_the_edge_serves_the_document_and_the_page(mesh: Mesh) -> None:
     assert page.text == openapi.REFERENCE_PAGE.read_text()
     assert "default-src 'none'" in page.headers["content-security-policy"]
     assert page.headers["x-request-id"]
+    assert (
+        httpx.get(f"{mesh.url}/api/openapi.json?v=1").json() == DOCUMENT
+    )  # the query is no part of the path
+    head = httpx.head(f"{mesh.url}/docs")
+    assert (head.status_code, head.content) == (200, b"")
     refused = httpx.post(f"{mesh.url}/docs", content=b"x")
     assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
     assert refused.json() == {"code": 12, "message": "/docs: only GET", "details": []}
