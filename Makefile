@@ -22,13 +22,18 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 venv: $(VENV)/.installed
 
-# gVisor's runsc (Debian package) for the gvisor sandbox backend and its tests. Best effort: without
-# it the gvisor tests are skipped with that reason, and the default bwrap backend needs nothing extra.
+# gVisor's runsc (Debian package) for the gvisor sandbox backend and its tests, and Chromium for the
+# headless check of the /docs page. Best effort: without them those tests are skipped with the
+# reason, and the default bwrap backend needs nothing extra.
 system-packages:
 	@command -v runsc >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get install -y -qq runsc >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq runsc >/dev/null 2>&1)); } || \
 	  echo "note: runsc (gVisor) is not installed; the gvisor backend's tests will be skipped"
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)); } || \
+	  echo "note: chromium is not installed; the /docs page's browser test will be skipped"
 
 run: venv
 	$(BIN)/pyth-on up --port $(PORT) --data-dir $(DATA_DIR) --sandbox $(SANDBOX) --executors $(EXECUTORS)

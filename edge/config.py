@@ -21,6 +21,11 @@ order:
    call except the public ones that are not rate limited by client IP;
 5. ``envoy.filters.http.router``.
 
+Routes besides the services' own: ``GET /api/openapi.json`` and ``GET /docs``, answered by Envoy
+from the generated files (``edge/openapi.py``); native gRPC clients' reflection and
+``grpc.health.v1``, routed to the system service under prefixed names where it answers for the
+public API only (``services/system/public_surface.py``). All public.
+
 Envoy's own replies (no route, 413, upstream down, ...) are ``google.rpc.Status`` JSON for REST
 clients and grpc-status/grpc-message for gRPC clients (``local_reply_config``).
 
@@ -45,12 +50,14 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 from pythonon.api.v1 import access_pb2
 
-from edge import rest_contract
+from edge import openapi, rest_contract
 from services.platform.service_graph import (
     CLIENT_IP_HEADER,
     EXT_AUTHZ,
     HTTP_STATUS_HEADER,
     IDENTITY_HEADER,
+    PUBLIC_GRPC_PREFIX,
+    PUBLIC_GRPC_SERVICES,
     SECTIONS,
     split_addresses,
 )
@@ -288,6 +295,77 @@ _RETRY_UNSENT = {
 }
 
 
+def _reference_routes(authz_off: dict) -> list[dict]:
+    """GET (and HEAD) /api/openapi.json and /docs: the generated document and its page, answered by
+    Envoy itself (public, no upstream); another method on them is a 405 with Allow."""
+    security_headers = {
+        # The page is self-contained: it may load nothing, run nothing and be framed by nobody.
+        "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        "x-content-type-options": "nosniff",
+        "cache-control": "no-cache",
+    }
+    routes = []
+    for path, file, content_type in [
+        (openapi.DOCUMENT_PATH, openapi.DOCUMENT, "application/json"),
+        (openapi.REFERENCE_PATH, openapi.REFERENCE_PAGE, "text/html; charset=utf-8"),
+    ]:
+        headers = {"content-type": content_type, **security_headers}
+        routes.append(
+            {
+                "name": path,
+                "match": {
+                    "path": path,
+                    "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": "GET|HEAD"}}}],
+                },
+                "direct_response": {"status": 200, "body": {"inline_string": file.read_text()}},
+                "response_headers_to_add": [
+                    {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                    for key, value in headers.items()
+                ],
+                "typed_per_filter_config": authz_off,
+            }
+        )
+        routes.append(
+            {
+                "name": f"{path} (other methods)",
+                "match": {"path": path},
+                "direct_response": {"status": 405, "body": {"inline_string": f"{path}: only GET"}},
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": "allow", "value": "GET, HEAD"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+                "typed_per_filter_config": authz_off,
+            }
+        )
+    return routes
+
+
+def _reference_body_limit() -> int:
+    """The largest body Envoy must hold for a direct response (its default is 4 KiB)."""
+    return max(len(openapi.DOCUMENT.read_bytes()), len(openapi.REFERENCE_PAGE.read_bytes())) + 4096
+
+
+def _public_grpc_routes(cluster: str, route_action: dict, authz_off: dict) -> list[dict]:
+    """Native gRPC clients' server reflection and grpc.health.v1 (public): to the system service,
+    under the prefixed names where it answers for the public API only (the names and the prefix are
+    in the service graph), so its own reflection and health, which the mesh uses, stay its own."""
+    return [
+        {
+            "name": f"/{service}/",
+            "match": {"prefix": f"/{service}/", "grpc": {}},
+            "route": {
+                "cluster": cluster,
+                "prefix_rewrite": f"/{PUBLIC_GRPC_PREFIX}{service}/",
+                **route_action,
+            },
+            "typed_per_filter_config": authz_off,
+        }
+        for service in PUBLIC_GRPC_SERVICES
+    ]
+
+
 def _local_reply_config(max_request_bytes: int) -> dict:
     """Envoy's own replies (no route, body too large, upstream down, ...) as google.rpc.Status.
 
@@ -313,6 +391,8 @@ def _local_reply_config(max_request_bytes: int) -> dict:
     # service down or slow) are UAEX too, answered with status_on_error 503: mapped below.
     authz_denied = _all_of({"response_flag_filter": {"flags": ["UAEX"]}}, _status_is("LE", 499))
     mappers: list[dict] = [
+        # The edge's own successful answers (the OpenAPI document, /docs) as they are.
+        {"filter": _status_is("LE", 399)},
         {
             "filter": _all_of(native_grpc, authz_denied, _status_is("EQ", 429)),
             "headers_to_add": _grpc_status(8),
@@ -472,7 +552,7 @@ def render(
     # with it Envoy drops the route timeout for gRPC requests without that header, which
     # transcoded REST requests are.)
     route_action = {"timeout": f"{route_timeout_seconds}s", "retry_policy": _RETRY_UNSENT}
-    routes = []
+    routes = [*_reference_routes(authz_off), *_public_grpc_routes(target("system"), route_action, authz_off)]
     # Exact routes for the calls that skip ext_authz come first; everything else of a service
     # matches its prefix and is checked. Only gRPC requests match (REST ones are gRPC by now).
     for service in routed:
@@ -595,6 +675,7 @@ def render(
         ],
         "route_config": {
             "name": "pythonon",
+            "max_direct_response_body_size_bytes": _reference_body_limit(),
             "virtual_hosts": [{"name": "pythonon", "domains": ["*"], "routes": routes}],
         },
         "http_filters": http_filters,

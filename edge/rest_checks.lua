@@ -1,7 +1,8 @@
 -- The edge's Lua filter. Rendered after the tables of rest_contract.py: ROUTES, MESSAGES,
 -- HTTP_STATUS_HEADER, CHALLENGE, MAX_REQUEST_ID, ERROR_CODES, ERROR_MESSAGES.
 --
--- Request path (REST only; native gRPC passes untouched, apart from the request id check):
+-- Request path (header names gRPC metadata cannot carry are dropped, for every request; then REST
+-- only, native gRPC passes untouched apart from the request id check):
 --   * a known path with a method it does not take: 405 with Allow;
 --   * the body, the query and the path variables checked against the request message: unknown
 --     fields, wrong types and malformed values are a 400 whose message names the field and the
@@ -601,8 +602,24 @@ local function refuse(handle, status, message, headers)
   handle:respond(reply, message)
 end
 
+-- Header names that HTTP allows but gRPC metadata does not (only 0-9 a-z _ . -, Envoy lowercases
+-- the rest): a service's gRPC server fails the whole call on one with an internal error. They mean
+-- nothing to the API, so they are dropped before anything is forwarded.
+local function drop_unforwardable_headers(headers)
+  local unforwardable = {}
+  for key, _ in pairs(headers) do
+    if sub(key, 1, 1) ~= ":" and find(key, "[^0-9a-z_%.%-]") then
+      unforwardable[#unforwardable + 1] = key
+    end
+  end
+  for _, key in ipairs(unforwardable) do
+    headers:remove(key)
+  end
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
+  drop_unforwardable_headers(headers)
   local request_id = headers:get("x-request-id")
   if request_id then
     -- Echoed as sent, also the one refused just below (the client can still find its answer).

@@ -79,6 +79,9 @@ class RestRoute:
     variables: tuple[str, ...]  # field paths bound by the path: ("name",)
     body: str  # "" (no body), "*" (the whole message) or the field the body fills
     input_type: str  # "pythonon.secrets.v1.PutSecretRequest"
+    grpc_path: str  # "/pythonon.secrets.v1.SecretsService/PutSecret"
+    output_type: str  # "pythonon.secrets.v1.SecretMetadata"
+    server_streaming: bool  # the answer is a stream of output messages (NDJSON on REST)
 
 
 @dataclass
@@ -138,6 +141,9 @@ def routes(files: Iterable[descriptor_pb2.FileDescriptorProto], services: Iterab
                             variables=variables,
                             body=rule.body,
                             input_type=method.input_type.lstrip("."),
+                            grpc_path=f"/{file.package}.{service.name}/{method.name}",
+                            output_type=method.output_type.lstrip("."),
+                            server_streaming=method.server_streaming,
                         )
                     )
     return found

@@ -37,7 +37,9 @@ def _method_option(
 
 class AccessPolicy:
     """Calls under `pythonon.` need an identity unless marked public; others (gRPC health,
-    reflection, Envoy's ext_authz Check) are infrastructure that the edge does not route."""
+    reflection, Envoy's ext_authz Check) are infrastructure that the edge does not route, but for
+    the system service's public reflection and health (`public.grpc.…`), which tell anyone only
+    what the OpenAPI document does."""
 
     def needs_identity(self, method: str) -> bool:
         return method.startswith("/pythonon.") and not is_public(method)

@@ -8,6 +8,7 @@ from services.platform import service_graph
 from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer
 from services.platform.service_graph import SECTIONS
 from services.platform.settings import ServerSettings
+from services.system import public_surface
 from services.system.capabilities import ExecutorCapabilities
 from services.system.health import HealthChecker
 from services.system.info import deployment_info, package_version
@@ -43,7 +44,10 @@ async def build(server_settings: ServerSettings, settings: SystemSettings) -> Se
                 service_name=system_pb2.DESCRIPTOR.services_by_name["SystemService"].full_name,
             )
         ],
-        generic_handlers=[UnbuiltSectionHandler(SECTIONS, settings.is_built)],
+        generic_handlers=[
+            UnbuiltSectionHandler(SECTIONS, settings.is_built),
+            *public_surface.handlers(health),
+        ],
         on_stop=[health.close, executor.close],
     )
 
