@@ -235,7 +235,7 @@ def test_stream_yields_output_then_the_result(sdk_mesh: Mesh, client: pyth_on.Cl
     reason = stream_endpoint_missing(sdk_mesh, account["apiKey"])
     if reason:
         pytest.skip(reason)
-    code = "import sys, time\nprint('first', flush=True)\ntime.sleep(2)\nprint('oops', file=sys.stderr)\nprint('second')\nsys.exit(5)"
+    code = "import sys, time\nprint('first', flush=True)\ntime.sleep(3)\nprint('oops', file=sys.stderr)\nprint('second')\nsys.exit(5)"
     started = time.monotonic()
     arrivals: list[tuple[float, pyth_on.StreamEvent]] = []
     for event in client.stream(code, timeout=10):
@@ -248,7 +248,7 @@ def test_stream_yields_output_then_the_result(sdk_mesh: Mesh, client: pyth_on.Cl
     assert "".join(e.text for e in outputs if e.stream == "stdout") == "first\nsecond\n"
     assert "".join(e.text for e in outputs if e.stream == "stderr") == "oops\n"
     first_at = next(at for at, event in arrivals if isinstance(event, OutputEvent))
-    assert first_at < arrivals[-1][0] - 1.0  # the first line came while the program slept
+    assert first_at < arrivals[-1][0] - 1.5  # the first line came while the program slept (3 s)
 
     async def in_async() -> list[pyth_on.StreamEvent]:
         async with pyth_on.AsyncClient(sdk_mesh.url, api_key=account["apiKey"]) as aclient:
@@ -383,20 +383,30 @@ def test_stream_decoding_retry_and_in_band_errors(scripted: ScriptedServer) -> N
 
 
 def test_the_package_installs_into_a_clean_venv_without_the_server(tmp_path: Path) -> None:
+    """`uv venv` + `uv pip install ./sdk/python` (as pip would, several times faster): only the SDK
+    and its three dependencies' trees, nothing of the server."""
+    uv = str(Path(sys.executable).parent / "uv")
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
+    subprocess.run([uv, "venv", "--quiet", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", str(SDK)],
+        [uv, "pip", "install", "--quiet", "--python", python, str(SDK)],
         capture_output=True,
         text=True,
         timeout=600,
     )
+    if install.returncode != 0 and any(
+        word in install.stderr.lower() for word in ("connect", "dns", "network", "timed out")
+    ):
+        pytest.skip(f"the package index is not reachable: {install.stderr.strip()[-300:]}")
     assert install.returncode == 0, install.stdout + install.stderr
-    frozen = subprocess.run(
-        [str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True
+    listed = subprocess.run(
+        [uv, "pip", "list", "--python", python, "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    installed = {item["name"].lower() for item in json.loads(frozen.stdout)}
+    installed = {item["name"].lower() for item in json.loads(listed.stdout)}
     assert {"pyth-on-client", "httpx", "pynacl", "argon2-cffi"} <= installed
     server_packages = {
         "pyth-on",
@@ -410,9 +420,7 @@ def test_the_package_installs_into_a_clean_venv_without_the_server(tmp_path: Pat
     }
     assert not installed & server_packages
     probe = "import pyth_on, importlib.util; print(pyth_on.__version__, importlib.util.find_spec('services'))"
-    imported = subprocess.run(
-        [str(python), "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=True
-    )
+    imported = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert imported.stdout == "0.1.0 None\n"
     typed = (
         venv
