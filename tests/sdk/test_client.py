@@ -261,6 +261,25 @@ def test_stream_yields_output_then_the_result(sdk_mesh: Mesh, client: pyth_on.Cl
     assert (refused.value.status, refused.value.code) == (400, 3)
 
 
+def test_leaving_a_stream_early_ends_the_run(sdk_mesh: Mesh, client: pyth_on.Client, account: dict) -> None:
+    reason = stream_endpoint_missing(sdk_mesh, account["apiKey"])
+    if reason:
+        pytest.skip(reason)
+    before = {entry.id for entry in client.audit.list(action="executor.execute")}
+    for event in client.stream("import time\nprint('started', flush=True)\ntime.sleep(50)", timeout=55):
+        assert event == OutputEvent("stdout", "started\n")
+        break  # the generator is dropped here, which closes the connection
+    left = time.monotonic()
+    while True:
+        new = [e for e in client.audit.list(action="executor.execute") if e.id not in before]
+        if new:
+            break
+        assert time.monotonic() - left < 30, "the abandoned run was never recorded"
+        time.sleep(0.2)
+    assert (new[0].outcome, new[0].details.get("reason")) == ("cancelled", "caller_gone")
+    assert time.monotonic() - left < 30  # not the program's 50 s
+
+
 # Retries and stream decoding, against a scripted server (no mesh needed).
 
 
