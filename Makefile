@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 8080
 DATA_DIR ?= .data
 SANDBOX ?= bwrap
+EXECUTORS ?= 1
 PYTEST_ARGS ?=
 
 .PHONY: run test venv system-packages generate check-generated lint typecheck proto-lint proto-breaking bench clean
@@ -33,7 +34,7 @@ system-packages:
 	  echo "note: runsc (gVisor) is not installed; the gvisor backend's tests will be skipped"
 
 run: venv
-	$(BIN)/pyth-on up --port $(PORT) --data-dir $(DATA_DIR) --sandbox $(SANDBOX)
+	$(BIN)/pyth-on up --port $(PORT) --data-dir $(DATA_DIR) --sandbox $(SANDBOX) --executors $(EXECUTORS)
 
 test: venv system-packages check-generated lint typecheck proto-lint proto-breaking
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -52,7 +52,7 @@ from services.platform.service_graph import (
     HTTP_STATUS_HEADER,
     IDENTITY_HEADER,
     SECTIONS,
-    split_address,
+    split_addresses,
 )
 
 DESCRIPTOR_SET: Path = Path(__file__).resolve().parent / "pythonon.pb"
@@ -270,6 +270,24 @@ _DROP_EMPTY_REQUEST_ID = [
 ]
 
 
+# A request that never reached a service (its replica is down or restarting: the connection was
+# refused or reset before a byte went out) is tried once more on another replica; one that did is
+# never retried, since a run or a change may have taken effect.
+_RETRY_UNSENT = {
+    "retry_on": "connect-failure,refused-stream,reset-before-request",
+    "num_retries": 2,
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": _TYPE + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ],
+    "host_selection_retry_max_attempts": 3,
+}
+
+
 def _local_reply_config(max_request_bytes: int) -> dict:
     """Envoy's own replies (no route, body too large, upstream down, ...) as google.rpc.Status.
 
@@ -361,15 +379,16 @@ def _upstream_tls_socket(section: str, tls: UpstreamTls) -> dict:
     }
 
 
-def _cluster(section: str, host: str, port: int, tls: UpstreamTls | None) -> dict:
-    """The upstream cluster of a section: gRPC over HTTP/2 to host:port, in mutual TLS with `tls`
-    (h2c without: only for the tests' plaintext stand-in services)."""
+def _cluster(section: str, replicas: list[tuple[str, int]], tls: UpstreamTls | None) -> dict:
+    """The upstream cluster of a section: gRPC over HTTP/2 to each host:port (its replicas,
+    balanced round-robin), in mutual TLS with `tls` (h2c without: only for the tests' plaintext
+    stand-in services)."""
     name = _cluster_name(section)
     cluster = {
         "name": name,
         # An address is taken as it is; a name is resolved, and re-resolved as it changes (every
         # address it has is an endpoint: all the replicas behind a Kubernetes Service's name).
-        "type": "STATIC" if _is_ip_address(host) else "STRICT_DNS",
+        "type": "STATIC" if all(_is_ip_address(host) for host, _ in replicas) else "STRICT_DNS",
         "connect_timeout": f"{CONNECT_TIMEOUT_SECONDS}s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -383,6 +402,7 @@ def _cluster(section: str, host: str, port: int, tls: UpstreamTls | None) -> dic
                 {
                     "lb_endpoints": [
                         {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                        for host, port in replicas
                     ]
                 }
             ],
@@ -413,7 +433,8 @@ def render(
 
     ``upstreams`` maps a section name to "host:port" of the gRPC (h2c) server serving it: an IP
     address (``127.0.0.1:50051`` under ``make run``) or a DNS name, resolved by Envoy and kept
-    up to date (``auth.pythonon.svc.cluster.local:50051`` in Kubernetes). "auth" (which also
+    up to date (``auth.pythonon.svc.cluster.local:50051`` in Kubernetes); or several IP addresses,
+    comma-separated, of a service's replicas on one machine (``pyth-on up --executors 2``). "auth" (which also
     answers ext_authz) and "system" are required. Sections that are absent are routed to the
     system server, which answers UNIMPLEMENTED for them (HTTP 501 on REST).
 
@@ -430,7 +451,7 @@ def render(
     endpoints = {}
     for section, address in upstreams.items():
         try:
-            endpoints[section] = split_address(address)
+            endpoints[section] = split_addresses(address)
         except ValueError as error:
             raise ValueError(f"upstream of {section}: {error}") from None
 
@@ -450,7 +471,7 @@ def render(
     # service, which enforces it; max_stream_duration.grpc_timeout_header_max is not used because
     # with it Envoy drops the route timeout for gRPC requests without that header, which
     # transcoded REST requests are.)
-    route_action = {"timeout": f"{route_timeout_seconds}s"}
+    route_action = {"timeout": f"{route_timeout_seconds}s", "retry_policy": _RETRY_UNSENT}
     routes = []
     # Exact routes for the calls that skip ext_authz come first; everything else of a service
     # matches its prefix and is checked. Only gRPC requests match (REST ones are gRPC by now).
@@ -502,6 +523,9 @@ def render(
                     "always_print_primitive_fields": True,
                     "add_whitespace": False,
                     "preserve_proto_field_names": False,
+                    # A server-streaming call (POST /api/v1/execute/stream) answers one JSON object
+                    # a line as each message arrives, rather than one JSON array.
+                    "stream_newline_delimited": True,
                 },
                 "convert_grpc_status": True,
                 "ignore_unknown_query_parameters": True,
@@ -588,7 +612,7 @@ def render(
         ]
 
     clusters = [
-        _cluster(section, *endpoints[section], upstream_tls) for section in SECTIONS if section in endpoints
+        _cluster(section, endpoints[section], upstream_tls) for section in SECTIONS if section in endpoints
     ]
 
     bootstrap: dict = {

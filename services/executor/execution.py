@@ -6,7 +6,8 @@ up, or its deadline passes) is stopped (the backend kills its sandbox) and recor
 `cancelled`. A run that ran is recorded with its execution id as the record id, retried until
 RECORD_DEADLINE_SECONDS, as a unit of work a hang-up cannot interrupt; if the audit log still
 cannot confirm it, the output is withheld, the answer says the code ran, and the record goes on
-being retried in the background."""
+being retried in the background. A streamed run (`stream`) is the same run; its output has left as
+it was written, so only its result is withheld then."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import hashlib
 import math
 import re
 import uuid
-from collections.abc import Coroutine, Mapping, Sequence
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.executor.encrypted_runs import SealedCode
+from services.executor.live_output import LiveOutput
 from services.executor.packages_client import NO_PACKAGES, PackagesClient
 from services.executor.sandbox import (
     LANGUAGES,
@@ -49,6 +52,8 @@ MAX_ENV_VALUE_BYTES = 32 * 1024
 # and how long it is retried after that, in the background, so that the run still reaches the log.
 RECORD_DEADLINE_SECONDS = 15.0
 RECORD_BACKGROUND_SECONDS = 300.0
+# How long a streamed run's output is gathered, once some arrives, before it is sent as one event.
+COALESCE_SECONDS = 0.01
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
@@ -71,6 +76,14 @@ class ExecutionRequest:
 class ExecutionResult:
     execution_id: str
     result: RunResult
+
+
+@dataclass(frozen=True)
+class OutputEvent:
+    """Text a streamed run wrote to one of its streams ("stdout" or "stderr")."""
+
+    stream: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,47 @@ class Executions:
         sandbox) now, off the run's critical path."""
         self._backend.replenish()
 
-    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
+    async def stream(self, request: ExecutionRequest) -> AsyncGenerator[OutputEvent | ExecutionResult, None]:
+        """`execute`, telling the output as the program writes it: OutputEvents (consecutive pieces
+        of one stream joined), then the ExecutionResult. Raises what `execute` raises, when it does.
+        Closing the iterator before its end (the caller went away) cancels the run, as a hang-up
+        cancels `execute`, and waits until it has unwound (its sandbox killed)."""
+        pending: deque[OutputEvent] = deque()
+        arrived = asyncio.Event()
+
+        def tell(stream: str, text: str) -> None:
+            pending.append(OutputEvent(stream, text))
+            arrived.set()
+
+        run = asyncio.ensure_future(self.execute(request, on_output=tell))
+        run.add_done_callback(lambda _: arrived.set())
+        try:
+            while pending or not run.done():
+                if not pending:
+                    await arrived.wait()
+                    arrived.clear()
+                    if not run.done():
+                        # A program's writes come in bursts (print writes a line, then its
+                        # newline): one event for each burst, not for each write.
+                        await asyncio.sleep(COALESCE_SECONDS)
+                    continue
+                first = pending.popleft()
+                texts = [first.text]
+                while pending and pending[0].stream == first.stream:
+                    texts.append(pending.popleft().text)
+                yield OutputEvent(first.stream, "".join(texts))
+            yield run.result()
+        finally:
+            if not run.done():
+                run.cancel()
+                await asyncio.wait({run})
+
+    async def execute(
+        self, request: ExecutionRequest, on_output: Callable[[str, str], None] | None = None
+    ) -> ExecutionResult:
+        """Run the request's code. `on_output(stream, text)`, when given, hears the output as it is
+        written (as much as the backend can tell before the run ends), and the rest once the run is
+        recorded: all of it, joined, is the result's stdout and stderr."""
         # An alias (py, js, node, sh...) runs as its language, and is recorded under that name.
         language = canonical_name(request.language or "python") or request.language
         limits = self._validate(request, language)
@@ -134,8 +187,9 @@ class Executions:
             spec = request.sealed.spec(spec, self._backend.languages())
             details.update(request.sealed.audit_details())
         resource = f"execution/{execution_id}"
+        live = LiveOutput(spec.limits.output_bytes, on_output) if on_output is not None else None
         try:
-            result = await self._backend.run(spec)
+            result = await self._backend.run(spec, live.hear if live is not None else None)
         except asyncio.CancelledError:
             # The sandbox is killed as the cancellation unwinds the backend's run.
             finish_in_background(
@@ -184,6 +238,8 @@ class Executions:
             truncated=result.truncated,
         )
         await run_to_completion(self._record_run(execution_id, details), action="executor.execute")
+        if live is not None:
+            live.finish(result)
         return ExecutionResult(execution_id=execution_id, result=result)
 
     async def _record_run(self, execution_id: str, details: dict[str, object]) -> None:

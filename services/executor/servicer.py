@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+
 import grpc
+from google.rpc import status_pb2
 from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.executor.encrypted_runs import sealed_code_from
-from services.executor.execution import ExecutionPolicy, ExecutionRequest, Executions
+from services.executor.execution import (
+    ExecutionPolicy,
+    ExecutionRequest,
+    ExecutionResult,
+    Executions,
+    OutputEvent,
+)
 from services.executor.runtime_versions import RuntimeVersions
 from services.executor.sandbox import LANGUAGES, SandboxBackend
-from services.platform.errors import InvalidArgument
+from services.platform.errors import DomainError, Internal, InvalidArgument
 from services.platform.identity import require_identity
+
+log = logging.getLogger("pythonon.executor")
 
 
 def secret_names(
@@ -39,6 +51,19 @@ def to_execution_request(request: executor_pb2.ExecuteRequest, user_id: str) -> 
     )
 
 
+def to_response(done: ExecutionResult) -> executor_pb2.ExecuteResponse:
+    result = done.result
+    return executor_pb2.ExecuteResponse(
+        output=result.stdout,
+        error=result.stderr,
+        exit_code=result.exit_code,
+        duration_ms=result.duration_ms,
+        timed_out=result.timed_out,
+        truncated=result.truncated,
+        execution_id=done.execution_id,
+    )
+
+
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     def __init__(self, executions: Executions) -> None:
         self._executions = executions
@@ -50,16 +75,37 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         # A run waiting in line for a slot leaves it when its caller goes away: gRPC cancels this
         # task, and the cancellation unwinds the backend's wait (see admission.Admission.slot).
         done = await self._executions.execute(to_execution_request(request, require_identity().user_id))
-        result = done.result
-        return executor_pb2.ExecuteResponse(
-            output=result.stdout,
-            error=result.stderr,
-            exit_code=result.exit_code,
-            duration_ms=result.duration_ms,
-            timed_out=result.timed_out,
-            truncated=result.truncated,
-            execution_id=done.execution_id,
-        )
+        return to_response(done)
+
+    async def ExecuteStream(  # noqa: N802 (gRPC method name)
+        self, request: executor_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[executor_pb2.ExecuteEvent]:
+        context.add_done_callback(lambda _context: self._executions.after_answer())
+        events = self._executions.stream(to_execution_request(request, require_identity().user_id))
+        told = False
+        try:
+            async for event in events:
+                if isinstance(event, OutputEvent):
+                    told = True
+                    yield (
+                        executor_pb2.ExecuteEvent(stdout=event.text)
+                        if event.stream == "stdout"
+                        else executor_pb2.ExecuteEvent(stderr=event.text)
+                    )
+                else:
+                    yield executor_pb2.ExecuteEvent(result=to_response(event))
+        except Exception as error:
+            if not told:
+                raise  # nothing sent yet: the call's status, as Execute's (HTTP 400, 429, 503...)
+            # An HTTP/1.1 client sees no trailers: a failure after the first event is the last event.
+            if not isinstance(error, DomainError):
+                log.exception("unhandled error in a streamed run")
+                error = Internal("internal error")
+            yield executor_pb2.ExecuteEvent(
+                error=status_pb2.Status(code=error.code.value[0], message=error.message)
+            )
+        finally:
+            await events.aclose()
 
 
 class CapabilitiesServicer(executor_pb2_grpc.ExecutorCapabilitiesServiceServicer):
@@ -128,13 +174,4 @@ class EncryptedExecutorServicer(executor_pb2_grpc.ExecutorEncryptedServiceServic
                 secret_names=secret_names(request),
             )
         )
-        result = done.result
-        return executor_pb2.ExecuteResponse(
-            output=result.stdout,
-            error=result.stderr,
-            exit_code=result.exit_code,
-            duration_ms=result.duration_ms,
-            timed_out=result.timed_out,
-            truncated=result.truncated,
-            execution_id=done.execution_id,
-        )
+        return to_response(done)

@@ -64,10 +64,18 @@ SETTINGS: tuple[Setting, ...] = (
         "uses no core, and the CPU quota keeps a busy one to its share.",
     ),
     Setting(
+        "PYTHONON_EXECUTOR_REPLICAS_ON_HOST",
+        "1",
+        "Executors sharing this host (`pyth-on up --executors N` sets it): when "
+        "PYTHONON_EXECUTOR_MAX_CONCURRENT is 0, each sizes its runs at once for its share of the "
+        "available memory and cores (bwrap and gvisor backends).",
+    ),
+    Setting(
         "PYTHONON_EXECUTOR_MAX_RUNS_PER_USER",
         "0",
-        "Most runs of one user at once (0: half of the runs at once, rounded up); a user's further runs "
-        "wait in line, served round-robin with other users'.",
+        "Most runs of one user at once while other users want slots (0: half of the runs at once, "
+        "rounded up); a user's further runs wait in line, served round-robin with other users'. Slots "
+        "nobody else wants are lent beyond it, all but one, which stays free for a newcomer.",
     ),
     Setting(
         "PYTHONON_EXECUTOR_MAX_QUEUE_SECONDS",
@@ -129,6 +137,7 @@ class ExecutorSettings:
             )
         max_concurrent = env.integer("PYTHONON_EXECUTOR_MAX_CONCURRENT", 0)
         max_runs_per_user = env.integer("PYTHONON_EXECUTOR_MAX_RUNS_PER_USER", 0)
+        replicas_on_host = env.integer("PYTHONON_EXECUTOR_REPLICAS_ON_HOST", 1, minimum=1)
         default_limits = Limits(
             timeout_seconds=float(default_timeout),
             memory_bytes=env.integer("PYTHONON_EXECUTOR_MEMORY_MIB", 256, minimum=16) * MiB,
@@ -142,6 +151,7 @@ class ExecutorSettings:
             "max_concurrent": max_concurrent or None,
             "runs_per_core": float(env.integer("PYTHONON_EXECUTOR_RUNS_PER_CORE", 4, minimum=1)),
             "max_runs_per_user": max_runs_per_user or None,
+            **({"host_sharers": replicas_on_host} if replicas_on_host > 1 else {}),
             "max_queue_seconds": float(env.integer("PYTHONON_EXECUTOR_MAX_QUEUE_SECONDS", 30)),
             "max_waiting_per_user": env.integer("PYTHONON_EXECUTOR_MAX_WAITING_PER_USER", 100),
             "max_timeout_seconds": float(max_timeout),

@@ -9,7 +9,6 @@ from pythonon.generator.v1 import generator_pb2, generator_pb2_grpc
 from services.generator import settings as generator_settings
 from services.generator.executor_client import ExecutorClient
 from services.generator.generation import Generations
-from services.generator.model import ClaudeCodeWriter
 from services.generator.secret_names import SecretNames
 from services.generator.servicer import GeneratorServicer
 from services.generator.settings import GeneratorSettings
@@ -26,6 +25,8 @@ async def build(server: ServerSettings, settings: GeneratorSettings) -> ServiceP
     gRPC health reports the GeneratorService NOT_SERVING (/health: "not_configured")."""
     writer = None
     if settings.api_key is not None:
+        from services.generator.model import ClaudeCodeWriter  # the SDK only where it is used
+
         writer = ClaudeCodeWriter(
             settings.api_key,
             settings.model,

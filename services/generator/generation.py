@@ -13,17 +13,21 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from pythonon.executor.v1 import executor_pb2
 
+from services.generator.answers import NOT_CONFIGURED_MESSAGE, ModelAnswer
 from services.generator.executor_client import ExecutorClient
 from services.generator.instructions import RunFacts, system_prompt
-from services.generator.model import NOT_CONFIGURED_MESSAGE, ClaudeCodeWriter, ModelAnswer
 from services.generator.secret_names import SecretNames
 from services.generator.user_packages import UserPackages, package_name
 from services.platform.audit import FAILURE, SUCCESS, AuditClient
 from services.platform.errors import DomainError, InvalidArgument, Unavailable
+
+if TYPE_CHECKING:
+    from services.generator.model import ClaudeCodeWriter
 
 log = logging.getLogger("pythonon.generator")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.generator.model import TOOL_NAME
+from services.generator.answers import TOOL_NAME
 
 MiB = 1024 * 1024
 

@@ -11,19 +11,23 @@ import asyncio
 import logging
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import anthropic
-import grpc
 from anthropic import APIRequest, AsyncAnthropic, AsyncAPIResponse, AsyncCallNext, Middleware
 from anthropic.types import MessageParam, ToolChoiceToolParam, ToolParam
 
+from services.generator.answers import (  # noqa: F401 - NOT_CONFIGURED_MESSAGE is re-exported
+    NOT_CONFIGURED_MESSAGE,
+    TOOL_NAME,
+    ModelAnswer,
+    ModelTimeout,
+    Usage,
+)
 from services.platform.errors import DomainError, ResourceExhausted, Unavailable
 
 log = logging.getLogger("pythonon.generator.model")
 
-TOOL_NAME = "submit_code"
 MAX_PACKAGES = 50
 # A package as the model must name it: a PEP 508 name with an optional version specifier, no URL,
 # path or pip option (the packages service accepts nothing else).
@@ -56,30 +60,8 @@ ANSWER_TOOL: ToolParam = {
 
 _FORCED_TOOL: ToolChoiceToolParam = {"type": "tool", "name": TOOL_NAME}
 
-NOT_CONFIGURED_MESSAGE = "generation is not configured: set ANTHROPIC_API_KEY"
 MALFORMED_MESSAGE = "the model's answer was malformed ({why}); retry"
 OVERLOADED_MESSAGE = "the model is overloaded or unavailable right now; retry later"
-
-
-class ModelTimeout(DomainError):
-    """The model did not answer within the generator's time (HTTP 504)."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-@dataclass(frozen=True)
-class Usage:
-    input_tokens: int
-    output_tokens: int
-
-
-@dataclass(frozen=True)
-class ModelAnswer:
-    code: str
-    packages: list[str]
-    explanation: str
-    model: str  # as the API names the model that answered
-    usage: Usage
 
 
 class _RateLimited(Exception):

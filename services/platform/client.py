@@ -95,15 +95,29 @@ def tls_channel_options(service: str) -> tuple[tuple[str, str], ...]:
     return (("grpc.ssl_target_name_override", service),)
 
 
+def channel_target(address: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """grpc's target for "host:port", or for several (a service's replicas, see
+    service_graph.split_addresses) a static list balanced round-robin, call by call."""
+    replicas = service_graph.split_addresses(address)
+    if len(replicas) == 1:
+        return address, ()
+    scheme = "ipv6" if ":" in replicas[0][0] else "ipv4"
+    hosts = ",".join(f"[{host}]:{port}" if scheme == "ipv6" else f"{host}:{port}" for host, port in replicas)
+    return f"{scheme}:{hosts}", (("grpc.lb_policy_name", "round_robin"),)
+
+
 def _open_channel(
     service: str, address: str, interceptors: list[grpc.aio.ClientInterceptor], tls: MeshTls | None
 ) -> grpc.aio.Channel:
+    target, balancing = channel_target(address)
     if tls is None:  # outside any mesh: against an in-process test server only (no service runs without)
-        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+        return grpc.aio.insecure_channel(
+            target, options=(*CHANNEL_OPTIONS, *balancing), interceptors=interceptors
+        )
     return grpc.aio.secure_channel(
-        address,
+        target,
         channel_credentials(tls),
-        options=(*CHANNEL_OPTIONS, *tls_channel_options(service)),
+        options=(*CHANNEL_OPTIONS, *balancing, *tls_channel_options(service)),
         interceptors=interceptors,
     )
 

@@ -9,6 +9,7 @@ This module imports nothing of the project: the edge's renderer imports it, neve
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -129,6 +130,27 @@ def split_address(address: str) -> tuple[str, int]:
     if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"expected host:port with a port 1-65535, got {address!r}")
     return host, int(port)
+
+
+def split_addresses(value: str) -> list[tuple[str, int]]:
+    """Every (host, port) of "host:port" or of several, comma-separated: the replicas of one service
+    reached directly (several executors on one machine), which must then be IP addresses of one
+    family (a client balances over them itself; a DNS name's replicas are its addresses).
+    ValueError saying what is wrong otherwise."""
+    parts = [part.strip() for part in value.split(",")]
+    addresses = [split_address(part) for part in parts]
+    if len(addresses) > 1:
+        families = {_ip_family(host) for host, _ in addresses}
+        if None in families or len(families) > 1:
+            raise ValueError(f"several addresses must be IP addresses of one family, got {value!r}")
+    return addresses
+
+
+def _ip_family(host: str) -> int | None:
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
 
 
 def wiring_environment(

@@ -299,12 +299,12 @@ def database_url(env: Environment, service: str) -> str:
 
 
 def service_address(env: Environment, service: str) -> str:
-    """host:port of a service this one calls, from the variable the service graph names for it
+    """host:port of a service this one calls (or several, comma-separated: its replicas), from the variable the service graph names for it
     (e.g. PYTHONON_AUDIT_ADDRESS); SettingsError naming the variable when it is missing or malformed."""
     variable = service_graph.address_variable(service)
     address = env.text(variable).strip()
     try:
-        service_graph.split_address(address)
+        service_graph.split_addresses(address)
     except ValueError as error:
         raise SettingsError(f"{variable}: {error}") from None
     return address

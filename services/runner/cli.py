@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
         "needs runsc installed)",
     )
     up.add_argument(
+        "--executors",
+        type=int,
+        default=1,
+        help="executor processes behind the edge, each with its own sandboxes and share of the host "
+        "(default 1)",
+    )
+    up.add_argument(
         "--log-level",
         type=str.upper,
         default=os.environ.get("PYTHONON_LOG_LEVEL") or "INFO",
@@ -197,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data_dir,
             database_url=args.database_url,
             log_level=args.log_level,
+            executors=args.executors,
             service_env={"executor": {"PYTHONON_EXECUTOR_BACKEND": args.sandbox}},
         )
     except MeshError as error:

@@ -52,6 +52,8 @@ _log = logging.getLogger("pythonon.runner")
 
 LOOPBACK = "127.0.0.1"
 EDGE = "envoy"
+EXECUTOR = "executor"
+MAX_EXECUTORS = 16
 OPENBAO = "openbao"
 _DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")
 # Variables every service may read from the runner's own environment (besides its own documented
@@ -74,6 +76,11 @@ class MeshPorts:
     edge: int
     services: Mapping[str, int]
     vault: int
+    # Every replica's port of a service run several times (the first is services[name]).
+    replicas: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def ports_of(self, service: str) -> tuple[int, ...]:
+        return self.replicas.get(service) or (self.services[service],)
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,8 @@ class MeshPlan:
     database_urls: Mapping[str, str]  # service name → URL, for services that keep state
 
     def address(self, service: str) -> str:
-        return f"{LOOPBACK}:{self.ports.services[service]}"
+        """host:port of the service, or of each of its replicas, comma-separated (callers balance)."""
+        return ",".join(f"{LOOPBACK}:{port}" for port in self.ports.ports_of(service))
 
     @property
     def vault_address(self) -> str:
@@ -223,10 +231,14 @@ class MeshConfig:
     restart_limit: int = 5
     restart_window_seconds: float = 60.0
     restart_delay_seconds: float = 0.2
+    # Executor processes behind the edge (each its own port, sandboxes and share of the host).
+    executors: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise MeshError(f"--port must be 0-65535, got {self.port}")
+        if not 1 <= self.executors <= MAX_EXECUTORS:
+            raise MeshError(f"--executors must be 1-{MAX_EXECUTORS}, got {self.executors}")
         if self.restart_limit < 0 or self.restart_window_seconds <= 0 or self.restart_delay_seconds < 0:
             raise MeshError("restart_limit must be >= 0, the window > 0 and the delay >= 0")
         unknown = set(self.service_env) - {service.name for service in SERVICES}
@@ -246,11 +258,24 @@ class MeshConfig:
                 edge = self.port
             else:
                 edge = _bound_port(held.enter_context(_bind(self.host, 0)))
-            services = {
-                service.name: _bound_port(held.enter_context(_bind(LOOPBACK, 0))) for service in SERVICES
+
+            def free() -> int:
+                return _bound_port(held.enter_context(_bind(LOOPBACK, 0)))
+
+            replicas = {
+                service.name: tuple(free() for _ in range(self.replicas_of(service.name)))
+                for service in SERVICES
             }
-            vault = _bound_port(held.enter_context(_bind(LOOPBACK, 0)))
-        return MeshPorts(edge=edge, services=services, vault=vault)
+            vault = free()
+        return MeshPorts(
+            edge=edge,
+            services={name: ports[0] for name, ports in replicas.items()},
+            vault=vault,
+            replicas={name: ports for name, ports in replicas.items() if len(ports) > 1},
+        )
+
+    def replicas_of(self, service: str) -> int:
+        return self.executors if service == EXECUTOR else 1
 
 
 @contextmanager
@@ -505,13 +530,16 @@ class Mesh:
             deadline = time.monotonic() + self.config.startup_timeout_seconds
             self._start_openbao(plan, deadline)
             for service in SERVICES:
-                self._spawn(
-                    service.name,
-                    [sys.executable, "-m", f"services.{service.name}"],
-                    self._service_env(service, plan, given.get(service.name, {})),
-                )
+                env = self._service_env(service, plan, given.get(service.name, {}))
+                for name, port in replica_names(service.name, plan.ports.ports_of(service.name)):
+                    self._spawn(
+                        name,
+                        [sys.executable, "-m", f"services.{service.name}"],
+                        {**env, "PYTHONON_PORT": str(port)},
+                    )
             for service in SERVICES:
-                self._wait_serving(service.name, plan.address(service.name), deadline)
+                for name, port in replica_names(service.name, plan.ports.ports_of(service.name)):
+                    self._wait_serving(name, f"{LOOPBACK}:{port}", deadline, service.name)
             self._start_edge(plan)
             self._wait_edge(deadline)
             self.restarts.clear()
@@ -547,7 +575,7 @@ class Mesh:
         self._children.clear()
         self._terminate(services)
         for child in services:
-            if child.name == "executor":
+            if child.name == EXECUTOR or child.name.startswith(f"{EXECUTOR}-"):
                 _reap_sandboxes(child)
         if vault is not None:
             self._terminate([vault])
@@ -638,6 +666,8 @@ class Mesh:
         )
         if service.name in _LOCAL_SETTINGS:
             env.update(_LOCAL_SETTINGS[service.name](plan))
+        if service.name == EXECUTOR and self.config.executors > 1:
+            env["PYTHONON_EXECUTOR_REPLICAS_ON_HOST"] = str(self.config.executors)
         env.update(self.config.service_env.get(service.name, {}))
         return env
 
@@ -733,11 +763,11 @@ class Mesh:
             f"last lines of {child.log_path}:\n{child.log_tail()}"
         )
 
-    def _wait_serving(self, name: str, address: str, deadline: float) -> None:
+    def _wait_serving(self, name: str, address: str, deadline: float, service: str) -> None:
         while True:
             self._fail_if_exited(name)
             assert self._runner_tls is not None  # set by start() before any service starts
-            if _grpc_serving(address, name, self._runner_tls):
+            if _grpc_serving(address, service, self._runner_tls):
                 return
             if time.monotonic() >= deadline:
                 raise self._timed_out(name, f"did not report SERVING on {address}")
@@ -808,6 +838,12 @@ class Mesh:
             while child.exit_code() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             child.reap()
+
+
+def replica_names(service: str, ports: tuple[int, ...]) -> list[tuple[str, int]]:
+    """(process name, port) of each replica: the service's name for the first, then name-2, ...
+    (the names of their log files and of Mesh.pids)."""
+    return [(service if number == 1 else f"{service}-{number}", port) for number, port in enumerate(ports, 1)]
 
 
 def _reap_sandboxes(executor: _Child) -> None:

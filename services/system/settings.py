@@ -65,11 +65,9 @@ def parse_services(env: Environment) -> dict[str, str]:
         if not address:
             continue
         try:
-            service_graph.split_address(address)
-        except ValueError:
-            raise SettingsError(
-                f"{variable} must be host:port with a port 1-65535, got {address!r}"
-            ) from None
+            service_graph.split_addresses(address)
+        except ValueError as error:
+            raise SettingsError(f"{variable}: {error}") from None
         services[name] = address
     return services
 

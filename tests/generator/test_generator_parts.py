@@ -190,3 +190,15 @@ def test_the_client_retries_overload_then_gives_503_and_a_slow_model_504() -> No
             await quick.close()
 
         asyncio.run(go())
+
+
+def test_a_generator_without_an_api_key_never_imports_the_sdk() -> None:
+    """About 30 MiB of an idle mesh's memory: the SDK is imported only where a key is configured."""
+    import subprocess
+    import sys
+
+    probe = "import sys, services.generator.__main__; print('anthropic' in sys.modules)"
+    answer = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert answer.stdout.strip() == "False"

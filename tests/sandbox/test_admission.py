@@ -121,16 +121,44 @@ def test_a_user_at_the_cap_waits_while_another_user_takes_a_free_slot_at_once() 
         for name in ("a1", "a2", "a3", "a4", "a5"):
             runs.submit(name)
         await settle()
-        assert runs.started == ["a1", "a2"]  # two slots stay free: A is at its cap
-        assert (admission.running, admission.waiting_of("a")) == (2, 3)
+        # Alone, A borrows an idle slot beyond its cap, but the last one stays free.
+        assert runs.started == ["a1", "a2", "a3"]
+        assert (admission.running, admission.waiting_of("a")) == (3, 2)
         runs.submit("b1")
         await settle()
-        assert runs.started == ["a1", "a2", "b1"]
+        assert runs.started == ["a1", "a2", "a3", "b1"]  # the newcomer starts at once
         await runs.done("a1")
-        assert runs.started == ["a1", "a2", "b1", "a3"]
-        for name in ("b1", "a2", "a3", "a4", "a5"):
+        # A is at its cap and lending would take the last free slot: it stays free.
+        assert runs.started == ["a1", "a2", "a3", "b1"]
+        runs.submit("b2")
+        await settle()
+        assert runs.started == ["a1", "a2", "a3", "b1", "b2"]
+        await runs.done("a2")
+        assert runs.started == ["a1", "a2", "a3", "b1", "b2", "a4"]  # A below its cap again
+        for name in ("b1", "b2", "a3", "a4", "a5"):
             await runs.done(name)
-        assert runs.peak_of == {"a": 2, "b": 1}
+        assert runs.peak_of == {"a": 3, "b": 2}
+        assert (admission.running, admission.waiting) == (0, 0)
+
+    scenario(body)
+
+
+def test_two_users_flooding_are_each_held_to_their_cap() -> None:
+    async def body() -> None:
+        admission = Admission(slots=4, per_user=2, max_wait_seconds=30, max_waiting_per_user=10)
+        runs = Runs(admission)
+        for number in range(1, 5):
+            runs.submit(f"a{number}")
+            runs.submit(f"b{number}")
+        await settle()
+        assert sorted(runs.started) == ["a1", "a2", "b1", "b2"]
+        for finished in ("a1", "b1", "a2", "b2"):
+            await runs.done(finished)
+            assert admission.running_of("a") <= 2 and admission.running_of("b") <= 2
+        assert sorted(runs.started) == ["a1", "a2", "a3", "a4", "b1", "b2", "b3", "b4"]
+        for name in ("a3", "a4", "b3", "b4"):
+            await runs.done(name)
+        assert runs.peak_of == {"a": 2, "b": 2}
         assert (admission.running, admission.waiting) == (0, 0)
 
     scenario(body)
@@ -409,3 +437,24 @@ def test_the_slots_are_the_smaller_of_memory_and_cores() -> None:
     huge = host_capacity(Limits(memory_bytes=1 << 50), runs_per_core=4)
     assert (huge.by_memory, huge.slots) == (0, 1)
     assert "runs at once: memory allows" in capacity.describe()
+
+
+def test_a_waiter_cancelled_in_the_turn_a_slot_frees_does_not_take_it() -> None:
+    async def body() -> None:
+        admission = Admission(slots=1, per_user=1, max_wait_seconds=30, max_waiting_per_user=10)
+        runs = Runs(admission)
+        for name in ("a1", "b1", "c1"):
+            runs.submit(name)
+        await settle()
+        assert runs.started == ["a1"]
+        # b1's caller goes away and a1 ends in the same turn, before b1's task runs again.
+        runs.finish["a1"].set()
+        runs.tasks["b1"].cancel()
+        await runs.tasks["a1"]
+        await settle()
+        assert runs.tasks["b1"].cancelled()
+        assert runs.started == ["a1", "c1"]
+        await runs.done("c1")
+        assert (admission.running, admission.waiting) == (0, 0)
+
+    scenario(body)

@@ -24,7 +24,7 @@ import pytest
 
 from services.executor import encrypted_runs
 from services.executor.packages_client import RunPackages
-from services.executor.sandbox import Limits, RunSpec, SandboxBusy, SandboxError, zk_decryptor
+from services.executor.sandbox import Limits, RunResult, RunSpec, SandboxBusy, SandboxError, zk_decryptor
 from services.platform.package_store import SANDBOX_MOUNT
 from services.zk import recipe
 from tests.host_processes import no_process_left
@@ -523,6 +523,54 @@ def test_fallocate_cannot_fill_the_disk(sandbox: Sandbox) -> None:
     result = sandbox.run(RunSpec("bash", "fallocate -l 100M /tmp/big; echo rc=$?; ls -la /tmp"))
     assert "rc=0" not in result.stdout
     sandbox.assert_healthy()
+
+
+def run_listening(sandbox: Sandbox, spec: RunSpec) -> tuple[RunResult, list[tuple[float, str, bytes]], float]:
+    """The result, what `on_output` heard (seconds on the loop's clock, stream, bytes), and when the
+    run ended on that clock."""
+    heard: list[tuple[float, str, bytes]] = []
+
+    async def run() -> tuple[RunResult, float]:
+        loop = asyncio.get_running_loop()
+        try:
+            result = await sandbox.backend.run(
+                spec, lambda stream, data: heard.append((loop.time(), stream, data))
+            )
+        finally:
+            sandbox.backend.replenish()
+        return result, loop.time()
+
+    result, ended = sandbox.loop.call(run())
+    return result, heard, ended
+
+
+def heard_of(heard: list[tuple[float, str, bytes]], stream: str) -> bytes:
+    return b"".join(data for _, name, data in heard if name == stream)
+
+
+def test_output_is_heard_as_it_is_written(sandbox: Sandbox, factory: BackendFactory) -> None:
+    code = "import sys, time\nprint('early', flush=True)\ntime.sleep(1.5)\nprint('late')\nsys.exit(4)"
+    result, heard, ended = run_listening(sandbox, RunSpec("python", code))
+    assert (result.stdout, result.stderr, result.exit_code) == ("early\nlate\n", "", 4)
+    if factory.name == "kubernetes":
+        assert heard == []  # the pod's runner reports the output once, with the result
+        return
+    assert heard_of(heard, "stdout") == b"early\nlate\n"
+    assert heard_of(heard, "stderr") == b""  # gVisor's end marker is never heard
+    first_seen, _, first = heard[0]
+    assert b"early\n".startswith(first) and first
+    assert ended - first_seen > 1.0, "the first line was heard only as the run ended"
+
+
+def test_what_is_heard_is_within_the_cap(sandbox: Sandbox, factory: BackendFactory) -> None:
+    limits = Limits(output_bytes=64 * 1024)
+    code = "import sys\nsys.stderr.write('e' * 10)\nwhile True:\n    print('x' * 999)"
+    result, heard, _ = run_listening(sandbox, RunSpec("python", code, limits=limits))
+    assert result.truncated
+    if factory.name != "kubernetes":
+        assert heard_of(heard, "stdout") == result.stdout.encode()
+        assert len(heard_of(heard, "stdout")) == limits.output_bytes
+        assert result.stderr.startswith(heard_of(heard, "stderr").decode())
 
 
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])

@@ -5,8 +5,10 @@ A run that finds no free slot waits in line instead of being refused, as long as
 stays within a bound; past the bound, or past a per-user count of waiting runs (which bounds the
 memory held by queued requests), it is refused at once with SandboxBusy carrying that expected
 wait as its retry delay. Waiting runs are served round-robin across users, and no user has more
-than `per_user` runs at once, so a user who floods the queue delays another user's single run by
-about one run's time, not by the flood. A waiter whose caller goes away (its task is cancelled)
+than `per_user` runs at once while others want slots, so a user who floods the queue delays
+another user's single run by about one run's time, not by the flood. Slots nobody else wants are
+lent beyond the cap, except the last one, which stays free so that a newcomer starts at once: one
+user alone may use all slots but one (a lone client at concurrency 8 is not held to half the host). A waiter whose caller goes away (its task is cancelled)
 leaves the line, and a slot handed to it at that moment goes on to the next.
 
 The number of slots, when not configured: min(memory, cores), where
@@ -95,7 +97,7 @@ class Admission:
         """Hold one run slot for `user` (any hashable key; runs of equal keys share a user's cap and
         turn) for the body of the block; SandboxBusy when the wait would be too long."""
         queue = self._queues.get(user)
-        if queue is None and self._running_total < self.slots and self._running[user] < self.per_user:
+        if queue is None and self._may_start(user):
             # Free slots are handed out as soon as they free up, so any run still waiting now is
             # held back by its own user's cap: this one overtakes no one.
             self._take(user)
@@ -132,6 +134,17 @@ class Admission:
         finally:
             self._release(user)
 
+    def _may_start(self, user: Hashable) -> bool:
+        """Whether a run of `user` may take a free slot now: within its cap, or beyond it on a slot
+        that no run below its cap is waiting for, as long as one slot stays free for a newcomer."""
+        if self._running_total >= self.slots:
+            return False
+        if self._running[user] < self.per_user:
+            return True
+        return self._running_total < self.slots - 1 and not any(
+            self._running[other] < self.per_user for other in self._queues if other != user
+        )
+
     def _take(self, user: Hashable) -> None:
         self._running[user] += 1
         self._running_total += 1
@@ -151,15 +164,21 @@ class Admission:
                 del self._queues[user]
 
     def _hand_out(self) -> None:
-        """Give free slots to waiting runs, round-robin over the users below their cap."""
+        """Give free slots to waiting runs, round-robin over the users below their cap, then (lent
+        slots) over the others."""
         while self._running_total < self.slots:
             user = next((u for u in self._queues if self._running[u] < self.per_user), None)
+            if user is None:
+                user = next((u for u in self._queues if self._may_start(u)), None)
             if user is None:
                 return
             queue = self._queues.pop(user)
             waiter = queue.popleft()
             if queue:
                 self._queues[user] = queue  # back of the line for this user's next run
+            if waiter.done():
+                # Cancelled in this same turn of the loop, before its task could leave the line.
+                continue
             self._take(user)
             waiter.set_result(None)
 
@@ -185,11 +204,12 @@ class Capacity:
         )
 
 
-def host_capacity(limits: Limits, runs_per_core: float) -> Capacity:
+def host_capacity(limits: Limits, runs_per_core: float, sharers: int = 1) -> Capacity:
     """min(available memory / a run's memory limit, available cores × runs_per_core / a run's CPU
-    quota): see the module's docstring."""
-    memory = available_memory_bytes()
-    cores = available_cores()
+    quota): see the module's docstring. `sharers`: executors sizing themselves on this host, each
+    for its share of the memory and the cores."""
+    memory = available_memory_bytes() // sharers
+    cores = available_cores() / sharers
     return Capacity(
         by_memory=memory // limits.memory_bytes,
         by_cores=math.floor(cores * runs_per_core / limits.cpus),

@@ -44,6 +44,7 @@ from services.executor.sandbox.host_backend import (
 from services.executor.sandbox.interface import (
     WORKDIR,
     Limits,
+    OutputListener,
     RunResult,
     RunSpec,
     SandboxError,
@@ -228,7 +229,9 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
             raise
         return sandbox
 
-    async def _execute(self, sandbox: _Sandbox, spec: RunSpec) -> RunResult:
+    async def _execute(
+        self, sandbox: _Sandbox, spec: RunSpec, on_output: OutputListener | None = None
+    ) -> RunResult:
         runtime = self._runtime(spec.language)
         limits = spec.limits
         try:
@@ -248,6 +251,7 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
                 timeout=limits.timeout_seconds,
                 output_cap=limits.output_bytes,
                 kill=lambda: self._kill(sandbox),
+                on_output=on_output,
             )
         except PayloadRefused:
             raise SandboxError("the sandbox died before taking its payload") from None

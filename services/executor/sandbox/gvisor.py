@@ -42,6 +42,7 @@ from services.executor.sandbox.host_backend import (
 from services.executor.sandbox.interface import (
     WORKDIR,
     Limits,
+    OutputListener,
     RunResult,
     RunSpec,
     SandboxError,
@@ -190,7 +191,9 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
             raise
         return container
 
-    async def _execute(self, sandbox: _Container, spec: RunSpec) -> RunResult:
+    async def _execute(
+        self, sandbox: _Container, spec: RunSpec, on_output: OutputListener | None = None
+    ) -> RunResult:
         runtime = self._runtime(spec.language)
         limits = spec.limits
         token = os.urandom(8).hex()
@@ -212,6 +215,7 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
                 output_cap=limits.output_bytes,
                 kill=lambda: self._kill_now(sandbox),
                 end_marker=runtimes.END_MARKER + token.encode() + b" ",
+                on_output=on_output,
             )
         except PayloadRefused:
             raise SandboxError("the container died before taking its payload") from None

@@ -24,6 +24,7 @@ from services.executor.sandbox.admission import Admission, host_capacity
 from services.executor.sandbox.interface import (
     WORKDIR,
     Limits,
+    OutputListener,
     RunResult,
     RunSpec,
     SandboxError,
@@ -57,6 +58,7 @@ class BackendOptions:
     # Admission (see admission.py). Runs at once; default: sized by memory and cores.
     max_concurrent: int | None = None
     runs_per_core: float = 4.0  # runs sharing a core when max_concurrent is sized (most sleep or wait)
+    host_sharers: int = 1  # executors on this host: each sizes max_concurrent for its share
     max_runs_per_user: int | None = None  # one user's runs at once (default: half of max_concurrent)
     max_queue_seconds: float = 30.0  # longest expected wait in line before SandboxBusy (0: no waiting)
     max_waiting_per_user: int = 100  # one user's runs waiting in line before SandboxBusy
@@ -83,6 +85,7 @@ class BackendOptions:
         _integer(self, "pool_size", minimum=0)
         _integer(self, "max_concurrent", minimum=1, optional=True)
         _number(self, "runs_per_core")
+        _integer(self, "host_sharers", minimum=1)
         _integer(self, "max_runs_per_user", minimum=1, optional=True)
         _number(self, "max_queue_seconds", zero_allowed=True)
         _integer(self, "max_waiting_per_user", minimum=0)
@@ -157,7 +160,7 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
             raise SandboxUnavailable(f"the {self.name} backend needs Linux 5.3 or later (pidfd_open)")
         self.options = options
         if options.max_concurrent is None:
-            capacity = host_capacity(options.default_limits, options.runs_per_core)
+            capacity = host_capacity(options.default_limits, options.runs_per_core, options.host_sharers)
             self.max_concurrent = capacity.slots
             sizing = capacity.describe()
         else:
@@ -238,7 +241,7 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
         self._pool.keep_warm(self._default_profile(language) for language in self.languages())
         await self._pool.fill(1)
 
-    async def run(self, spec: RunSpec) -> RunResult:
+    async def run(self, spec: RunSpec, on_output: OutputListener | None = None) -> RunResult:
         validate_spec(spec, {name: runtime.main_file for name, runtime in self._runtimes.items()})
         if self._closed:
             raise SandboxError("the sandbox backend is closed")
@@ -248,7 +251,7 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
             if sandbox is None:
                 sandbox = await self._spawn(profile)
             try:
-                return await self._execute(sandbox, spec)
+                return await self._execute(sandbox, spec, on_output)
             finally:
                 self._dispose(sandbox)
                 if spec.readonly_paths:
@@ -367,8 +370,11 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
         SandboxError when it cannot. Registers it with `_track` as soon as its process exists."""
 
     @abstractmethod
-    async def _execute(self, sandbox: SandboxT, spec: RunSpec) -> RunResult:
-        """Send the run's payload to a started sandbox and answer what the program did."""
+    async def _execute(
+        self, sandbox: SandboxT, spec: RunSpec, on_output: OutputListener | None = None
+    ) -> RunResult:
+        """Send the run's payload to a started sandbox and answer what the program did, telling
+        `on_output` the output as it comes."""
 
     @abstractmethod
     def _kill(self, sandbox: SandboxT) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import posixpath
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -14,6 +14,11 @@ MiB = 1024 * 1024
 
 # Where a run's code and files live inside every sandbox; also its HOME.
 WORKDIR = "/workspace"
+
+
+# Told each piece of a run's output as the program writes it: the stream ("stdout" or "stderr") and
+# its bytes, at most the run's output cap per stream in all. Pieces may split a UTF-8 character.
+OutputListener = Callable[[str, bytes], None]
 
 
 @dataclass(frozen=True)
@@ -99,8 +104,10 @@ class SandboxBackend(Protocol):
         """Get ready to serve runs (e.g. fill the warm pool)."""
         ...
 
-    async def run(self, spec: RunSpec) -> RunResult:
-        """Run one program. Raises only for infrastructure trouble, never for what the program does."""
+    async def run(self, spec: RunSpec, on_output: OutputListener | None = None) -> RunResult:
+        """Run one program. Raises only for infrastructure trouble, never for what the program does.
+        `on_output`, when given, hears the output as it is written, if the backend can tell it
+        before the run ends (otherwise not at all: the result holds everything)."""
         ...
 
     def replenish(self) -> None:

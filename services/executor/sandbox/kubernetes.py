@@ -45,6 +45,7 @@ from services.executor.sandbox.admission import Admission
 from services.executor.sandbox.host_backend import BackendOptionError, BackendOptions, raise_option
 from services.executor.sandbox.interface import (
     Limits,
+    OutputListener,
     RunResult,
     RunSpec,
     SandboxError,
@@ -316,7 +317,8 @@ class KubernetesBackend:
         # should report SERVING without waiting for it (runs start pods of their own meanwhile).
         self._pool.keep_warm([self._profile(self.options.default_limits)])
 
-    async def run(self, spec: RunSpec) -> RunResult:
+    async def run(self, spec: RunSpec, on_output: OutputListener | None = None) -> RunResult:
+        # The pod's runner reports the output once, with the result: `on_output` hears nothing.
         validate_spec(spec, {name: LANGUAGES[name].main_file for name in self._languages})
         if spec.readonly_paths:
             # Host paths (e.g. a package environment's folder) mean nothing in a pod; environments

@@ -267,10 +267,13 @@ class SandboxProcess:
         output_cap: int,
         kill: Callable[[], None],
         end_marker: bytes | None = None,
+        on_output: Callable[[str, bytes], None] | None = None,
     ) -> Outcome:
         """Send the payload, then feed input and collect output until the process exits (or its
         stderr ends with `end_marker` and a status: see runtimes.END_MARKER), the timeout passes,
-        or an output stream passes `output_cap` (then the sandbox is killed)."""
+        or an output stream passes `output_cap` (then the sandbox is killed). `on_output` hears
+        each stream's kept bytes as they arrive (stderr's last bytes, where an end marker may be,
+        only once more follows: the Outcome has them)."""
         assert self._stdout_r is not None and self._stderr_r is not None
         overflowed = False
 
@@ -279,8 +282,13 @@ class SandboxProcess:
             overflowed = True
             kill()
 
-        stdout = _Capture(self._loop, self._stdout_r, output_cap, overflow)
-        stderr = _Capture(self._loop, self._stderr_r, output_cap, overflow, end_marker)
+        def listener(stream: str) -> Callable[[bytes], None] | None:
+            return None if on_output is None else lambda data: on_output(stream, data)
+
+        stdout = _Capture(self._loop, self._stdout_r, output_cap, overflow, on_data=listener("stdout"))
+        stderr = _Capture(
+            self._loop, self._stderr_r, output_cap, overflow, end_marker, on_data=listener("stderr")
+        )
         started = self._loop.time()
         sent = _Feeder(self._loop, self._payload_w, payload)
         self._payload_w = None
@@ -335,7 +343,9 @@ class SandboxProcess:
 
 class _Capture:
     """Reads one output pipe into memory up to a cap; past it, reports once and discards. With an
-    end marker, `ended` gets the status once the stream ends with the marker (which is stripped)."""
+    end marker, `ended` gets the status once the stream ends with the marker (which is stripped).
+    `on_data` hears the kept bytes as they arrive, less a tail that could be the start of the
+    marker (that tail is heard only once more follows)."""
 
     def __init__(
         self,
@@ -344,8 +354,13 @@ class _Capture:
         cap: int,
         on_overflow: Callable[[], None],
         end_marker: bytes | None = None,
+        on_data: Callable[[bytes], None] | None = None,
     ) -> None:
         self._loop, self._fd, self._cap, self._on_overflow = loop, fd, cap, on_overflow
+        self._on_data = on_data
+        self._told = 0  # bytes of `data` already given to on_data
+        # The marker (which ends with a space), a status of up to 3 digits and a newline.
+        self._held_back = len(end_marker) + 5 if end_marker else 0
         self.data = bytearray()
         self.overflowed = False
         self.eof: asyncio.Future[None] = loop.create_future()
@@ -374,18 +389,31 @@ class _Capture:
         room = self._cap - len(self.data)
         if room > 0:
             self.data += chunk[:room]
-        if self._end is not None and not self.ended.done():
-            self._tail = (self._tail + chunk)[-256:]
-            found = self._end.search(self._tail)
-            if found:
-                content = self._total - (found.end() - found.start())
-                del self.data[content:]
-                self.ended.set_result(int(found[1]))
-                if content <= self._cap:
-                    return
-        if self._total > self._cap and not self.overflowed:
-            self.overflowed = True
-            self._on_overflow()
+        try:
+            if self._end is not None and not self.ended.done():
+                self._tail = (self._tail + chunk)[-256:]
+                found = self._end.search(self._tail)
+                if found:
+                    content = self._total - (found.end() - found.start())
+                    del self.data[content:]
+                    self.ended.set_result(int(found[1]))
+                    self._held_back = 0  # the marker is gone: what is left is the program's
+                    if content <= self._cap:
+                        return
+            if self._total > self._cap and not self.overflowed:
+                self.overflowed = True
+                self._on_overflow()
+        finally:
+            self._tell()
+
+    def _tell(self) -> None:
+        if self._on_data is None:
+            return
+        told_up_to = len(self.data) - self._held_back
+        if told_up_to > self._told:
+            piece = bytes(self.data[self._told : told_up_to])
+            self._told = told_up_to
+            self._on_data(piece)
 
     def drain(self) -> None:
         """Read, without waiting, what the pipe holds now."""

@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from pythonon.api.v1 import access_pb2 as pythonon_dot_api_dot_v1_dot_access__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pythonon/executor/v1/executor.proto\x12\x14pythonon.executor.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1cpythonon/api/v1/access.proto\"\xf6\x01\n\x0e\x45xecuteRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\r\n\x05stdin\x18\x03 \x01(\t\x12\x14\n\x07timeout\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12:\n\x03\x65nv\x18\x05 \x03(\x0b\x32-.pythonon.executor.v1.ExecuteRequest.EnvEntry\x12+\n\x07secrets\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_timeout\"\x94\x01\n\x0f\x45xecuteResponse\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x05\x12\x11\n\ttimed_out\x18\x05 \x01(\x08\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x14\n\x0c\x65xecution_id\x18\x07 \x01(\t\"\x18\n\x16GetCapabilitiesRequest\"\xa1\x02\n\x0c\x43\x61pabilities\x12\x0f\n\x07sandbox\x18\x01 \x01(\t\x12\x11\n\tlanguages\x18\x02 \x03(\t\x12O\n\x0f\x65nforced_limits\x18\x03 \x03(\x0b\x32\x36.pythonon.executor.v1.Capabilities.EnforcedLimitsEntry\x12/\n\x08runtimes\x18\x04 \x03(\x0b\x32\x1d.pythonon.executor.v1.Runtime\x12\x34\n\x06limits\x18\x05 \x01(\x0b\x32$.pythonon.executor.v1.ExecutorLimits\x1a\x35\n\x13\x45nforcedLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\"=\n\x07Runtime\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\"\xc8\x01\n\x0e\x45xecutorLimits\x12\x1f\n\x17timeout_default_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13timeout_max_seconds\x18\x02 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x11\n\tprocesses\x18\x04 \x01(\x05\x12\x14\n\x0coutput_bytes\x18\x05 \x01(\x03\x12\x12\n\nfile_bytes\x18\x06 \x01(\x03\x12\x11\n\ttmp_bytes\x18\x07 \x01(\x03\x12\x12\n\ncode_bytes\x18\x08 \x01(\x03\"#\n\x0c\x43laimRequest\x12\x13\n\x0b\x63laim_token\x18\x01 \x01(\t\"\x98\x01\n\tRunLimits\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x11\n\tprocesses\x18\x03 \x01(\x05\x12\x14\n\x0coutput_bytes\x18\x04 \x01(\x03\x12\x12\n\nfile_bytes\x18\x05 \x01(\x03\x12\x11\n\ttmp_bytes\x18\x06 \x01(\x03\x12\x0c\n\x04\x63pus\x18\x07 \x01(\x01\"\xf0\x02\n\rClaimResponse\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05stdin\x18\x03 \x01(\t\x12\x39\n\x03\x65nv\x18\x04 \x03(\x0b\x32,.pythonon.executor.v1.ClaimResponse.EnvEntry\x12=\n\x05\x66iles\x18\x05 \x03(\x0b\x32..pythonon.executor.v1.ClaimResponse.FilesEntry\x12\x15\n\rprivate_input\x18\x06 \x01(\x0c\x12/\n\x06limits\x18\x07 \x01(\x0b\x32\x1f.pythonon.executor.v1.RunLimits\x12\x14\n\x0creport_token\x18\x08 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x99\x01\n\rReportRequest\x12\x14\n\x0creport_token\x18\x01 \x01(\t\x12\x0e\n\x06stdout\x18\x02 \x01(\x0c\x12\x0e\n\x06stderr\x18\x03 \x01(\x0c\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x18\n\x10\x64uration_seconds\x18\x05 \x01(\x01\x12\x11\n\ttimed_out\x18\x06 \x01(\x08\x12\x12\n\noverflowed\x18\x07 \x01(\x08\"\x10\n\x0eReportResponse\"\xa1\x01\n\rEncryptedCode\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0c\n\x04salt\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\x12\x12\n\nmemory_kib\x18\x06 \x01(\x05\x12\x12\n\niterations\x18\x07 \x01(\x05\x12\x13\n\x0bparallelism\x18\x08 \x01(\x05\"\xbf\x02\n\x17\x45xecuteEncryptedRequest\x12\x31\n\x04\x63ode\x18\x01 \x01(\x0b\x32#.pythonon.executor.v1.EncryptedCode\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\r\n\x05stdin\x18\x04 \x01(\t\x12\x14\n\x07timeout\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x43\n\x03\x65nv\x18\x06 \x03(\x0b\x32\x36.pythonon.executor.v1.ExecuteEncryptedRequest.EnvEntry\x12+\n\x07secrets\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_timeout2\x85\x01\n\x0f\x45xecutorService\x12r\n\x07\x45xecute\x12$.pythonon.executor.v1.ExecuteRequest\x1a%.pythonon.executor.v1.ExecuteResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/api/v1/execute:\x01*2\x88\x01\n\x1b\x45xecutorCapabilitiesService\x12i\n\x0fGetCapabilities\x12,.pythonon.executor.v1.GetCapabilitiesRequest\x1a\".pythonon.executor.v1.Capabilities\"\x04\xc8\xf3\x18\x01\x32\xc1\x01\n\x14SandboxRunnerService\x12R\n\x05\x43laim\x12\".pythonon.executor.v1.ClaimRequest\x1a#.pythonon.executor.v1.ClaimResponse\"\x00\x12U\n\x06Report\x12#.pythonon.executor.v1.ReportRequest\x1a$.pythonon.executor.v1.ReportResponse\"\x00\x32\x86\x01\n\x18\x45xecutorEncryptedService\x12j\n\x10\x45xecuteEncrypted\x12-.pythonon.executor.v1.ExecuteEncryptedRequest\x1a%.pythonon.executor.v1.ExecuteResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pythonon/executor/v1/executor.proto\x12\x14pythonon.executor.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\x1a\x1cpythonon/api/v1/access.proto\"\xf6\x01\n\x0e\x45xecuteRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\r\n\x05stdin\x18\x03 \x01(\t\x12\x14\n\x07timeout\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12:\n\x03\x65nv\x18\x05 \x03(\x0b\x32-.pythonon.executor.v1.ExecuteRequest.EnvEntry\x12+\n\x07secrets\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_timeout\"\x94\x01\n\x0f\x45xecuteResponse\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x05\x12\x11\n\ttimed_out\x18\x05 \x01(\x08\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x14\n\x0c\x65xecution_id\x18\x07 \x01(\t\"\x99\x01\n\x0c\x45xecuteEvent\x12\x10\n\x06stdout\x18\x01 \x01(\tH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\tH\x00\x12\x37\n\x06result\x18\x03 \x01(\x0b\x32%.pythonon.executor.v1.ExecuteResponseH\x00\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x07\n\x05\x65vent\"\x18\n\x16GetCapabilitiesRequest\"\xa1\x02\n\x0c\x43\x61pabilities\x12\x0f\n\x07sandbox\x18\x01 \x01(\t\x12\x11\n\tlanguages\x18\x02 \x03(\t\x12O\n\x0f\x65nforced_limits\x18\x03 \x03(\x0b\x32\x36.pythonon.executor.v1.Capabilities.EnforcedLimitsEntry\x12/\n\x08runtimes\x18\x04 \x03(\x0b\x32\x1d.pythonon.executor.v1.Runtime\x12\x34\n\x06limits\x18\x05 \x01(\x0b\x32$.pythonon.executor.v1.ExecutorLimits\x1a\x35\n\x13\x45nforcedLimitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\"=\n\x07Runtime\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\"\xc8\x01\n\x0e\x45xecutorLimits\x12\x1f\n\x17timeout_default_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13timeout_max_seconds\x18\x02 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x11\n\tprocesses\x18\x04 \x01(\x05\x12\x14\n\x0coutput_bytes\x18\x05 \x01(\x03\x12\x12\n\nfile_bytes\x18\x06 \x01(\x03\x12\x11\n\ttmp_bytes\x18\x07 \x01(\x03\x12\x12\n\ncode_bytes\x18\x08 \x01(\x03\"#\n\x0c\x43laimRequest\x12\x13\n\x0b\x63laim_token\x18\x01 \x01(\t\"\x98\x01\n\tRunLimits\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x11\n\tprocesses\x18\x03 \x01(\x05\x12\x14\n\x0coutput_bytes\x18\x04 \x01(\x03\x12\x12\n\nfile_bytes\x18\x05 \x01(\x03\x12\x11\n\ttmp_bytes\x18\x06 \x01(\x03\x12\x0c\n\x04\x63pus\x18\x07 \x01(\x01\"\xf0\x02\n\rClaimResponse\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05stdin\x18\x03 \x01(\t\x12\x39\n\x03\x65nv\x18\x04 \x03(\x0b\x32,.pythonon.executor.v1.ClaimResponse.EnvEntry\x12=\n\x05\x66iles\x18\x05 \x03(\x0b\x32..pythonon.executor.v1.ClaimResponse.FilesEntry\x12\x15\n\rprivate_input\x18\x06 \x01(\x0c\x12/\n\x06limits\x18\x07 \x01(\x0b\x32\x1f.pythonon.executor.v1.RunLimits\x12\x14\n\x0creport_token\x18\x08 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x99\x01\n\rReportRequest\x12\x14\n\x0creport_token\x18\x01 \x01(\t\x12\x0e\n\x06stdout\x18\x02 \x01(\x0c\x12\x0e\n\x06stderr\x18\x03 \x01(\x0c\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x18\n\x10\x64uration_seconds\x18\x05 \x01(\x01\x12\x11\n\ttimed_out\x18\x06 \x01(\x08\x12\x12\n\noverflowed\x18\x07 \x01(\x08\"\x10\n\x0eReportResponse\"\xa1\x01\n\rEncryptedCode\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0c\n\x04salt\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\x12\x12\n\nmemory_kib\x18\x06 \x01(\x05\x12\x12\n\niterations\x18\x07 \x01(\x05\x12\x13\n\x0bparallelism\x18\x08 \x01(\x05\"\xbf\x02\n\x17\x45xecuteEncryptedRequest\x12\x31\n\x04\x63ode\x18\x01 \x01(\x0b\x32#.pythonon.executor.v1.EncryptedCode\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\r\n\x05stdin\x18\x04 \x01(\t\x12\x14\n\x07timeout\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x43\n\x03\x65nv\x18\x06 \x03(\x0b\x32\x36.pythonon.executor.v1.ExecuteEncryptedRequest.EnvEntry\x12+\n\x07secrets\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_timeout2\x85\x02\n\x0f\x45xecutorService\x12r\n\x07\x45xecute\x12$.pythonon.executor.v1.ExecuteRequest\x1a%.pythonon.executor.v1.ExecuteResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/api/v1/execute:\x01*\x12~\n\rExecuteStream\x12$.pythonon.executor.v1.ExecuteRequest\x1a\".pythonon.executor.v1.ExecuteEvent\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/api/v1/execute/stream:\x01*0\x01\x32\x88\x01\n\x1b\x45xecutorCapabilitiesService\x12i\n\x0fGetCapabilities\x12,.pythonon.executor.v1.GetCapabilitiesRequest\x1a\".pythonon.executor.v1.Capabilities\"\x04\xc8\xf3\x18\x01\x32\xc1\x01\n\x14SandboxRunnerService\x12R\n\x05\x43laim\x12\".pythonon.executor.v1.ClaimRequest\x1a#.pythonon.executor.v1.ClaimResponse\"\x00\x12U\n\x06Report\x12#.pythonon.executor.v1.ReportRequest\x1a$.pythonon.executor.v1.ReportResponse\"\x00\x32\x86\x01\n\x18\x45xecutorEncryptedService\x12j\n\x10\x45xecuteEncrypted\x12-.pythonon.executor.v1.ExecuteEncryptedRequest\x1a%.pythonon.executor.v1.ExecuteResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,50 +47,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTEENCRYPTEDREQUEST_ENVENTRY']._serialized_options = b'8\001'
   _globals['_EXECUTORSERVICE'].methods_by_name['Execute']._loaded_options = None
   _globals['_EXECUTORSERVICE'].methods_by_name['Execute']._serialized_options = b'\202\323\344\223\002\024\"\017/api/v1/execute:\001*'
+  _globals['_EXECUTORSERVICE'].methods_by_name['ExecuteStream']._loaded_options = None
+  _globals['_EXECUTORSERVICE'].methods_by_name['ExecuteStream']._serialized_options = b'\202\323\344\223\002\033\"\026/api/v1/execute/stream:\001*'
   _globals['_EXECUTORCAPABILITIESSERVICE'].methods_by_name['GetCapabilities']._loaded_options = None
   _globals['_EXECUTORCAPABILITIESSERVICE'].methods_by_name['GetCapabilities']._serialized_options = b'\310\363\030\001'
-  _globals['_EXECUTEREQUEST']._serialized_start=152
-  _globals['_EXECUTEREQUEST']._serialized_end=398
-  _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_start=344
-  _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_end=386
-  _globals['_EXECUTERESPONSE']._serialized_start=401
-  _globals['_EXECUTERESPONSE']._serialized_end=549
-  _globals['_GETCAPABILITIESREQUEST']._serialized_start=551
-  _globals['_GETCAPABILITIESREQUEST']._serialized_end=575
-  _globals['_CAPABILITIES']._serialized_start=578
-  _globals['_CAPABILITIES']._serialized_end=867
-  _globals['_CAPABILITIES_ENFORCEDLIMITSENTRY']._serialized_start=814
-  _globals['_CAPABILITIES_ENFORCEDLIMITSENTRY']._serialized_end=867
-  _globals['_RUNTIME']._serialized_start=869
-  _globals['_RUNTIME']._serialized_end=930
-  _globals['_EXECUTORLIMITS']._serialized_start=933
-  _globals['_EXECUTORLIMITS']._serialized_end=1133
-  _globals['_CLAIMREQUEST']._serialized_start=1135
-  _globals['_CLAIMREQUEST']._serialized_end=1170
-  _globals['_RUNLIMITS']._serialized_start=1173
-  _globals['_RUNLIMITS']._serialized_end=1325
-  _globals['_CLAIMRESPONSE']._serialized_start=1328
-  _globals['_CLAIMRESPONSE']._serialized_end=1696
-  _globals['_CLAIMRESPONSE_ENVENTRY']._serialized_start=344
-  _globals['_CLAIMRESPONSE_ENVENTRY']._serialized_end=386
-  _globals['_CLAIMRESPONSE_FILESENTRY']._serialized_start=1652
-  _globals['_CLAIMRESPONSE_FILESENTRY']._serialized_end=1696
-  _globals['_REPORTREQUEST']._serialized_start=1699
-  _globals['_REPORTREQUEST']._serialized_end=1852
-  _globals['_REPORTRESPONSE']._serialized_start=1854
-  _globals['_REPORTRESPONSE']._serialized_end=1870
-  _globals['_ENCRYPTEDCODE']._serialized_start=1873
-  _globals['_ENCRYPTEDCODE']._serialized_end=2034
-  _globals['_EXECUTEENCRYPTEDREQUEST']._serialized_start=2037
-  _globals['_EXECUTEENCRYPTEDREQUEST']._serialized_end=2356
-  _globals['_EXECUTEENCRYPTEDREQUEST_ENVENTRY']._serialized_start=344
-  _globals['_EXECUTEENCRYPTEDREQUEST_ENVENTRY']._serialized_end=386
-  _globals['_EXECUTORSERVICE']._serialized_start=2359
-  _globals['_EXECUTORSERVICE']._serialized_end=2492
-  _globals['_EXECUTORCAPABILITIESSERVICE']._serialized_start=2495
-  _globals['_EXECUTORCAPABILITIESSERVICE']._serialized_end=2631
-  _globals['_SANDBOXRUNNERSERVICE']._serialized_start=2634
-  _globals['_SANDBOXRUNNERSERVICE']._serialized_end=2827
-  _globals['_EXECUTORENCRYPTEDSERVICE']._serialized_start=2830
-  _globals['_EXECUTORENCRYPTEDSERVICE']._serialized_end=2964
+  _globals['_EXECUTEREQUEST']._serialized_start=177
+  _globals['_EXECUTEREQUEST']._serialized_end=423
+  _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_start=369
+  _globals['_EXECUTEREQUEST_ENVENTRY']._serialized_end=411
+  _globals['_EXECUTERESPONSE']._serialized_start=426
+  _globals['_EXECUTERESPONSE']._serialized_end=574
+  _globals['_EXECUTEEVENT']._serialized_start=577
+  _globals['_EXECUTEEVENT']._serialized_end=730
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=732
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=756
+  _globals['_CAPABILITIES']._serialized_start=759
+  _globals['_CAPABILITIES']._serialized_end=1048
+  _globals['_CAPABILITIES_ENFORCEDLIMITSENTRY']._serialized_start=995
+  _globals['_CAPABILITIES_ENFORCEDLIMITSENTRY']._serialized_end=1048
+  _globals['_RUNTIME']._serialized_start=1050
+  _globals['_RUNTIME']._serialized_end=1111
+  _globals['_EXECUTORLIMITS']._serialized_start=1114
+  _globals['_EXECUTORLIMITS']._serialized_end=1314
+  _globals['_CLAIMREQUEST']._serialized_start=1316
+  _globals['_CLAIMREQUEST']._serialized_end=1351
+  _globals['_RUNLIMITS']._serialized_start=1354
+  _globals['_RUNLIMITS']._serialized_end=1506
+  _globals['_CLAIMRESPONSE']._serialized_start=1509
+  _globals['_CLAIMRESPONSE']._serialized_end=1877
+  _globals['_CLAIMRESPONSE_ENVENTRY']._serialized_start=369
+  _globals['_CLAIMRESPONSE_ENVENTRY']._serialized_end=411
+  _globals['_CLAIMRESPONSE_FILESENTRY']._serialized_start=1833
+  _globals['_CLAIMRESPONSE_FILESENTRY']._serialized_end=1877
+  _globals['_REPORTREQUEST']._serialized_start=1880
+  _globals['_REPORTREQUEST']._serialized_end=2033
+  _globals['_REPORTRESPONSE']._serialized_start=2035
+  _globals['_REPORTRESPONSE']._serialized_end=2051
+  _globals['_ENCRYPTEDCODE']._serialized_start=2054
+  _globals['_ENCRYPTEDCODE']._serialized_end=2215
+  _globals['_EXECUTEENCRYPTEDREQUEST']._serialized_start=2218
+  _globals['_EXECUTEENCRYPTEDREQUEST']._serialized_end=2537
+  _globals['_EXECUTEENCRYPTEDREQUEST_ENVENTRY']._serialized_start=369
+  _globals['_EXECUTEENCRYPTEDREQUEST_ENVENTRY']._serialized_end=411
+  _globals['_EXECUTORSERVICE']._serialized_start=2540
+  _globals['_EXECUTORSERVICE']._serialized_end=2801
+  _globals['_EXECUTORCAPABILITIESSERVICE']._serialized_start=2804
+  _globals['_EXECUTORCAPABILITIESSERVICE']._serialized_end=2940
+  _globals['_SANDBOXRUNNERSERVICE']._serialized_start=2943
+  _globals['_SANDBOXRUNNERSERVICE']._serialized_end=3136
+  _globals['_EXECUTORENCRYPTEDSERVICE']._serialized_start=3139
+  _globals['_EXECUTORENCRYPTEDSERVICE']._serialized_end=3273
 # @@protoc_insertion_point(module_scope)

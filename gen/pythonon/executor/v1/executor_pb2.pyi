@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -126,6 +127,52 @@ class ExecuteResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteResponse: _TypeAlias = ExecuteResponse  # noqa: Y015
+
+@_typing.final
+class ExecuteEvent(_message.Message):
+    """One event of a streamed run; the concatenated stdout (stderr) events are the result's output
+    (error), each within the same cap.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STDOUT_FIELD_NUMBER: _builtins.int
+    STDERR_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    stdout: _builtins.str
+    """Text the program wrote to standard output since the previous event."""
+    stderr: _builtins.str
+    """Text the program wrote to standard error since the previous event (and, last, the
+    sandbox's notes that end the result's error).
+    """
+    @_builtins.property
+    def result(self) -> Global___ExecuteResponse:
+        """The run's end: the same answer Execute gives. Always the last event of a stream that ran."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """The run failed after events were sent: the status Execute would have answered (code as in
+        google.rpc.Code). Always the last event.
+        """
+
+    def __init__(
+        self,
+        *,
+        stdout: _builtins.str = ...,
+        stderr: _builtins.str = ...,
+        result: Global___ExecuteResponse | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "result", b"result", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "result", b"result", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["stdout", "stderr", "result", "error"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___ExecuteEvent: _TypeAlias = ExecuteEvent  # noqa: Y015
 
 @_typing.final
 class GetCapabilitiesRequest(_message.Message):

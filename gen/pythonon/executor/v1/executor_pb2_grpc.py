@@ -40,6 +40,11 @@ class ExecutorServiceStub:
                 request_serializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteResponse.FromString,
                 _registered_method=True)
+        self.ExecuteStream = channel.unary_stream(
+                '/pythonon.executor.v1.ExecutorService/ExecuteStream',
+                request_serializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteRequest.SerializeToString,
+                response_deserializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteEvent.FromString,
+                _registered_method=True)
 
 
 class ExecutorServiceServicer:
@@ -53,6 +58,16 @@ class ExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteStream(self, request, context):
+        """Runs one piece of code like Execute, answering its output as the program writes it: stdout
+        and stderr events, then exactly one result (what Execute answers) or, for a failure after the
+        first event, one error. A failure before the first event is the call's status, as for Execute.
+        Over REST the events are newline-delimited JSON objects.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +75,11 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteRequest.FromString,
                     response_serializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteResponse.SerializeToString,
+            ),
+            'ExecuteStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExecuteStream,
+                    request_deserializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteRequest.FromString,
+                    response_serializer=pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +110,33 @@ class ExecutorService:
             '/pythonon.executor.v1.ExecutorService/Execute',
             pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteRequest.SerializeToString,
             pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pythonon.executor.v1.ExecutorService/ExecuteStream',
+            pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteRequest.SerializeToString,
+            pythonon_dot_executor_dot_v1_dot_executor__pb2.ExecuteEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,12 @@ class ExecutorServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ExecutorServiceAsyncStub: ...
     Execute: _grpc.UnaryUnaryMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteResponse]
     """Runs one piece of code and answers with what it printed."""
+    ExecuteStream: _grpc.UnaryStreamMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteEvent]
+    """Runs one piece of code like Execute, answering its output as the program writes it: stdout
+    and stderr events, then exactly one result (what Execute answers) or, for a failure after the
+    first event, one error. A failure before the first event is the call's status, as for Execute.
+    Over REST the events are newline-delimited JSON objects.
+    """
 
 @_typing.type_check_only
 class ExecutorServiceAsyncStub(ExecutorServiceStub):
@@ -43,6 +49,12 @@ class ExecutorServiceAsyncStub(ExecutorServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Execute: _aio.UnaryUnaryMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteResponse]  # type: ignore[assignment]
     """Runs one piece of code and answers with what it printed."""
+    ExecuteStream: _aio.UnaryStreamMultiCallable[_executor_pb2.ExecuteRequest, _executor_pb2.ExecuteEvent]  # type: ignore[assignment]
+    """Runs one piece of code like Execute, answering its output as the program writes it: stdout
+    and stderr events, then exactly one result (what Execute answers) or, for a failure after the
+    first event, one error. A failure before the first event is the call's status, as for Execute.
+    Over REST the events are newline-delimited JSON objects.
+    """
 
 class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs code in a sandbox."""
@@ -54,6 +66,18 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_pb2.ExecuteResponse, _abc.Awaitable[_executor_pb2.ExecuteResponse]]:
         """Runs one piece of code and answers with what it printed."""
+
+    @_abc_1.abstractmethod
+    def ExecuteStream(
+        self,
+        request: _executor_pb2.ExecuteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_executor_pb2.ExecuteEvent], _abc.AsyncIterator[_executor_pb2.ExecuteEvent]]:
+        """Runs one piece of code like Execute, answering its output as the program writes it: stdout
+        and stderr events, then exactly one result (what Execute answers) or, for a failure after the
+        first event, one error. A failure before the first event is the call's status, as for Execute.
+        Over REST the events are newline-delimited JSON objects.
+        """
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
