@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: run test venv system-packages generate check-generated lint typecheck proto-lint proto-breaking bench clean
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock pyproject.toml sdk/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
@@ -18,6 +18,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	# (the OTLP exporter then fails to import); put the real one back on top.
 	$(BIN)/pip install --quiet --no-deps --force-reinstall $$(grep '^opentelemetry-proto==' requirements.lock)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	# The SDK and CLI (sdk/python, import name pyth_on), whose dependencies the lock already holds;
+	# its `pyth-on` script hands `up` and `migrate` to the server's.
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e ./sdk/python
 	touch $@
 
 venv: $(VENV)/.installed
@@ -55,7 +58,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# services/ and edge/ against the generated .pyi stubs (settings in pyproject.toml).
+# services/, edge/ and the SDK (sdk/python/src) against the generated .pyi stubs (settings in pyproject.toml).
 typecheck: venv
 	$(BIN)/mypy
 

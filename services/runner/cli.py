@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
+import importlib.util
 import os
 import signal
 import sys
@@ -29,7 +31,10 @@ def version() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pyth-on", description="Pyth-On, a self-hostable code-execution API."
+        prog="pyth-on",
+        description="Pyth-On, a self-hostable code-execution API.",
+        epilog="The client's commands (run, secrets, packages, zk, generate, audit, login) come with "
+        "the pyth-on-client package (sdk/python); `pyth-on run --help` and so on, where it is installed.",
     )
     parser.add_argument("--version", action="version", version=f"pyth-on {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -156,9 +161,40 @@ def up(config: MeshConfig) -> int:
         print("Stopped.", flush=True)
 
 
+# The client's commands (run, secrets, packages, zk, generate, audit, login) live in the SDK
+# (sdk/python, import name pyth_on), which owns the same command name and hands `up` and `migrate`
+# back here; whichever package's script is installed last, every command works.
+_SERVER_COMMANDS = ("up", "migrate")
+_CLIENT_CLI = "pyth_on.cli"
+
+
+def _client_command(argv: Sequence[str]) -> int | None:
+    """Hand a command that is not the server's to the SDK's command line, when it is installed."""
+    if not argv or argv[0].startswith("-") or argv[0] in _SERVER_COMMANDS:
+        return None
+    try:
+        installed = importlib.util.find_spec(_CLIENT_CLI) is not None
+    except ModuleNotFoundError:
+        installed = False
+    if not installed:
+        print(
+            f"pyth-on: `{argv[0]}` is not a server command (up, migrate); the client's commands come "
+            "with the pyth-on-client package: pip install ./sdk/python",
+            file=sys.stderr,
+        )
+        return 2
+    client_cli = importlib.import_module(_CLIENT_CLI)
+    status: int = client_cli.main(list(argv))
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pyth-on` console script."""
-    args = _parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    delegated = _client_command(arguments)
+    if delegated is not None:
+        return delegated
+    args = _parser().parse_args(arguments)
     if args.command == "migrate":
         return migrate(args)
     try:
