@@ -39,6 +39,8 @@ from services.executor.sandbox.warm_pool import WarmPool
 
 # Warm pools kept for profiles with read-only mounts (package environments), the most recent ones.
 RECENT_MOUNT_PROFILES = 4
+# Their pools hold this many times a language's pool size.
+MOUNT_POOL_DEPTH = 2
 
 log = logging.getLogger("pythonon.executor.sandbox")
 
@@ -246,6 +248,7 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
             profile = self._profile(spec.language, spec.limits, spec.readonly_paths)
             sandbox = self._pool.take(profile)
             if sandbox is None:
+                log.debug("no warm sandbox for this run's profile; starting one")
                 sandbox = await self._spawn(profile)
             try:
                 return await self._execute(sandbox, spec)
@@ -278,7 +281,9 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
         self._recent_mounts.pop(profile, None)
         self._recent_mounts[profile] = None
         if not known and not self._closed:
-            self._pool.keep_warm([profile])
+            # Deeper than a language's pool: one user's runs come back to back, and each takes a
+            # sandbox that a replacement must start for (refilled one at a time, after the answer).
+            self._pool.keep_warm([profile], size=MOUNT_POOL_DEPTH * self.options.pool_size)
         while len(self._recent_mounts) > RECENT_MOUNT_PROFILES:
             oldest = next(iter(self._recent_mounts))
             del self._recent_mounts[oldest]
