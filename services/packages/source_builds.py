@@ -49,6 +49,8 @@ log = logging.getLogger("pythonon.packages.source_builds")
 # Where the build environment is mounted in the sandbox.
 BUILD_ENVIRONMENT_MOUNT = "/opt/pythonon/build-env"
 SDIST_FILE = "sdist.tar.gz"
+# Prefix of what is being made; never a sha256 (the names of what is complete).
+UNFINISHED = "unfinished-"
 # PEP 517's fallback for an sdist without [build-system].
 LEGACY_REQUIRES = ("setuptools>=40.8.0",)
 LEGACY_BACKEND = "setuptools.build_meta:__legacy__"
@@ -136,6 +138,9 @@ class SourceBuilder:
         for directory in (self._built, self._build_environments):
             directory.mkdir(parents=True, exist_ok=True)
             directory.chmod(0o700)
+            # What a build interrupted by a stop was making (renamed into place only when complete).
+            for leftover in directory.glob(f"{UNFINISHED}*"):
+                shutil.rmtree(leftover, ignore_errors=True)
         # httpx logs every URL at INFO, and an index URL may hold the operator's credentials.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         # One build of a given sdist at a time (two sets may need it at once).
@@ -159,7 +164,7 @@ class SourceBuilder:
                 sdist, backend, backend_path, build_environment, deadline
             )
             _check_wheel(wheel_name, name, version)
-            work = Path(tempfile.mkdtemp(prefix="built-", dir=self._built))
+            work = Path(tempfile.mkdtemp(prefix=UNFINISHED, dir=self._built))
             (work / wheel_name).write_bytes(wheel)
             work.rename(directory)
             log.info("built a wheel from source in the sandbox", extra={"package": canonicalize_name(name)})
@@ -214,13 +219,17 @@ class SourceBuilder:
         directory = self._build_environments / key
         if directory.is_dir():
             return directory
-        work = Path(tempfile.mkdtemp(prefix="making-", dir=self._build_environments))
+        work = Path(tempfile.mkdtemp(prefix=UNFINISHED, dir=self._build_environments))
         try:
             await install(requires, work / "site", deadline)
             # The sandbox's uid reads it through a read-only mount.
             for path in [work, *work.rglob("*")]:
                 path.chmod(0o755 if path.is_dir() else 0o644)
-            work.rename(directory)
+            try:
+                work.rename(directory)
+            except OSError:
+                if not directory.is_dir():  # else a build with the same requirements made it first
+                    raise
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
