@@ -195,20 +195,30 @@ class SourceBuilder:
         raise SourceBuildFailed(f"the index has no source distribution (.tar.gz) of {name}=={version}")
 
     async def _download(self, url: str, sha256: str) -> bytes:
+        """The sdist's bytes, read no further than the build's disk limit, checked against `sha256`."""
+        content = bytearray()
         try:
-            async with httpx.AsyncClient(timeout=60, follow_redirects=True) as client:
-                response = await client.get(url)
+            async with (
+                httpx.AsyncClient(timeout=60, follow_redirects=True) as client,
+                client.stream("GET", url) as response,
+            ):
+                if response.status_code != 200:
+                    raise SourceBuildFailed(
+                        f"the index answered {response.status_code} for a source distribution"
+                    )
+                async for chunk in response.aiter_bytes():
+                    content += chunk
+                    if len(content) > self._limits.disk_bytes:
+                        raise SourceBuildFailed(
+                            "the source distribution is larger than the build's disk limit"
+                        )
         except httpx.HTTPError as error:
             raise SourceBuildFailed(
                 f"the source distribution could not be downloaded: {type(error).__name__}"
             ) from None
-        if response.status_code != 200:
-            raise SourceBuildFailed(f"the index answered {response.status_code} for a source distribution")
-        if len(response.content) > self._limits.disk_bytes:
-            raise SourceBuildFailed("the source distribution is larger than the build's disk limit")
-        if hashlib.sha256(response.content).hexdigest() != sha256:
+        if hashlib.sha256(content).hexdigest() != sha256:
             raise SourceBuildFailed("the source distribution does not match the index's sha256")
-        return response.content
+        return bytes(content)
 
     async def _build_environment(
         self, requires: list[str], install: InstallBuildRequirements, deadline: float
