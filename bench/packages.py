@@ -1,10 +1,12 @@
 """Package environments: `python -m bench.packages`. Not part of the test suite.
 
 Measures, in one run on this machine:
-- building a cold environment for `requests` with the packages service's own code (its settings,
-  `Installer.resolve` then `EnvironmentStore.build`, as a build does; a fresh store, so an empty
-  download cache) against `pip install --target` of the same set with pip's cache off, alternating
-  the two; the ratio of the medians is printed (target <= 0.3);
+- building a new ("cold") environment for `requests` with the packages service's own code (its
+  settings, `Installer.resolve` then `EnvironmentStore.build`, as a build does, into a fresh store),
+  once with the download cache the service keeps across all its builds (warmed by one earlier build:
+  a new environment, not a new service) and once with an empty cache, against `pip install
+  --target` of the same set with pip's cache off, in a rotating order; the time of each is split
+  into resolving and installing, and the ratios of the medians are printed (target <= 0.3);
 - through the sandbox layer (the warm pool kept per environment), the p50 of a run that imports a
   package from its environment (mounted read-only at the executor's path, on PYTHONPATH) against
   the p50 of a plain hello-world, and of a hello-world with the environment mounted (what the mount
@@ -27,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -63,21 +65,40 @@ def service_settings(store: Path) -> PackagesSettings:
     return PackagesSettings.load(Environment(environ))
 
 
-async def service_build(store_dir: Path, requirements: list[str]) -> tuple[float, Path]:
-    """Seconds to resolve and build `requirements` into a fresh store, as the service's build does,
-    and the environment's importable directory (what the executor mounts)."""
+@dataclass(frozen=True)
+class BuildTimes:
+    """Where a build's time went: resolving to a lock, then installing it (download, unpack,
+    bytecode compilation, the size check and the read-only pass)."""
+
+    resolve: float
+    install: float
+
+    @property
+    def total(self) -> float:
+        return self.resolve + self.install
+
+
+async def service_build(
+    store_dir: Path, requirements: list[str], cache: Path | None = None
+) -> tuple[BuildTimes, Path]:
+    """Times to resolve and build `requirements` into a new environment of a fresh store, as the
+    service's build does, and the environment's importable directory (what the executor mounts).
+    `cache`: uv's download cache to use (the service keeps one for all its builds); None: the new
+    store's own, empty."""
     settings = service_settings(store_dir)
     target = Target.probe(settings.python)
     store = EnvironmentStore(settings.store)
-    installer = Installer(uv=settings.uv, index_url=settings.index_url, cache_dir=store.cache)
-    started = time.perf_counter()
+    installer = Installer(uv=settings.uv, index_url=settings.index_url, cache_dir=cache or store.cache)
     deadline = asyncio.get_running_loop().time() + LIMITS.max_seconds
     try:
+        started = time.perf_counter()
         lock = await installer.resolve(requirements, target, deadline)
+        resolved = time.perf_counter()
         key = await store.build(installer, lock, target, LIMITS, deadline, lambda _count: None)
+        built = time.perf_counter()
     except BuildFailed as failure:
         raise IndexUnreachable(str(failure)) from None
-    return time.perf_counter() - started, store.path(key)
+    return BuildTimes(resolved - started, built - resolved), store.path(key)
 
 
 def pip_install_seconds(into: Path, requirements: list[str]) -> float:
@@ -98,22 +119,30 @@ def pip_install_seconds(into: Path, requirements: list[str]) -> float:
     return time.perf_counter() - started
 
 
-async def measure_builds(scratch: Path, rounds: int) -> tuple[list[float], list[float]]:
-    ours: list[float] = []
-    pips: list[float] = []
+async def measure_builds(scratch: Path, rounds: int) -> dict[str, list[BuildTimes]]:
+    """Rounds of three cold environment builds of BUILD_SET, in a rotating order: the service's
+    build with the download cache it keeps across builds ("cache", warmed once before), the same
+    with an empty cache ("empty"), and pip install --target with its cache off ("pip")."""
+    cache = scratch / "service-cache"
+    await service_build(scratch / "warm-up", BUILD_SET, cache)  # an earlier build filled the cache
+    times: dict[str, list[BuildTimes]] = {"cache": [], "empty": [], "pip": []}
+    kinds = list(times)
     for number in range(rounds):
-        # Alternating which goes first, so that neither always meets a cold network path.
-        order = ("ours", "pip") if number % 2 == 0 else ("pip", "ours")
-        for which in order:
+        # Rotating which goes first, so that none always meets a cold network path.
+        for which in kinds[number % 3 :] + kinds[: number % 3]:
             work = Path(tempfile.mkdtemp(dir=scratch))
             try:
-                if which == "ours":
-                    ours.append((await service_build(work / "store", BUILD_SET))[0])
+                if which == "pip":
+                    seconds = await asyncio.to_thread(pip_install_seconds, work / "site", BUILD_SET)
+                    times["pip"].append(BuildTimes(0.0, seconds))
                 else:
-                    pips.append(await asyncio.to_thread(pip_install_seconds, work / "site", BUILD_SET))
+                    built, _path = await service_build(
+                        work / "store", BUILD_SET, cache if which == "cache" else None
+                    )
+                    times[which].append(built)
             finally:
                 _remove(work)
-    return ours, pips
+    return times
 
 
 async def measure_runs(
@@ -159,12 +188,9 @@ async def measure_runs(
 def measure_mesh(package: str, runs: int, pause: float) -> dict[str, list[float]]:
     """Samples (ms) of a hello-world of a user without packages ("plain") and of `import package`
     by a user whose list holds it ("import"), through the whole mesh, interleaved."""
-    # The mesh starts services in a clean environment; the installer needs this machine's trust store
-    # when the index is reached through a proxy that presents its own certificates.
-    trust = {name: os.environ[name] for name in ("SSL_CERT_FILE", "SSL_CERT_DIR") if name in os.environ}
+    # The runner passes this machine's trust store and proxy on to the packages service itself.
     service_env = {
         "auth": {"PYTHONON_AUTH_USER_RATE_BURST": "100000", "PYTHONON_AUTH_USER_RATE_PER_MINUTE": "1000000"},
-        "packages": trust,
     }
     with tempfile.TemporaryDirectory() as data_dir:
         config = MeshConfig(port=0, data_dir=Path(data_dir), service_env=service_env, log_level="WARNING")
@@ -219,8 +245,8 @@ async def measure(arguments: argparse.Namespace) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="bench-packages-"))
     try:
         try:
-            ours, pips = await measure_builds(scratch, arguments.rounds)
-            _seconds, environment = await service_build(scratch / "runs", [arguments.package])
+            builds = await measure_builds(scratch, arguments.rounds)
+            _times, environment = await service_build(scratch / "runs", [arguments.package])
         except IndexUnreachable as failure:
             print(f"skipped: the package index cannot be reached from here ({failure})")
             return 0
@@ -238,17 +264,29 @@ async def measure(arguments: argparse.Namespace) -> int:
     finally:
         _remove(scratch)
 
-    ours_median, pip_median = statistics.median(ours), statistics.median(pips)
+    pip_median = statistics.median(t.total for t in builds["pip"])
     p50 = {name: percentile(values, 0.5) for name, values in samples.items()}
     p95 = {name: percentile(values, 0.95) for name, values in samples.items()}
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
-    print(f"cold build of {' '.join(BUILD_SET)} (n={len(ours)} each, alternating; empty caches):")
-    for label, values in (
-        ("packages service (uv, wheels only, bytecode compiled)", ours),
-        ("pip install --target, --no-cache-dir", pips),
-    ):
-        each = " ".join(f"{value:.2f}" for value in values)
-        print(f"  {label + ':':<56} median {statistics.median(values):.2f} s  ({each})")
+    print(f"load average at the end: {' '.join(f'{value:.1f}' for value in os.getloadavg())}")
+    print(f"a new environment of {' '.join(BUILD_SET)} (n={len(builds['pip'])} each, rotating order):")
+    labels = {
+        "cache": "packages service, its download cache kept across builds",
+        "empty": "packages service, an empty download cache",
+        "pip": "pip install --target, --no-cache-dir",
+    }
+    for which, label in labels.items():
+        values = builds[which]
+        each = " ".join(f"{value.total:.2f}" for value in values)
+        split = ""
+        if which != "pip":
+            split = (
+                f"; resolve median {statistics.median(v.resolve for v in values):.2f} s, "
+                f"install {statistics.median(v.install for v in values):.2f} s"
+            )
+        print(
+            f"  {label + ':':<58} median {statistics.median(v.total for v in values):.2f} s  ({each}){split}"
+        )
     print(
         f"{arguments.backend} sandbox, warm pools, interleaved "
         f"(n={len(samples['plain'])} each, {arguments.pause:g} s apart):"
@@ -261,7 +299,9 @@ async def measure(arguments: argparse.Namespace) -> int:
     for name, label in lines.items():
         print(f"  {label + ':':<45} p50 {p50[name]:6.1f} ms  p95 {p95[name]:6.1f} ms")
     print("ratios")
-    print(f"  cold build / pip install --target = {ours_median / pip_median:.2f}   (target <= 0.3)")
+    for which in ("cache", "empty"):
+        ratio = statistics.median(t.total for t in builds[which]) / pip_median
+        print(f"  new environment ({labels[which]}) / pip install --target = {ratio:.2f}   (target <= 0.3)")
     print(
         f"  import {arguments.package} p50 / hello-world p50 = {p50['import'] / p50['plain']:.2f}   "
         "(target <= 2.0)"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +32,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.packages.source_builds import (
+    MAX_SOURCE_BUILDS,
+    SourceBuilder,
+    SourceBuildFailed,
+    needs_source_build,
+)
 from services.platform.package_store import ENVIRONMENTS, USERS, user_marker
+from services.platform.service_graph import PACKAGE_INDEX_VARIABLES
 
 log = logging.getLogger("pythonon.packages.environments")
 
@@ -72,6 +80,8 @@ class Lock:
 
     text: str
     versions: dict[str, str]
+    # Directories of wheels built from source in the sandbox that the lock names (by their hashes).
+    find_links: tuple[str, ...] = ()
 
     def environment_key(self, target: Target) -> str:
         digest = hashlib.sha256(self.text.encode()).hexdigest()
@@ -92,26 +102,23 @@ class Installer:
     uv: str
     index_url: str | None
     cache_dir: Path
+    # None: sdists are refused. Otherwise they are built into wheels in the sandbox (source_builds).
+    source_builder: SourceBuilder | None = None
 
-    def _command(self, *arguments: str) -> list[str]:
+    def _command(self, *arguments: str, find_links: Iterable[str] = ()) -> list[str]:
+        # --only-binary always: uv itself never builds (runs) a package on the host.
         command = [self.uv, "pip", *arguments, "--no-config", "--only-binary", ":all:"]
         if self.index_url:
             command += ["--index-url", self.index_url]
+        for directory in find_links:
+            command += ["--find-links", directory]
         return command
 
     def _environment(self) -> dict[str, str]:
-        # Only what uv needs: no credentials or proxies of the service's own environment leak in
-        # by accident, and no UV_* variable steers it.
-        keep = (
-            "PATH",
-            "HOME",
-            "LANG",
-            "SSL_CERT_FILE",
-            "SSL_CERT_DIR",
-            "HTTPS_PROXY",
-            "HTTP_PROXY",
-            "NO_PROXY",
-        )
+        # Only what uv needs: no credentials of the service's own environment leak in by accident,
+        # and no UV_* variable steers it but the trust store's switch. The proxy and CA variables
+        # are the operator's (service_graph.PACKAGE_INDEX_VARIABLES, which the runner passes on).
+        keep = ("PATH", "HOME", "LANG", *PACKAGE_INDEX_VARIABLES)
         env = {name: os.environ[name] for name in keep if name in os.environ}
         env["UV_CACHE_DIR"] = str(self.cache_dir)
         env["UV_NO_PROGRESS"] = "1"
@@ -119,16 +126,52 @@ class Installer:
 
     async def resolve(self, requirements: list[str], target: Target, deadline: float) -> Lock:
         """The lock of `requirements` (exact versions, every wheel's hash), or BuildFailed with the
-        resolver's own words (which package, which version, why)."""
-        command = self._command(
-            "compile", "-", "--generate-hashes", "--no-header", "--no-annotate", "--quiet",
-            "--python", target.python,
-        )  # fmt: skip
-        out, err, code = await _run(command, self._environment(), "\n".join(requirements) + "\n", deadline)
+        resolver's own words (which package, which version, why). With source builds on, a package
+        found only as an sdist is built into a wheel in the sandbox and the set resolved again."""
+        find_links: list[str] = []
+        built: set[tuple[str, str]] = set()
+        while True:
+            command = self._command(
+                "compile", "-", "--generate-hashes", "--no-header", "--no-annotate", "--quiet",
+                "--python", target.python, find_links=find_links,
+            )  # fmt: skip
+            out, err, code = await _run(
+                command, self._environment(), "\n".join(requirements) + "\n", deadline
+            )
+            if code == 0:
+                versions = {_canonical(name): version for name, version in _PINNED.findall(out)}
+                return Lock(text=out, versions=versions, find_links=tuple(find_links))
+            wanted = needs_source_build(err) if self.source_builder is not None else None
+            if self.source_builder is None or wanted is None:
+                raise BuildFailed(_reason(err) or "the requirements could not be resolved")
+            if wanted in built:  # built, yet the resolver still has no wheel for it
+                raise BuildFailed(
+                    f"the wheel built from the source of {wanted[0]}=={wanted[1]} does not fit {target.describe()}"
+                )
+            if len(built) >= MAX_SOURCE_BUILDS:
+                raise BuildFailed(
+                    f"more than {MAX_SOURCE_BUILDS} packages of the set need building from source"
+                )
+            built.add(wanted)
+            try:
+                directory = await self.source_builder.build(
+                    *wanted, functools.partial(self._install_build_requirements_for, target), deadline
+                )
+            except SourceBuildFailed as failure:
+                raise BuildFailed(f"{wanted[0]}=={wanted[1]}: {failure}") from None
+            find_links.append(str(directory))
+
+    async def _install_build_requirements_for(
+        self, target: Target, requirements: list[str], into: Path, deadline: float
+    ) -> None:
+        """A source build's requirements, from wheels only, into `into` (mounted in its sandbox)."""
+        command = self._command("install", "--target", str(into), "--python", target.python, *requirements)
+        _out, err, code = await _run(command, self._environment(), None, deadline)
         if code != 0:
-            raise BuildFailed(_reason(err) or "the requirements could not be resolved")
-        versions = {_canonical(name): version for name, version in _PINNED.findall(out)}
-        return Lock(text=out, versions=versions)
+            raise SourceBuildFailed(
+                "its build requirements could not be installed: "
+                + _reason(err, "a build's own requirements are installed from wheels only")
+            )
 
     async def install(
         self,
@@ -146,7 +189,7 @@ class Installer:
         lock_file.write_text(lock.text)
         command = self._command(
             "install", "--target", str(into), "--require-hashes", "--no-deps", "--compile-bytecode",
-            "--python", target.python, "-r", str(lock_file),
+            "--python", target.python, "-r", str(lock_file), find_links=lock.find_links,
         )  # fmt: skip
 
         async def watch() -> None:
@@ -320,7 +363,9 @@ def _kill_group(process: asyncio.subprocess.Process) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def _reason(stderr: str) -> str:
+def _reason(
+    stderr: str, no_wheel_hint: str = "only wheels are installed: building packages from source is off"
+) -> str:
     """The installer's message, without its colour codes and hints about flags the user cannot pass."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", stderr).strip()
     lines = [
@@ -329,7 +374,7 @@ def _reason(stderr: str) -> str:
     reason = " ".join(line.strip() for line in lines)
     reason = reason.replace("error: ", "", 1).replace(" cause: ", ": ", 1)
     if "has no usable wheels" in reason:
-        reason += " (only wheels are installed: building packages from source is off)"
+        reason += f" ({no_wheel_hint})"
     if len(reason) > MAX_REASON_CHARACTERS:
         reason = reason[: MAX_REASON_CHARACTERS - 3] + "..."
     return reason

@@ -47,6 +47,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PYTHONON_PACKAGES_MAX_ENVIRONMENT_MIB", "1024", "Largest environment a build may make, in MiB."),
     Setting("PYTHONON_PACKAGES_MAX_BUILD_SECONDS", "300", "Longest a build may take, in seconds."),
     Setting("PYTHONON_PACKAGES_MAX_CONCURRENT_BUILDS", "2", "Builds run at once; others wait their turn."),
+    Setting(
+        "PYTHONON_PACKAGES_SOURCE_BUILDS",
+        "false",
+        "`true`: a package that ships only a source distribution is built into a wheel inside a bwrap "
+        "sandbox (no network, the limits below, the build's time limit); `false`: such a package fails "
+        "with that reason. Nothing of a package ever runs on the host either way.",
+    ),
+    Setting("PYTHONON_PACKAGES_SOURCE_BUILD_MEMORY_MIB", "1024", "Memory of one build from source, in MiB."),
+    Setting(
+        "PYTHONON_PACKAGES_SOURCE_BUILD_DISK_MIB",
+        "512",
+        "Disk of one build from source (its working directory and /tmp, each; the wheel's size), in MiB.",
+    ),
 )
 
 
@@ -61,6 +74,9 @@ class PackagesSettings:
     max_environment_bytes: int
     max_build_seconds: float
     max_concurrent_builds: int
+    source_builds: bool
+    source_build_memory_bytes: int
+    source_build_disk_bytes: int
 
     @classmethod
     def load(cls, env: Environment) -> PackagesSettings:
@@ -88,7 +104,21 @@ class PackagesSettings:
             max_environment_bytes=env.integer("PYTHONON_PACKAGES_MAX_ENVIRONMENT_MIB", 1024, minimum=1) * MiB,
             max_build_seconds=float(env.integer("PYTHONON_PACKAGES_MAX_BUILD_SECONDS", 300, minimum=1)),
             max_concurrent_builds=env.integer("PYTHONON_PACKAGES_MAX_CONCURRENT_BUILDS", 2, minimum=1),
+            source_builds=_switch(env, "PYTHONON_PACKAGES_SOURCE_BUILDS"),
+            source_build_memory_bytes=env.integer(
+                "PYTHONON_PACKAGES_SOURCE_BUILD_MEMORY_MIB", 1024, minimum=64
+            )
+            * MiB,
+            source_build_disk_bytes=env.integer("PYTHONON_PACKAGES_SOURCE_BUILD_DISK_MIB", 512, minimum=16)
+            * MiB,
         )
+
+
+def _switch(env: Environment, name: str) -> bool:
+    value = env.text(name, "false").strip().lower()
+    if value not in ("true", "false"):
+        raise SettingsError(f"{name} must be true or false, got {value!r}")
+    return value == "true"
 
 
 def _base_interpreter() -> str:

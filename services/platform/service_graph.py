@@ -58,6 +58,20 @@ class ServiceNode:
     built: bool = True
 
 
+# What uv needs of the operator's environment to reach a package index behind a proxy: the proxy,
+# the CA certificates (file or directory), and uv's switch to the system's trust store.
+PACKAGE_INDEX_VARIABLES = (
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "UV_NATIVE_TLS",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "no_proxy",
+)
+
 _ALL_BUT_SYSTEM = ("auth", "executor", "secrets", "audit", "generator", "packages", "zk")
 
 # The table. Its order is the order of the API sections.
@@ -71,7 +85,9 @@ SERVICES: tuple[ServiceNode, ...] = (
         calls=("executor", "secrets", "packages", "audit"),
         outside_variables=("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"),
     ),
-    ServiceNode("packages", calls=("audit",), database=True),
+    # uv reaches the package index through the operator's proxy and trust store, if any (a proxy
+    # that intercepts TLS presents certificates only the operator's CA file or directory vouches for).
+    ServiceNode("packages", calls=("audit",), database=True, outside_variables=PACKAGE_INDEX_VARIABLES),
     ServiceNode("zk", calls=("executor", "audit"), database=True),
     # Health of every service and of Vault and the databases; the executor's capabilities for info.
     ServiceNode("system", calls=_ALL_BUT_SYSTEM, vault=True),

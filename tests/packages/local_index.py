@@ -65,15 +65,20 @@ class LocalIndex:
         self._write_page(name)
         return wheel
 
-    def add_sdist(self, name: str, version: str) -> Path:
-        """A source distribution only (building it would run its setup.py: it must never be built)."""
+    def add_sdist(self, name: str, version: str, files: Mapping[str, str] | None = None) -> Path:
+        """A source distribution only: by default one whose setup.py must never run (it fails if it
+        does); `files` (path inside the project → text) for one that can be built."""
         dist = name.replace("-", "_")
         sdist = self._files(name) / f"{dist}-{version}.tar.gz"
-        setup = b"raise SystemExit('this setup.py must never run')\n"
+        contents = (
+            files if files is not None else {"setup.py": "raise SystemExit('this setup.py must never run')\n"}
+        )
         with tarfile.open(sdist, "w:gz") as archive:
-            entry = tarfile.TarInfo(f"{dist}-{version}/setup.py")
-            entry.size = len(setup)
-            archive.addfile(entry, io.BytesIO(setup))
+            for path, text in contents.items():
+                data = text.encode()
+                entry = tarfile.TarInfo(f"{dist}-{version}/{path}")
+                entry.size = len(data)
+                archive.addfile(entry, io.BytesIO(data))
         self._write_page(name)
         return sdist
 
@@ -155,3 +160,53 @@ def _incompressible(size: int) -> bytes:
         seed = hashlib.sha256(seed).digest()
         out += seed
     return bytes(out[:size])
+
+
+# An in-tree PEP 517 backend (the project's own setup.py, named by pyproject.toml): building needs
+# nothing from the index, and whatever `module_source()` does runs during the build.
+_IN_TREE_BACKEND = """\
+import base64, hashlib, os, zipfile
+
+NAME, VERSION, REQUIRES = {name!r}, {version!r}, {requires!r}
+
+
+def module_source():
+    return "VALUE = 'built from source'\\n"
+
+
+{extra}
+
+
+def _hash(data):
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    dist = NAME.replace("-", "_")
+    info = f"{{dist}}-{{VERSION}}.dist-info"
+    metadata = f"Metadata-Version: 2.1\\nName: {{NAME}}\\nVersion: {{VERSION}}\\n"
+    metadata += "".join(f"Requires-Dist: {{r}}\\n" for r in REQUIRES)
+    files = {{
+        f"{{dist}}/__init__.py": module_source().encode(),
+        f"{{info}}/METADATA": metadata.encode(),
+        f"{{info}}/WHEEL": b"Wheel-Version: 1.0\\nGenerator: tests\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n",
+    }}
+    record = "".join(f"{{path}},{{_hash(data)}},{{len(data)}}\\n" for path, data in files.items())
+    files[f"{{info}}/RECORD"] = (record + f"{{info}}/RECORD,,\\n").encode()
+    wheel = f"{{dist}}-{{VERSION}}-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, wheel), "w") as archive:
+        for path, data in files.items():
+            archive.writestr(path, data)
+    return wheel
+"""
+
+
+def buildable_sdist_files(
+    name: str, version: str, requires: Sequence[str] = (), extra: str = ""
+) -> dict[str, str]:
+    """The files of an sdist built by its own setup.py (an in-tree backend); `extra` is code run in
+    that setup.py, e.g. a `module_source()` that returns what the built module holds."""
+    return {
+        "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "setup"\nbackend-path = ["."]\n',
+        "setup.py": _IN_TREE_BACKEND.format(name=name, version=version, requires=list(requires), extra=extra),
+    }

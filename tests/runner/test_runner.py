@@ -197,6 +197,30 @@ def _addresses(env: dict[str, str]) -> dict[str, str]:
     return {name: value for name, value in env.items() if name.endswith("_ADDRESS")}
 
 
+def test_the_packages_service_gets_the_operators_proxy_and_trust_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uv behind a TLS-intercepting proxy needs the operator's CA file or directory and proxy."""
+    given = {
+        "SSL_CERT_FILE": "/etc/corporate/ca.pem",
+        "SSL_CERT_DIR": "/etc/corporate/certs",
+        "UV_NATIVE_TLS": "true",
+        "HTTPS_PROXY": "http://proxy.internal:3128",
+    }
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    mesh = Mesh(MeshConfig(port=0, data_dir=tmp_path))
+    plan = _plan_for_every_service(mesh)
+    env = {node.name: mesh._service_env(node, plan) for node in service_graph.SERVICES}
+    assert {name: env["packages"].get(name) for name in given} == given
+    # Only the service that reaches the index gets them.
+    assert all(
+        "HTTPS_PROXY" not in env[name] and "SSL_CERT_FILE" not in env[name]
+        for name in env
+        if name != "packages"
+    )
+
+
 def test_each_service_gets_the_addresses_of_what_it_calls_and_its_outside_variables(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -130,6 +130,24 @@ async def test_refill_happens_when_asked_not_on_take(processes: Processes) -> No
 
 
 @in_a_loop
+async def test_a_key_can_be_kept_deeper_than_the_pools_size(processes: Processes) -> None:
+    pool = make_pool(processes, size=1)
+    pool.keep_warm(["python"])
+    pool.keep_warm(["python with packages"], size=3)
+    await pool.fill(5)
+    assert (pool.ready("python"), pool.ready("python with packages")) == (1, 3)
+    assert pool.size_of("python with packages") == 3 and pool.size_of("python") == 1
+    taken = [pool.take("python with packages") for _ in range(2)]
+    assert all(taken) and pool.ready("python with packages") == 1
+    pool.replenish()
+    await pool.fill(5)
+    assert pool.ready("python with packages") == 3 and len(processes.started) == 6
+    pool.forget("python with packages")
+    assert pool.size_of("python with packages") == 1  # forgotten, its depth too
+    await pool.close()
+
+
+@in_a_loop
 async def test_a_take_that_empties_the_pool_refills_at_once(processes: Processes) -> None:
     pool = make_pool(processes, size=1)
     pool.keep_warm(["python"])

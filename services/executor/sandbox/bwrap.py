@@ -35,7 +35,9 @@ from pathlib import Path
 
 from services.executor.sandbox import cgroups, runtimes, seccomp
 from services.executor.sandbox.host_backend import (
+    MOUNT_POOL_DEPTH,
     NOBODY,
+    RECENT_MOUNT_PROFILES,
     BackendOptions,
     HostBackend,
     HostSandbox,
@@ -136,6 +138,8 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
             slots = (
                 2 * self.max_concurrent  # the runs', and those of finished runs still being reaped
                 + options.pool_size * len(self._runtimes)
+                # the pools of the package environments used last
+                + RECENT_MOUNT_PROFILES * MOUNT_POOL_DEPTH * options.pool_size
                 + len(self._runtimes)  # the start-up checks
                 + 8
             )

@@ -40,6 +40,8 @@ from services.executor.sandbox.warm_pool import WarmPool
 
 # Warm pools kept for profiles with read-only mounts (package environments), the most recent ones.
 RECENT_MOUNT_PROFILES = 4
+# Their pools hold this many times a language's pool size.
+MOUNT_POOL_DEPTH = 2
 
 log = logging.getLogger("pythonon.executor.sandbox")
 
@@ -247,6 +249,7 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
             profile = self._profile(spec.language, spec.limits, spec.readonly_paths)
             sandbox = self._pool.take(profile)
             if sandbox is None:
+                log.debug("no warm sandbox for this run's profile; starting one")
                 sandbox = await self._spawn(profile)
             try:
                 return await self._execute(sandbox, spec, on_output)
@@ -276,7 +279,11 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
         """Keep a warm pool for each of the RECENT_MOUNT_PROFILES profiles with read-only mounts (a
         user's package environment) used last, so that a run with packages starts warm too."""
         if not self._closed:
-            self._pool.keep_recently_used(profile, RECENT_MOUNT_PROFILES)
+            # Deeper than a language's pool: one user's runs come back to back, and each takes a
+            # sandbox that a replacement must start for (refilled one at a time, after the answer).
+            self._pool.keep_recently_used(
+                profile, RECENT_MOUNT_PROFILES, size=MOUNT_POOL_DEPTH * self.options.pool_size
+            )
 
     def _default_profile(self, language: str) -> Hashable:
         return self._profile(language, self.options.default_limits, ())

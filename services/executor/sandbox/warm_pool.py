@@ -47,34 +47,43 @@ class WarmPool(Generic[K, S]):
         self._retry_delay = retry_delay
         self._max_retry_delay = max_retry_delay
         self._ready: dict[K, deque[S]] = {}
+        self._sizes: dict[K, int] = {}  # keys kept at another size than `size`
         self._refills: dict[K, asyncio.Task[None]] = {}
         self._recent: dict[K, None] = {}  # keep_recently_used's keys, least recently used first
         self._closed = False
 
-    def keep_warm(self, keys: Iterable[K]) -> None:
-        """The keys the pool holds sandboxes for (others are never pooled); refilled from now on."""
+    def keep_warm(self, keys: Iterable[K], size: int | None = None) -> None:
+        """The keys the pool holds sandboxes for (others are never pooled); refilled from now on,
+        each to `size` sandboxes (default: the pool's size)."""
         for key in keys:
             self._ready.setdefault(key, deque())
+            if size is not None:
+                self._sizes[key] = size
         self.replenish()
 
-    def keep_recently_used(self, key: K, count: int) -> None:
-        """Keep `key` warm as one of the `count` keys last used through this call (e.g. profiles
-        that mount a user's package environment); the least recently used beyond that is forgotten."""
+    def keep_recently_used(self, key: K, count: int, size: int | None = None) -> None:
+        """Keep `key` warm (to `size` sandboxes, default the pool's size) as one of the `count` keys
+        last used through this call (e.g. profiles that mount a user's package environment); the
+        least recently used beyond that is forgotten."""
         known = key in self._recent
         self._recent.pop(key, None)
         self._recent[key] = None
         if not known and not self._closed:
-            self.keep_warm([key])
+            self.keep_warm([key], size=size)
         while len(self._recent) > count:
             oldest = next(iter(self._recent))
             del self._recent[oldest]
             self.forget(oldest)
+
+    def size_of(self, key: K) -> int:
+        return self._sizes.get(key, self.size)
 
     def forget(self, key: K) -> None:
         """Stop keeping `key` warm and dispose of its sandboxes."""
         task = self._refills.pop(key, None)
         if task is not None:
             task.cancel()
+        self._sizes.pop(key, None)
         for sandbox in self._ready.pop(key, deque()):
             self._dispose(sandbox)
 
@@ -88,7 +97,7 @@ class WarmPool(Generic[K, S]):
     def add(self, key: K, sandbox: S) -> None:
         """Put a started sandbox in the pool (e.g. one started by a start-up check)."""
         pool = self._ready.get(key)
-        if self._closed or pool is None or len(pool) >= self.size:
+        if self._closed or pool is None or len(pool) >= self.size_of(key):
             self._dispose(sandbox)
             return
         pool.append(sandbox)
@@ -113,18 +122,17 @@ class WarmPool(Generic[K, S]):
     def replenish(self) -> None:
         """Start, in the background, what every key lacks."""
         for key, pool in self._ready.items():
-            if len(pool) < self.size:
+            if len(pool) < self.size_of(key):
                 self._refill(key)
 
     async def fill(self, count: int = 1) -> None:
-        """Wait until every key has `count` sandboxes (at most the pool's size) or its refill gave up."""
-        wanted = min(count, self.size)
+        """Wait until every key has `count` sandboxes (at most its size) or its refill gave up."""
         self.replenish()
         while not self._closed:
             pending = [
                 task
                 for key, task in self._refills.items()
-                if not task.done() and len(self._ready.get(key, ())) < wanted
+                if not task.done() and len(self._ready.get(key, ())) < min(count, self.size_of(key))
             ]
             if not pending:
                 return
@@ -142,7 +150,7 @@ class WarmPool(Generic[K, S]):
                 self._dispose(pool.popleft())
 
     def _refill(self, key: K) -> None:
-        if self._closed or self.size <= 0 or key not in self._ready:
+        if self._closed or self.size_of(key) <= 0 or key not in self._ready:
             return
         task = self._refills.get(key)
         if task is None or task.done():
@@ -150,7 +158,7 @@ class WarmPool(Generic[K, S]):
 
     async def _refill_loop(self, key: K) -> None:
         delay = self._retry_delay
-        while not self._closed and key in self._ready and len(self._ready[key]) < self.size:
+        while not self._closed and key in self._ready and len(self._ready[key]) < self.size_of(key):
             try:
                 sandbox = await self._start(key)
             except SandboxError as error:
