@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,6 +216,7 @@ class LocalCluster:
             for process in self.processes.values():
                 process.wait()
         self.api.close()
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def image_layer() -> list[tuple[str, str]]:

@@ -158,6 +158,10 @@ def common_binds() -> list[tuple[str, str]]:
     return [(path, path) for path in COMMON_DIRECTORIES if os.path.isdir(path)]
 
 
+# Python's extension modules whose libraries the sandbox does not hold (importing them fails).
+NO_DISPLAY_EXTENSIONS = ("_tkinter",)
+
+
 def find_python(language: Language, executable: str | None, runtime_dir: Path) -> Runtime:
     candidates = (
         [executable]
@@ -176,8 +180,14 @@ def find_python(language: Language, executable: str | None, runtime_dir: Path) -
         raise LookupError(f"no standard library found under {prefix / 'lib'}")
     binds = [(str(exe), str(exe)), (str(prefix / "lib" / version), str(prefix / "lib" / version))]
     binds += [(str(p), str(p)) for p in sorted((prefix / "lib").glob(f"lib{version}*.so*")) if p.is_file()]
-    # The extension modules are loaded later, but what they link must be there too.
-    extensions = sorted(str(p) for p in (prefix / "lib" / version / "lib-dynload").glob("*.so"))
+    # The extension modules are loaded later, but what they link must be there too; all but Tk's
+    # (a sandbox has no display, and its 16 X11, font and image libraries were a third of the
+    # root's mounts, each costing every sandbox start a pass over its mount table).
+    extensions = sorted(
+        str(p)
+        for p in (prefix / "lib" / version / "lib-dynload").glob("*.so")
+        if not p.name.startswith(NO_DISPLAY_EXTENSIONS)
+    )
     binds += linked_libraries([str(exe), *extensions])
     symlinks = [(exe.name, str(exe.parent / name)) for name in ("python3", "python") if name != exe.name]
     bootstrap = Path(bootstrap_python.__file__).read_text()
