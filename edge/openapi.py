@@ -129,6 +129,13 @@ _EXAMPLES: dict[str, dict[str, Any]] = {
         "body": {"password": "a long passphrase", "timeout": 5},
     },
 }
+# The streaming execute takes execute's request and answers its statuses.
+_EXAMPLES["/pythonon.executor.v1.ExecutorService/ExecuteStream"] = _EXAMPLES[
+    "/pythonon.executor.v1.ExecutorService/Execute"
+]
+_STATUSES["/pythonon.executor.v1.ExecutorService/ExecuteStream"] = _STATUSES[
+    "/pythonon.executor.v1.ExecutorService/Execute"
+]
 
 _TEXT_KINDS: dict[str, dict[str, Any]] = {
     "string": {"type": "string"},

@@ -72,6 +72,7 @@ def test_the_document_describes_every_rest_path_with_its_auth_and_statuses() -> 
     assert sorted(paths) == sorted(
         [
             "/api/register", "/api/login", "/api/verify", "/api/refresh", "/api/v1/execute",
+            "/api/v1/execute/stream",
             "/api/v1/secrets/{name}", "/api/v1/secrets", "/api/v1/audit", "/api/v1/audit/verify",
             "/health", "/api/info", "/api/openapi.json", "/docs", "/api/v1/generate", "/api/v1/packages",
             "/api/v1/packages/{name}", "/api/v1/zk/encrypt", "/api/v1/zk/code/{name}", "/api/v1/zk/code",
@@ -79,6 +80,10 @@ def test_the_document_describes_every_rest_path_with_its_auth_and_statuses() -> 
         ]
     )  # fmt: skip
     assert sorted(paths["/api/v1/packages"]) == ["get", "post", "put"]
+    # The streaming execute: the same request as execute, its events newline-delimited.
+    stream = paths["/api/v1/execute/stream"]["post"]
+    assert stream["requestBody"] == paths["/api/v1/execute"]["post"]["requestBody"]
+    assert list(stream["responses"]["200"]["content"]) == ["application/x-ndjson"]
     public = {
         (path, method)
         for path, methods in paths.items()
