@@ -40,6 +40,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     service_env = {
         **GENEROUS_LIMITS,
         "executor": {
+            # One run per user and two slots: the last free slot is never lent to a user at its cap,
+            # so a user's second run at once is refused (no waiting allowed either).
+            "PYTHONON_EXECUTOR_MAX_CONCURRENT": "2",
             "PYTHONON_EXECUTOR_MAX_RUNS_PER_USER": "1",
             "PYTHONON_EXECUTOR_MAX_WAITING_PER_USER": "0",
             "PYTHONON_EXECUTOR_OUTPUT_BYTES": str(OUTPUT_BYTES),
