@@ -658,6 +658,10 @@ function envoy_on_request(handle)
   -- Read outside pcall: body() suspends the script until the whole body has arrived.
   local buffered = handle:body()
   local body = buffered and buffered:getBytes(0, buffered:length()) or ""
+  if matched.stream then
+    -- Its answer is newline-delimited JSON (the transcoder labels it application/json).
+    handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, "ndjson", true)
+  end
   local ok, problem = pcall(check_request, matched, body, captures, query)
   if not ok then
     if type(problem) == "table" and problem.refusal then
@@ -738,6 +742,9 @@ function envoy_on_response(handle)
   headers:remove("grpc-message")
   headers:remove("grpc-accept-encoding")
   local status = headers:get(":status")
+  if status == "200" and seen and seen.ndjson then
+    headers:replace("content-type", "application/x-ndjson")
+  end
   if wanted ~= nil and status == "200" and find(wanted, "^[1-5]%d%d$") then
     headers:replace(":status", wanted)
     return -- a successful answer under another status (201, or 503 for a degraded health)

@@ -277,6 +277,7 @@ def lua_tables(
             "variables": list(route.variables),
             "body": route.body,
             "input": route.input_type,
+            "stream": route.server_streaming,
         }
         for route in found
     ]

@@ -67,7 +67,9 @@ def parse_services(env: Environment) -> dict[str, str]:
         try:
             service_graph.split_addresses(address)
         except ValueError as error:
-            raise SettingsError(f"{variable}: {error}") from None
+            raise SettingsError(
+                f"{variable} must be host:port (or its replicas', comma-separated): {error}"
+            ) from None
         services[name] = address
     return services
 

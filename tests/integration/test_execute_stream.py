@@ -70,7 +70,7 @@ def streamed(client: httpx.Client, user: dict, **body: object) -> list[dict]:
     """The events of a 200 stream, each line checked to be one JSON object with one known key."""
     response = client.post(STREAM, json=body, headers={"x-api-key": user["apiKey"]})
     assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["content-type"] == "application/x-ndjson"
     assert response.text.endswith("\n")
     events = [json.loads(line) for line in response.text.splitlines()]
     for event in events:

@@ -208,7 +208,7 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
 
     async def start(self) -> None:
         """Run each language's smoke test in a sandbox of its own; drop, with a warning, a language
-        that fails (raise SandboxUnavailable when all do); then warm one sandbox per language."""
+        that fails (raise SandboxUnavailable when all do); then keep each language's pool warm."""
         if self._started:
             return
         self._started = True
@@ -238,8 +238,9 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
                 f"no {self.name} sandbox can start here: "
                 + "; ".join(f"{k}: {v}" for k, v in failures.items())
             )
+        # Filled in the background: the executor serves at once (a run that finds no warm sandbox
+        # starts its own), so that a restarted executor answers again sooner.
         self._pool.keep_warm(self._default_profile(language) for language in self.languages())
-        await self._pool.fill(1)
 
     async def run(self, spec: RunSpec, on_output: OutputListener | None = None) -> RunResult:
         validate_spec(spec, {name: runtime.main_file for name, runtime in self._runtimes.items()})

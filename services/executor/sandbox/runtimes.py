@@ -10,6 +10,7 @@ travels as one frame, b"<decimal length>\n" + body (see `frame`)."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import os
 import posixpath
@@ -102,6 +103,7 @@ def system_library_links() -> list[tuple[str, str]]:
 
 
 _LINKED: dict[tuple[str, float], frozenset[str]] = {}
+LDD_BATCH = 32
 
 
 def linked_libraries(files: Iterable[str]) -> list[tuple[str, str]]:
@@ -111,11 +113,13 @@ def linked_libraries(files: Iterable[str]) -> list[tuple[str, str]]:
     without merged-/usr links in its directory, and bound to the file it finally names."""
     wanted = sorted({os.path.realpath(f) for f in files if os.path.isfile(f)})
     unknown = [f for f in wanted if (f, os.path.getmtime(f)) not in _LINKED]
-    for start in range(0, len(unknown), 64):
-        batch = unknown[start : start + 64]
-        found = _ldd(batch)
-        for path in batch:
-            _LINKED[(path, os.path.getmtime(path))] = found.get(path, frozenset())
+    # ldd runs the loader once per file (~5 ms each, some 300 files for Bash's tools and Python's
+    # extensions): batches in parallel, one per core, since an executor's start waits for them.
+    batches = [unknown[start : start + LDD_BATCH] for start in range(0, len(unknown), LDD_BATCH)]
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(batches), os.cpu_count() or 1))) as pool:
+        for batch, found in zip(batches, pool.map(_ldd, batches), strict=True):
+            for path in batch:
+                _LINKED[(path, os.path.getmtime(path))] = found.get(path, frozenset())
     libraries = set().union(*(_LINKED[(f, os.path.getmtime(f))] for f in wanted)) if wanted else set()
     binds = []
     for library in sorted(libraries):
