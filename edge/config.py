@@ -38,7 +38,6 @@ the edge answers 404 (gRPC: UNIMPLEMENTED) for it.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import shutil
 import sys
@@ -59,6 +58,7 @@ from services.platform.service_graph import (
     PUBLIC_GRPC_PREFIX,
     PUBLIC_GRPC_SERVICES,
     SECTIONS,
+    ip_family,
     split_addresses,
 )
 
@@ -425,14 +425,6 @@ def _local_reply_config(max_request_bytes: int) -> dict:
     return {"mappers": mappers}
 
 
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _upstream_tls_socket(section: str, tls: UpstreamTls) -> dict:
     """Mutual TLS to a section's service (the ext_authz call to auth included: it uses auth's
     cluster): the edge's certificate, and a service certificate naming `section` (the DNS SAN the
@@ -468,7 +460,7 @@ def _cluster(section: str, replicas: list[tuple[str, int]], tls: UpstreamTls | N
         "name": name,
         # An address is taken as it is; a name is resolved, and re-resolved as it changes (every
         # address it has is an endpoint: all the replicas behind a Kubernetes Service's name).
-        "type": "STATIC" if all(_is_ip_address(host) for host, _ in replicas) else "STRICT_DNS",
+        "type": "STATIC" if all(ip_family(host) for host, _ in replicas) else "STRICT_DNS",
         "connect_timeout": f"{CONNECT_TIMEOUT_SECONDS}s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {

@@ -101,7 +101,7 @@ def channel_target(address: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     replicas = service_graph.split_addresses(address)
     if len(replicas) == 1:
         return address, ()
-    scheme = "ipv6" if ":" in replicas[0][0] else "ipv4"
+    scheme = "ipv6" if service_graph.ip_family(replicas[0][0]) == 6 else "ipv4"
     hosts = ",".join(f"[{host}]:{port}" if scheme == "ipv6" else f"{host}:{port}" for host, port in replicas)
     return f"{scheme}:{hosts}", (("grpc.lb_policy_name", "round_robin"),)
 

@@ -167,13 +167,14 @@ def split_addresses(value: str) -> list[tuple[str, int]]:
     parts = [part.strip() for part in value.split(",")]
     addresses = [split_address(part) for part in parts]
     if len(addresses) > 1:
-        families = {_ip_family(host) for host, _ in addresses}
+        families = {ip_family(host) for host, _ in addresses}
         if None in families or len(families) > 1:
             raise ValueError(f"several addresses must be IP addresses of one family, got {value!r}")
     return addresses
 
 
-def _ip_family(host: str) -> int | None:
+def ip_family(host: str) -> int | None:
+    """4 or 6 for an IP address, None for a name."""
     try:
         return ipaddress.ip_address(host).version
     except ValueError:
