@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.executor.sandbox import bootstrap_python
+from services.executor.sandbox import bootstrap_python, elf
 from services.executor.sandbox.bootstrap_scripts import BASH_BOOTSTRAP, BASH_BOOTSTRAP_STDIN, NODE_BOOTSTRAP
 from services.executor.sandbox.interface import WORKDIR, RunSpec, safe_relative_path
 
@@ -112,14 +112,31 @@ def linked_libraries(files: Iterable[str]) -> list[tuple[str, str]]:
     them (ldd): the sandbox holds those instead of all of the host's /usr/lib. Each path is written
     without merged-/usr links in its directory, and bound to the file it finally names."""
     wanted = sorted({os.path.realpath(f) for f in files if os.path.isfile(f)})
-    unknown = [f for f in wanted if (f, os.path.getmtime(f)) not in _LINKED]
-    # ldd runs the loader once per file (~5 ms each, some 300 files for Bash's tools and Python's
-    # extensions): batches in parallel, one per core, since an executor's start waits for them.
-    batches = [unknown[start : start + LDD_BATCH] for start in range(0, len(unknown), LDD_BATCH)]
+    # Files alike in what decides their libraries (elf.linkage) share one answer of the loader:
+    # some 300 files at an executor's start (Bash's tools, Python's extensions) make ~40 groups.
+    groups: dict[object, list[str]] = {}
+    for path in wanted:
+        if (path, os.path.getmtime(path)) in _LINKED:
+            continue
+        try:
+            key: object = elf.linkage(path)
+        except elf.NotElf:
+            _LINKED[(path, os.path.getmtime(path))] = frozenset()
+            continue
+        except (OSError, ValueError):
+            key = path  # the loader is asked about this file alone
+        groups.setdefault(key, []).append(path)
+    asked = [paths[0] for paths in groups.values()]
+    # ldd runs the loader once per file (~5 ms each): batches in parallel, one per core, since an
+    # executor's start waits for them.
+    batches = [asked[start : start + LDD_BATCH] for start in range(0, len(asked), LDD_BATCH)]
+    found: dict[str, frozenset[str]] = {}
     with concurrent.futures.ThreadPoolExecutor(max(1, min(len(batches), os.cpu_count() or 1))) as pool:
-        for batch, found in zip(batches, pool.map(_ldd, batches), strict=True):
-            for path in batch:
-                _LINKED[(path, os.path.getmtime(path))] = found.get(path, frozenset())
+        for answer in pool.map(_ldd, batches):
+            found.update(answer)
+    for paths in groups.values():
+        for path in paths:
+            _LINKED[(path, os.path.getmtime(path))] = found.get(paths[0], frozenset())
     libraries = set().union(*(_LINKED[(f, os.path.getmtime(f))] for f in wanted)) if wanted else set()
     binds = []
     for library in sorted(libraries):
