@@ -118,6 +118,8 @@ class Builds:
                     removed.append(key)
             if removed:
                 log.info("removed unused package environments", extra={"count": len(removed)})
+                if not self._making:  # a build in progress may be about to link a cache entry
+                    await asyncio.to_thread(self._store.prune_bytecode)
             return removed
 
     async def close(self) -> None:

@@ -11,7 +11,10 @@ Layout of the store (a directory the executor can read):
   for it with one stat before asking this service anything, so that a run of a user without
   packages costs what it cost before packages existed.
 - `building/`: environments being installed (renamed into `environments/` when complete).
-- `cache/`: uv's download cache (wheels only, verified against the lock's hashes)."""
+- `cache/`: uv's download cache (wheels only, verified against the lock's hashes), and in
+  `cache/bytecode-v1/` each installed distribution's compiled files, keyed by its RECORD (the hash
+  of every file it installed), the interpreter's version and the platform: a later environment
+  that installs the same distribution links them instead of compiling again."""
 
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ log = logging.getLogger("pythonon.packages.environments")
 LOCK_FILE = "lock.txt"
 # The most of an installer's message kept as a build's reason (the first lines say what failed).
 MAX_REASON_CHARACTERS = 600
+BYTECODE_CACHE = "bytecode-v1"
 _PINNED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)", re.MULTILINE)
 
 
@@ -188,7 +192,7 @@ class Installer:
         lock_file = into.parent / LOCK_FILE
         lock_file.write_text(lock.text)
         command = self._command(
-            "install", "--target", str(into), "--require-hashes", "--no-deps", "--compile-bytecode",
+            "install", "--target", str(into), "--require-hashes", "--no-deps",
             "--python", target.python, "-r", str(lock_file), find_links=lock.find_links,
         )  # fmt: skip
 
@@ -214,7 +218,39 @@ class Installer:
             await asyncio.gather(installing, watcher, return_exceptions=True)
         if code != 0:
             raise BuildFailed(_reason(err) or "the packages could not be installed")
+        await self._compile(into, target, deadline)
         on_progress(_installed_count(into))
+
+    @property
+    def bytecode_cache(self) -> Path:
+        return self.cache_dir / BYTECODE_CACHE
+
+    async def _compile(self, site: Path, target: Target, deadline: float) -> None:
+        """Compiled files for every module installed in `site` (the mount is read-only, and an
+        import without them compiles again in every run): each distribution's from the bytecode
+        cache when an earlier build compiled it, else compiled now, by the sandbox's interpreter,
+        and kept there. Hash-based and unchecked: the files never change once installed."""
+        missing: dict[Path, list[str]] = {}
+        for dist_info in sorted(site.glob("*.dist-info")):
+            sources = _recorded_sources(site, dist_info)
+            if not sources:
+                continue
+            cached = self.bytecode_cache / _bytecode_key(dist_info, target)
+            if cached.is_dir():
+                _link_tree(cached, site)
+            else:
+                missing[cached] = sources
+        if not missing:
+            return
+        command = [target.python, "-I", "-S", "-m", "compileall", "-q", "-j0"]
+        command += ["--invalidation-mode", "unchecked-hash", "-i", "-"]
+        files = [str(site / source) for sources in missing.values() for source in sources]
+        # A module that does not compile (e.g. a test file of another Python) stays without, as
+        # uv's own compilation leaves it; the run then sees the same SyntaxError it would anyway.
+        await _run(command, {"PATH": os.environ.get("PATH", "")}, "\n".join(files) + "\n", deadline)
+        self.bytecode_cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for cached, sources in missing.items():
+            _keep_compiled(site, sources, cached)
 
 
 class EnvironmentStore:
@@ -300,6 +336,22 @@ class EnvironmentStore:
             doomed = Path(tempfile.mkdtemp(prefix="removing-", dir=self.building))
             directory.rename(doomed / key)
             _remove_tree(doomed)
+
+    def prune_bytecode(self) -> int:
+        """Remove the bytecode cache's entries that no environment links any more (each of their
+        files has no other link); returns how many."""
+        cache = self.cache / BYTECODE_CACHE
+        removed = 0
+        for entry in cache.iterdir() if cache.is_dir() else ():
+            linked = any(
+                os.lstat(os.path.join(directory, name)).st_nlink > 1
+                for directory, _dirs, files in os.walk(entry)
+                for name in files
+            )
+            if not linked:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
 
     def size(self, key: str) -> int:
         return _tree_size(self.environments / key)
@@ -393,6 +445,73 @@ def _installed_count(site: Path) -> int:
         return sum(1 for entry in os.scandir(site) if entry.name.endswith(".dist-info"))
     except FileNotFoundError:
         return 0
+
+
+def _recorded_sources(site: Path, dist_info: Path) -> list[str]:
+    """The .py files a distribution installed inside `site` (its RECORD's paths, relative)."""
+    try:
+        record = (dist_info / "RECORD").read_text(errors="replace")
+    except OSError:
+        return []
+    sources = []
+    for line in record.splitlines():
+        path = line.rsplit(",", 2)[0].strip('"')
+        if path.endswith(".py") and ".." not in path.split("/") and not path.startswith("/"):
+            if (site / path).is_file():
+                sources.append(path)
+    return sources
+
+
+def _bytecode_key(dist_info: Path, target: Target) -> str:
+    record = (dist_info / "RECORD").read_bytes()
+    text = f"{dist_info.name}\n{target.version}\n{target.platform}\n".encode()
+    return hashlib.sha256(text + record).hexdigest()
+
+
+def _compiled_of(site: Path, source: str) -> list[Path]:
+    """The compiled files of `source` that the interpreter wrote (e.g. __pycache__/x.cpython-311.pyc)."""
+    path = site / source
+    return sorted((path.parent / "__pycache__").glob(f"{path.stem}.*.pyc"))
+
+
+def _keep_compiled(site: Path, sources: list[str], cached: Path) -> None:
+    """Link the compiled files of `sources` into the bytecode cache entry `cached` (made whole in a
+    scratch directory and renamed, so that a reader never sees half an entry)."""
+    scratch = Path(tempfile.mkdtemp(prefix="partial-", dir=cached.parent))
+    try:
+        for source in sources:
+            for compiled in _compiled_of(site, source):
+                relative = compiled.relative_to(site)
+                (scratch / relative).parent.mkdir(parents=True, exist_ok=True)
+                _link(compiled, scratch / relative)
+        try:
+            scratch.rename(cached)
+        except OSError:
+            if not cached.is_dir():  # an equal build kept the same entry first: keep that one
+                raise
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _link_tree(cached: Path, site: Path) -> None:
+    """Hard links in `site` to every file of the cache entry (a copy across file systems)."""
+    for directory, _dirs, files in os.walk(cached):
+        inside = site / Path(directory).relative_to(cached)
+        inside.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            with contextlib.suppress(FileExistsError):
+                _link(Path(directory, name), inside / name)
+
+
+def _link(source: Path, link: Path) -> None:
+    """A hard link, or a copy where the file systems differ."""
+    try:
+        os.link(source, link)
+    except FileExistsError:
+        raise
+    except OSError:
+        shutil.copyfile(source, link)
 
 
 def _tree_size(root: Path) -> int:

@@ -1,0 +1,93 @@
+"""Each installed distribution is compiled once: a later environment that installs the same wheel
+links the compiled files an earlier build kept (same inode), and they are hash-based and
+unchecked, so that they stay valid whatever the sources' timestamps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from services.packages.environments import BuildLimits, EnvironmentStore, Installer, Target
+from services.packages.settings import _base_interpreter
+from tests.packages.local_index import standard_index
+
+UNCHECKED_HASH = 0b01  # the pyc header's flags (PEP 552): hash-based, not checked against the source
+
+
+def _pyc(site: Path, package: str) -> Path:
+    (found,) = (site / package / "__pycache__").glob("__init__.cpython-*.pyc")
+    return found
+
+
+def test_a_wheel_compiled_for_one_environment_is_linked_into_the_next(tmp_path: Path) -> None:
+    index = standard_index(tmp_path / "index")
+    store = EnvironmentStore(tmp_path / "store")
+    target = Target.probe(_base_interpreter())
+    with index.serve():
+        installer = Installer(
+            uv=str(Path(sys.executable).parent / "uv"), index_url=index.url, cache_dir=store.cache
+        )
+
+        async def build(requirements: list[str]) -> Path:
+            deadline = asyncio.get_running_loop().time() + 120
+            lock = await installer.resolve(requirements, target, deadline)
+            key = await store.build(
+                installer, lock, target, BuildLimits(1 << 30, 120), deadline, lambda _n: None
+            )
+            return store.path(key)
+
+        first = asyncio.run(build(["tiny-dep"]))
+        second = asyncio.run(build(["tiny-greet>=1.2"]))  # needs tiny-dep too, and a new wheel
+
+    kept = _pyc(first, "tiny_dep")
+    assert int.from_bytes(kept.read_bytes()[4:8], "little") == UNCHECKED_HASH
+    assert os.stat(_pyc(second, "tiny_dep")).st_ino == os.stat(kept).st_ino  # linked, not compiled again
+    assert os.stat(kept).st_nlink == 3  # the two environments' and the cache's
+    assert _pyc(second, "tiny_greet").is_file()  # the new wheel compiled, and kept for the next
+    entries = list((store.cache / "bytecode-v1").iterdir())
+    assert len(entries) == 2 and not any(entry.name.startswith("partial-") for entry in entries)
+    # The environment imports from its compiled files through the read-only tree.
+    imported = subprocess.run(
+        [
+            _base_interpreter(),
+            "-I",
+            "-S",
+            "-c",
+            "import sys; sys.path[:0] = sys.argv[1:]; import tiny_greet; print(tiny_greet.hello())",
+            str(second),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    assert imported.startswith("hello from tiny-greet"), imported
+
+
+def test_entries_no_environment_links_are_pruned(tmp_path: Path) -> None:
+    index = standard_index(tmp_path / "index")
+    store = EnvironmentStore(tmp_path / "store")
+    target = Target.probe(_base_interpreter())
+    with index.serve():
+        installer = Installer(
+            uv=str(Path(sys.executable).parent / "uv"), index_url=index.url, cache_dir=store.cache
+        )
+
+        async def build(requirements: list[str]) -> str:
+            deadline = asyncio.get_running_loop().time() + 120
+            lock = await installer.resolve(requirements, target, deadline)
+            return await store.build(
+                installer, lock, target, BuildLimits(1 << 30, 120), deadline, lambda _n: None
+            )
+
+        only_dep = asyncio.run(build(["tiny-dep"]))
+        other = asyncio.run(build(["tiny-other"]))
+    assert store.prune_bytecode() == 0  # both entries are linked
+    store.remove(other)
+    assert store.prune_bytecode() == 1
+    (left,) = (store.cache / "bytecode-v1").iterdir()
+    assert os.stat(_pyc(store.path(only_dep), "tiny_dep")).st_ino in {
+        os.stat(path).st_ino for path in left.rglob("*.pyc")
+    }
