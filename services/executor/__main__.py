@@ -14,6 +14,7 @@ from services.executor.settings import ExecutorSettings
 from services.platform.audit import AuditClient
 from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer, run
 from services.platform.settings import ServerSettings
+from services.platform.user_markers import UserMarkers
 
 
 async def build(server: ServerSettings, settings: ExecutorSettings) -> ServiceParts:
@@ -33,7 +34,8 @@ async def build(server: ServerSettings, settings: ExecutorSettings) -> ServicePa
     packages = PackagesClient(
         settings.packages_address, settings.packages_dir, settings.packages_wait_seconds
     )
-    executions = Executions(backend, secrets, audit, policy, packages)
+    markers = UserMarkers(settings.secrets_markers_dir) if settings.secrets_markers_dir else None
+    executions = Executions(backend, secrets, audit, policy, packages, markers)
 
     async def close() -> None:
         await backend.close()

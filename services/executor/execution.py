@@ -45,6 +45,7 @@ from services.platform.audit import (
 )
 from services.platform.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.platform.sandbox_environment import is_reserved
+from services.platform.user_markers import UserMarkers
 
 MAX_ENV_VARIABLES = 64
 MAX_ENV_VALUE_BYTES = 32 * 1024
@@ -104,10 +105,12 @@ class Executions:
         audit: AuditClient,
         policy: ExecutionPolicy,
         packages: PackagesClient | None = None,
+        secret_markers: UserMarkers | None = None,
     ) -> None:
         self._backend = backend
         self._packages = packages
         self._secrets = secrets
+        self._secret_markers = secret_markers
         self._audit = audit
         self._policy = policy
 
@@ -162,9 +165,17 @@ class Executions:
         limits = self._validate(request, language)
         # The user's package environment (one stat when the user has none); waits for a build.
         packages = await self._packages.for_run(request.user_id, language) if self._packages else NO_PACKAGES
-        # The secrets service judges the names (and says which one is wrong).
+        # The secrets service judges the names (and says which one is wrong). All of a user's
+        # secrets, when its markers say the user has none, are none: no call.
         names = None if request.secret_names is None else list(request.secret_names)
-        secrets = await self._secrets.resolve(names)
+        if (
+            names is None
+            and self._secret_markers is not None
+            and not self._secret_markers.may_have(request.user_id)
+        ):
+            secrets: dict[str, str] = {}
+        else:
+            secrets = await self._secrets.resolve(names)
         # The request's own variables win over secrets of the same name: the caller chose them.
         env = {**secrets, **request.env, **packages.env}
         execution_id = uuid.uuid4().hex

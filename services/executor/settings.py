@@ -97,6 +97,14 @@ SETTINGS: tuple[Setting, ...] = (
         wired=True,
     ),
     Setting(
+        "PYTHONON_EXECUTOR_SECRETS_MARKERS_DIR",
+        None,
+        "The secrets service's user markers (PYTHONON_SECRETS_USER_MARKERS_DIR), read here: a run of "
+        "a user without secrets then needs no call (`pyth-on up`: secret-markers/ in the data "
+        "directory; unset: every run asks the secrets service).",
+        wired=True,
+    ),
+    Setting(
         "PYTHONON_EXECUTOR_PACKAGES_WAIT_SECONDS",
         "20",
         "How long a run waits for its user's package environment being built before it is refused "
@@ -121,6 +129,7 @@ class ExecutorSettings:
     packages_address: str | None = None
     packages_dir: Path | None = None
     packages_wait_seconds: float = 20.0
+    secrets_markers_dir: Path | None = None
 
     @classmethod
     def load(cls, env: Environment) -> ExecutorSettings:
@@ -171,21 +180,20 @@ class ExecutorSettings:
             max_stdin_bytes=env.integer("PYTHONON_EXECUTOR_MAX_STDIN_BYTES", 1 * MiB, minimum=0),
             secrets_address=service_address(env, "secrets"),
             audit_address=service_address(env, "audit"),
+            secrets_markers_dir=env.absolute_path("PYTHONON_EXECUTOR_SECRETS_MARKERS_DIR"),
             **_packages(env),
         )
 
 
 def _packages(env: Environment) -> dict[str, Any]:
     """Where the package environments are and how long a run waits for one (no directory: no packages)."""
-    directory = env.optional("PYTHONON_EXECUTOR_PACKAGES_DIR")
+    directory = env.absolute_path("PYTHONON_EXECUTOR_PACKAGES_DIR")
     wait = float(env.integer("PYTHONON_EXECUTOR_PACKAGES_WAIT_SECONDS", 20))
     if directory is None:
         return {"packages_wait_seconds": wait}
-    if not Path(directory).is_absolute():
-        raise SettingsError("PYTHONON_EXECUTOR_PACKAGES_DIR must be an absolute path")
     return {
         "packages_address": service_address(env, "packages"),
-        "packages_dir": Path(directory),
+        "packages_dir": directory,
         "packages_wait_seconds": wait,
     }
 

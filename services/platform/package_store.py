@@ -3,8 +3,9 @@ executor reads: the one thing the two share besides their gRPC contract, kept in
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+
+from services.platform.user_markers import marker_name
 
 ENVIRONMENTS = "environments"
 USERS = "users"
@@ -15,4 +16,4 @@ SANDBOX_MOUNT = "/opt/pythonon/packages"
 def user_marker(store: Path, user_id: str) -> Path:
     """Present exactly while the user's package list is not empty: the executor's one stat before a
     run, so that a user without packages costs no call. Named by a digest, so no user id is a path."""
-    return store / USERS / hashlib.sha256(user_id.encode()).hexdigest()
+    return store / USERS / marker_name(user_id)

@@ -156,6 +156,15 @@ class Environment:
             raise SettingsError(f"{name} names {path}, which is not a readable file")
         return path
 
+    def absolute_path(self, name: str) -> Path | None:
+        """An optional setting that, when given, must be an absolute path."""
+        value = self.optional(name)
+        if value is None:
+            return None
+        if not Path(value).is_absolute():
+            raise SettingsError(f"{name} must be an absolute path")
+        return Path(value)
+
     def optional(self, name: str) -> str | None:
         return self._environ.get(name) or None
 

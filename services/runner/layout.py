@@ -55,6 +55,11 @@ class DataLayout:
         return self.root / "packages"
 
     @property
+    def secret_markers(self) -> Path:
+        """Which users have secrets (the secrets service's markers, read by the executor)."""
+        return self.root / "secret-markers"
+
+    @property
     def identity_key(self) -> Path:
         """Ed25519 private key that signs identity assertions (the auth service's)."""
         return self.keys / "identity.key"

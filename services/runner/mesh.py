@@ -144,13 +144,25 @@ def _packages_store(variable: str) -> Callable[[MeshPlan], dict[str, str]]:
     return lambda plan: {variable: str(plan.layout.packages)}
 
 
+def _secrets_side(plan: MeshPlan) -> dict[str, str]:
+    return {**_openbao_login(plan), "PYTHONON_SECRETS_USER_MARKERS_DIR": str(plan.layout.secret_markers)}
+
+
+def _executor_side(plan: MeshPlan) -> dict[str, str]:
+    """The package store, and the secrets service's user markers (a user without secrets: no call)."""
+    return {
+        **_packages_store("PYTHONON_EXECUTOR_PACKAGES_DIR")(plan),
+        "PYTHONON_EXECUTOR_SECRETS_MARKERS_DIR": str(plan.layout.secret_markers),
+    }
+
+
 # Settings of a service that depend on this machine rather than on the graph.
 _LOCAL_SETTINGS: dict[str, Callable[[MeshPlan], dict[str, str]]] = {
     "auth": _auth_keys,
-    "secrets": _openbao_login,
+    "secrets": _secrets_side,
     "system": _system_view,
     "packages": _packages_store("PYTHONON_PACKAGES_DIR"),
-    "executor": _packages_store("PYTHONON_EXECUTOR_PACKAGES_DIR"),
+    "executor": _executor_side,
 }
 
 

@@ -12,6 +12,7 @@ from services.platform.audit import AuditClient
 from services.platform.bootstrap import ServiceDefinition, ServiceParts, Servicer, run
 from services.platform.errors import Unavailable
 from services.platform.settings import ServerSettings
+from services.platform.user_markers import UserMarkers
 from services.secrets import settings as secrets_settings
 from services.secrets.rules import SecretLimits
 from services.secrets.servicer import SecretsResolverServicer, SecretsServicer
@@ -36,21 +37,31 @@ async def build(server: ServerSettings, settings: SecretsSettings) -> ServicePar
     """Wire the secrets service's parts from its settings (tests call this too)."""
     store = VaultSecretStore(settings.vault)
     audit = AuditClient(settings.audit_address)
+    markers = None
+    if settings.user_markers_dir is not None:
+        # Incomplete until reconciled with Vault, before anything is served.
+        markers = UserMarkers(settings.user_markers_dir).create()
+        markers.incomplete()
     secrets = UserSecrets(
         store,
         audit,
         SecretLimits(
             max_value_bytes=settings.max_value_bytes, max_secrets_per_user=settings.max_secrets_per_user
         ),
+        markers,
     )
-    renewer = asyncio.get_running_loop().create_task(
-        _keep_token_alive(store, settings.vault.renew_interval_seconds)
-    )
+    loop = asyncio.get_running_loop()
+    background = [
+        loop.create_task(_keep_token_alive(store, settings.vault.renew_interval_seconds)),
+        loop.create_task(secrets.keep_markers()),
+    ]
 
     async def close() -> None:
-        renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await audit.close()
         store.close()
 

@@ -55,6 +55,14 @@ SETTINGS: tuple[Setting, ...] = (
         "600",
         "How often a renewable Vault token is renewed, in seconds.",
     ),
+    Setting(
+        "PYTHONON_SECRETS_USER_MARKERS_DIR",
+        None,
+        "Directory where the service marks each user who has secrets, for the executor to skip the "
+        "call for a user who has none (`pyth-on up`: secret-markers/ in the data directory; unset: "
+        "the executor asks for every run).",
+        wired=True,
+    ),
     Setting("PYTHONON_SECRETS_MAX_VALUE_BYTES", "65536", "Largest secret value accepted, in bytes."),
     Setting("PYTHONON_SECRETS_MAX_PER_USER", "100", "Most secrets one user may keep."),
 )
@@ -143,6 +151,7 @@ class SecretsSettings:
     audit_address: str
     max_value_bytes: int
     max_secrets_per_user: int
+    user_markers_dir: Path | None = None
 
     @classmethod
     def load(cls, env: Environment) -> SecretsSettings:
@@ -151,6 +160,7 @@ class SecretsSettings:
             audit_address=service_address(env, "audit"),
             max_value_bytes=env.integer("PYTHONON_SECRETS_MAX_VALUE_BYTES", 64 * 1024, minimum=1),
             max_secrets_per_user=env.integer("PYTHONON_SECRETS_MAX_PER_USER", 100, minimum=1),
+            user_markers_dir=env.absolute_path("PYTHONON_SECRETS_USER_MARKERS_DIR"),
         )
 
 

@@ -6,7 +6,11 @@ undone (a new secret removed, an update reverted, a delete reversed) and the cal
 nothing acknowledged goes unlogged. A put or delete runs to its end as one unit of work even when
 its request is cancelled (`run_to_completion`), so a client that hangs up between the Vault write
 and the record cannot leave a change without its record or its undo. A value that is replaced or deleted is destroyed, not kept as an
-old version. Only the user of the request in hand is ever acted for."""
+old version. Only the user of the request in hand is ever acted for.
+
+With markers (`UserMarkers`, shared with the executor), a user is marked before their first secret
+is written and unmarked once their last is deleted, so that a run of a user without secrets needs
+no call here; the markers are reconciled with Vault at start-up (`keep_markers`)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import hvac.exceptions
 from services.platform.audit import CHANGE_KEPT_UNRECORDED, SUCCESS, AuditClient, run_to_completion
 from services.platform.errors import DomainError, InvalidArgument, NotFound, Unavailable
 from services.platform.identity import Identity
+from services.platform.user_markers import UserMarkers
 from services.secrets.rules import SecretLimits, check_description, check_name, check_value, is_allowed_name
 from services.secrets.vault import CheckAndSetConflict, SecretRecord, VaultSecretStore
 
@@ -38,10 +43,17 @@ def _resource(name: str) -> str:
 class UserSecrets:
     """Put, delete, list and resolve the secrets of one user at a time."""
 
-    def __init__(self, store: VaultSecretStore, audit: AuditClient, limits: SecretLimits) -> None:
+    def __init__(
+        self,
+        store: VaultSecretStore,
+        audit: AuditClient,
+        limits: SecretLimits,
+        markers: UserMarkers | None = None,
+    ) -> None:
         self._store = store
         self._audit = audit
         self._limits = limits
+        self._markers = markers
         # One change at a time per user in this process, so the per-user cap holds under concurrency.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -79,6 +91,8 @@ class UserSecrets:
                     f"you already have {len(others)} secrets, the most allowed; delete one to add another"
                 )
         previous = state.current_version if state is not None else 0
+        if self._markers is not None:
+            self._markers.mark(uid)  # before the value exists: a run never misses it
         written = await asyncio.to_thread(self._store.write, uid, name, value, description, cas=previous)
 
         async def undo() -> None:
@@ -90,6 +104,8 @@ class UserSecrets:
                 )
 
         await self._record(PUT, name, written.version, undo)
+        if self._markers is not None:
+            self._markers.mark(uid)  # again: a delete elsewhere may have unmarked the user meanwhile
         if previous:
             # A replaced value is not kept: rotating a leaked secret must get rid of it.
             try:
@@ -123,6 +139,38 @@ class UserSecrets:
             except Unavailable:
                 # Deleted and recorded already; the tombstone left is cleared by the next put.
                 log.warning("secret deleted but its old versions not purged", extra={"secret": name})
+            if self._markers is not None:
+                await asyncio.to_thread(self._unmark_if_none_left, uid)
+
+    def _unmark_if_none_left(self, uid: str) -> None:
+        """Unmark a user whose last entry is gone; then look again, and mark them back if a put
+        (of another replica) wrote in between."""
+        assert self._markers is not None
+        if self._store.names(uid):
+            return
+        self._markers.unmark(uid)
+        if self._store.names(uid):
+            self._markers.mark(uid)
+
+    async def keep_markers(self, retry_seconds: float = 2.0) -> None:
+        """Reconcile the markers with Vault (until Vault answers); readers ask meanwhile."""
+        if self._markers is None:
+            return
+        self._markers.create().incomplete()  # (the caller did so before serving, too)
+        while True:
+            try:
+                users = await asyncio.to_thread(self._store.users)
+            except Unavailable:
+                await asyncio.sleep(retry_seconds)
+                continue
+            # A put since the listing marked its user, whom reconciling may unmark: one more
+            # listing restores them before readers trust the markers.
+            self._markers.reconcile(users)
+            for uid in await asyncio.to_thread(self._store.users):
+                self._markers.mark(uid)
+            self._markers.complete()
+            log.info("secret markers reconciled with vault", extra={"count": len(users)})
+            return
 
     async def list(self, user: Identity) -> list[SecretRecord]:
         """Metadata of every secret of the user, sorted by name."""

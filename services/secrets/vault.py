@@ -114,6 +114,16 @@ class VaultSecretStore:
             return []
         return sorted(key for key in response["data"]["keys"] if not key.endswith("/"))
 
+    def users(self) -> list[str]:
+        """The ids of the users who have entries (tombstones included)."""
+        try:
+            response = self._call(
+                lambda kv: kv.list_secrets(path=f"{self._settings.path_prefix}/", mount_point=self._mount)
+            )
+        except hvac.exceptions.InvalidPath:
+            return []
+        return sorted(key[:-1] for key in response["data"]["keys"] if key.endswith("/"))
+
     def state(self, user_id: str, name: str) -> EntryState | None:
         try:
             response = self._call(

@@ -19,7 +19,7 @@ from google.protobuf import struct_pb2
 from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.runner.mesh import Mesh
-from tests.integration.conftest import error_message
+from tests.integration.conftest import data_dir_of, error_message
 
 LANGUAGES = ("python", "javascript", "bash")
 EXECUTION_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -524,3 +524,47 @@ def test_native_grpc_execute_through_the_edge(mesh: Mesh, client: httpx.Client, 
         f"execution/{response.execution_id}",
         f"execution/{none.execution_id}",
     ]
+
+
+def _resolve_calls(mesh: Mesh) -> int:
+    """How many ResolveSecrets calls the secrets service has answered (its request log)."""
+    return (
+        (data_dir_of(mesh) / "logs" / "secrets.log")
+        .read_text()
+        .count("SecretsResolverService/ResolveSecrets")
+    )
+
+
+def test_a_user_without_secrets_costs_no_call_and_each_change_is_seen_by_the_very_next_run(
+    mesh: Mesh, client: httpx.Client, user: dict
+) -> None:
+    assert (data_dir_of(mesh) / "secret-markers" / ".complete").is_file()  # reconciled with Vault
+    calls = _resolve_calls(mesh)
+    assert ran(execute(client, user, code=PRINT_SECRETS))["output"] == "None None\n"
+    assert _resolve_calls(mesh) == calls  # the user has no secret: the executor did not ask
+
+    value = unique("first")
+    put_secret(client, user, "ALPHA_KEY", value)
+    assert ran(execute(client, user, code=PRINT_SECRETS))["output"] == f"{value} None\n"
+    assert _resolve_calls(mesh) == calls + 1
+    deleted = client.delete("/api/v1/secrets/ALPHA_KEY", headers={"x-api-key": user["apiKey"]})
+    assert deleted.status_code == 200
+    assert ran(execute(client, user, code=PRINT_SECRETS))["output"] == "None None\n"
+    assert _resolve_calls(mesh) == calls + 1  # the last one gone: no call again
+    # Named secrets are always asked for, so that an unknown name is named.
+    message = error_message(execute(client, user, code=PRINT_SECRETS, secrets=["GAMMA_KEY"]), 400, 3)
+    assert message == "secrets: no secret named GAMMA_KEY"
+    assert [e["details"]["secrets"] for e in executions_audited(client, user)] == [[], ["ALPHA_KEY"], []]
+
+
+def test_while_the_markers_are_not_complete_every_run_asks(
+    mesh: Mesh, client: httpx.Client, user: dict
+) -> None:
+    complete = data_dir_of(mesh) / "secret-markers" / ".complete"
+    complete.unlink()  # as at the secrets service's start, before it has read Vault
+    try:
+        calls = _resolve_calls(mesh)
+        assert ran(execute(client, user, code=PRINT_SECRETS))["output"] == "None None\n"
+        assert _resolve_calls(mesh) == calls + 1
+    finally:
+        complete.touch()

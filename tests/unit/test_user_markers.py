@@ -1,0 +1,81 @@
+"""User markers: a reader skips a call only for a user unmarked while the keeper's markers are
+complete; the secrets service reconciles them with Vault at start (retrying while Vault is down)
+and marks a user back when a put lands between its delete's last look and the unmarking."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from services.platform.errors import Unavailable
+from services.platform.user_markers import COMPLETE, UserMarkers
+from services.secrets.user_secrets import UserSecrets
+
+
+class _Vault:
+    """The two listings the markers use: users with entries, and one user's entry names."""
+
+    def __init__(self, users: dict[str, list[str]], down_for: int = 0) -> None:
+        self.entries = users
+        self.down_for = down_for
+        self.names_answers: list[list[str]] = []
+
+    def users(self) -> list[str]:
+        if self.down_for:
+            self.down_for -= 1
+            raise Unavailable("vault is sealed")
+        return sorted(user for user, names in self.entries.items() if names)
+
+    def names(self, uid: str) -> list[str]:
+        return self.names_answers.pop(0) if self.names_answers else self.entries.get(uid, [])
+
+
+def _keeper(vault: _Vault, markers: UserMarkers) -> UserSecrets:
+    return UserSecrets(vault, audit=None, limits=None, markers=markers)  # type: ignore[arg-type]  # stand-ins: only the markers' paths run
+
+
+def test_a_reader_skips_only_an_unmarked_user_of_complete_markers(tmp_path: Path) -> None:
+    markers = UserMarkers(tmp_path / "markers").create()
+    assert markers.may_have("alice") and markers.may_have("bob")  # not complete: ask
+    markers.mark("alice")
+    markers.complete()
+    assert markers.may_have("alice") and not markers.may_have("bob")
+    assert markers.may_have("")  # no user: never skipped
+    markers.incomplete()
+    assert markers.may_have("bob")
+    assert "alice" not in "".join(path.name for path in markers.directory.iterdir())  # digests only
+
+
+def test_start_up_reconciles_with_vault_once_it_answers(tmp_path: Path) -> None:
+    markers = UserMarkers(tmp_path / "markers").create()
+    markers.mark("gone")  # left from before: the user's secrets were deleted by other means
+    markers.complete()
+    vault = _Vault({"alice": ["API_KEY"], "bob": []}, down_for=2)
+    asyncio.run(_keeper(vault, markers).keep_markers(retry_seconds=0.01))
+    assert (markers.directory / COMPLETE).is_file()
+    assert [markers.may_have(user) for user in ("alice", "bob", "gone")] == [True, False, False]
+
+
+def test_a_delete_marks_the_user_back_when_a_put_landed_meanwhile(tmp_path: Path) -> None:
+    markers = UserMarkers(tmp_path / "markers").create()
+    markers.mark("alice")
+    markers.complete()
+    vault = _Vault({})
+    keeper = _keeper(vault, markers)
+    vault.names_answers = [[], ["NEW_KEY"]]  # empty at the first look, a put's entry at the second
+    keeper._unmark_if_none_left("alice")
+    assert markers.may_have("alice")
+    vault.names_answers = [[], []]
+    keeper._unmark_if_none_left("alice")
+    assert not markers.may_have("alice")
+
+
+@pytest.mark.parametrize("left", [["OTHER"], []])
+def test_a_user_with_entries_left_stays_marked(tmp_path: Path, left: list[str]) -> None:
+    markers = UserMarkers(tmp_path / "markers").create()
+    markers.mark("alice")
+    markers.complete()
+    _keeper(_Vault({"alice": left}), markers)._unmark_if_none_left("alice")
+    assert markers.may_have("alice") == bool(left)
