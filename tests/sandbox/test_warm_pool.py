@@ -66,7 +66,9 @@ def in_a_loop(scenario: Callable[[Processes], Awaitable[None]]) -> Callable[[], 
             try:
                 await scenario(processes)
             finally:
-                for sleeper in processes.started:
+                # A snapshot: a failed scenario leaves its pool open, whose refills would start
+                # more while this waits (the loop then closes and stops them).
+                for sleeper in list(processes.started):
                     if sleeper.process.returncode is None:
                         sleeper.process.kill()
                         await sleeper.process.wait()
@@ -155,6 +157,34 @@ async def test_a_take_that_empties_the_pool_refills_at_once(processes: Processes
     assert pool.take("python") is not None
     await pool.fill(1)  # without replenish: the take found the pool dry and started a refill
     assert pool.ready("python") == 1
+    await pool.close()
+
+
+@in_a_loop
+async def test_a_burst_deepens_a_key_up_to_twice_its_size_and_idleness_takes_it_back(
+    processes: Processes,
+) -> None:
+    now = [0.0]
+    pool = make_pool(processes, size=2, burst_seconds=30, clock=lambda: now[0])
+    pool.keep_warm(["python", "bash"])
+    await pool.fill(2)
+    taken = [pool.take("python") for _ in range(2)]
+    assert all(taken) and pool.size_of("python") == 2  # emptied, not yet found empty
+    for expected in (3, 4, 4):  # each take that finds it empty adds one, up to twice the size
+        assert pool.take("python") is None
+        assert pool.size_of("python") == expected
+    assert pool.size_of("bash") == 2
+    pool.replenish()
+    await pool.fill(4)
+    assert pool.ready("python") == 4
+    now[0] = 29.0
+    pool.replenish()
+    assert pool.size_of("python") == 4  # a take found it empty less than 30 s ago
+    now[0] = 31.0
+    disposed = len(processes.disposed)
+    pool.replenish()
+    assert pool.size_of("python") == 2 and pool.ready("python") == 2
+    assert [s.key for s in processes.disposed[disposed:]] == ["python", "python"]  # the extras
     await pool.close()
 
 

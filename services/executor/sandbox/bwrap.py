@@ -53,6 +53,7 @@ from services.executor.sandbox.interface import (
     SandboxUnavailable,
 )
 from services.executor.sandbox.process import PayloadRefused, children_of, spawn
+from services.executor.sandbox.warm_pool import BURST_DEPTH
 
 log = logging.getLogger("pythonon.executor.sandbox.bwrap")
 
@@ -137,9 +138,10 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
         try:
             slots = (
                 2 * self.max_concurrent  # the runs', and those of finished runs still being reaped
-                + options.pool_size * len(self._runtimes)
+                # the pools, each up to twice its size in a burst (warm_pool.BURST_DEPTH)
+                + BURST_DEPTH * options.pool_size * len(self._runtimes)
                 # the pools of the package environments used last
-                + RECENT_MOUNT_PROFILES * MOUNT_POOL_DEPTH * options.pool_size
+                + BURST_DEPTH * RECENT_MOUNT_PROFILES * MOUNT_POOL_DEPTH * options.pool_size
                 + len(self._runtimes)  # the start-up checks
                 + 8
             )

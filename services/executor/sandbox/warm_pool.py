@@ -8,12 +8,18 @@ one dies. A run takes a sandbox with `take`; the pool is refilled by `replenish`
 backend calls once the run's answer is on its way, so that starting replacements does not compete
 with the run itself, or at once when a take found the key's pool empty. A pooled sandbox that dies
 while it waits is dropped and replaced. `close` disposes of every pooled sandbox and of any that
-finishes starting afterwards."""
+finishes starting afterwards.
+
+A burst deepens a key's pool: each take that finds it empty adds one sandbox to that key's depth,
+up to twice its size, so that sustained concurrency finds sandboxes ready instead of starting them
+on the runs' path; once no take has found it empty for `burst_seconds`, the key is back to its size
+and the extra sandboxes are disposed of, so an idle mesh holds only its base pools."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, Generic, TypeVar
@@ -22,6 +28,8 @@ from services.executor.sandbox.interface import SandboxError
 
 log = logging.getLogger("pythonon.executor.sandbox.warm_pool")
 
+# How many times its size a burst may deepen a key's pool.
+BURST_DEPTH = 2
 K = TypeVar("K", bound=Hashable)
 S = TypeVar("S")
 
@@ -35,6 +43,8 @@ class WarmPool(Generic[K, S]):
         exited: Callable[[S], asyncio.Future[Any]],
         retry_delay: float = 0.5,
         max_retry_delay: float = 30.0,
+        burst_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`size` sandboxes per key (0: no pool, `take` always answers None). `start` raises
         SandboxError when a sandbox cannot start; the pool then retries with a growing delay."""
@@ -50,6 +60,11 @@ class WarmPool(Generic[K, S]):
         self._sizes: dict[K, int] = {}  # keys kept at another size than `size`
         self._refills: dict[K, asyncio.Task[None]] = {}
         self._recent: dict[K, None] = {}  # keep_recently_used's keys, least recently used first
+        # Extra depth of keys a burst found empty, and when a take last found each empty.
+        self._burst: dict[K, int] = {}
+        self._dry_at: dict[K, float] = {}
+        self._burst_seconds = burst_seconds
+        self._clock = clock
         self._closed = False
 
     def keep_warm(self, keys: Iterable[K], size: int | None = None) -> None:
@@ -76,6 +91,10 @@ class WarmPool(Generic[K, S]):
             self.forget(oldest)
 
     def size_of(self, key: K) -> int:
+        """The depth `key` is kept at now: its size, and what a burst added."""
+        return self.base_size_of(key) + self._burst.get(key, 0)
+
+    def base_size_of(self, key: K) -> int:
         return self._sizes.get(key, self.size)
 
     def forget(self, key: K) -> None:
@@ -84,6 +103,8 @@ class WarmPool(Generic[K, S]):
         if task is not None:
             task.cancel()
         self._sizes.pop(key, None)
+        self._burst.pop(key, None)
+        self._dry_at.pop(key, None)
         for sandbox in self._ready.pop(key, deque()):
             self._dispose(sandbox)
 
@@ -116,14 +137,32 @@ class WarmPool(Generic[K, S]):
                     self._refill(key)
                 return sandbox
             self._dispose(sandbox)
+        self._deepen(key)
         self._refill(key)
         return None
 
     def replenish(self) -> None:
-        """Start, in the background, what every key lacks."""
+        """Start, in the background, what every key lacks; let a burst's extra depth go once no
+        take has found its key empty for `burst_seconds`."""
+        now = self._clock()
+        for key in [key for key, since in self._dry_at.items() if now - since >= self._burst_seconds]:
+            self._shallow(key)
         for key, pool in self._ready.items():
             if len(pool) < self.size_of(key):
                 self._refill(key)
+
+    def _deepen(self, key: K) -> None:
+        base = self.base_size_of(key)
+        if base > 0:
+            self._burst[key] = min(self._burst.get(key, 0) + 1, (BURST_DEPTH - 1) * base)
+            self._dry_at[key] = self._clock()
+
+    def _shallow(self, key: K) -> None:
+        self._burst.pop(key, None)
+        self._dry_at.pop(key, None)
+        pool = self._ready.get(key)
+        while pool is not None and len(pool) > self.size_of(key):
+            self._dispose(pool.pop())
 
     async def fill(self, count: int = 1) -> None:
         """Wait until every key has `count` sandboxes (at most its size) or its refill gave up."""
