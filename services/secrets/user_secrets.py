@@ -105,7 +105,12 @@ class UserSecrets:
 
         await self._record(PUT, name, written.version, undo)
         if self._markers is not None:
-            self._markers.mark(uid)  # again: a delete elsewhere may have unmarked the user meanwhile
+            # Again: a delete elsewhere may have unmarked the user meanwhile. The change is made
+            # and recorded by now, so a failure here is logged, not answered.
+            try:
+                self._markers.mark(uid)
+            except OSError as error:
+                log.warning("could not mark a user who has secrets", extra={"error": error.strerror})
         if previous:
             # A replaced value is not kept: rotating a leaked secret must get rid of it.
             try:
@@ -144,13 +149,18 @@ class UserSecrets:
 
     def _unmark_if_none_left(self, uid: str) -> None:
         """Unmark a user whose last entry is gone; then look again, and mark them back if a put
-        (of another replica) wrote in between."""
+        (of another replica) wrote in between. The delete is made and recorded by now: when Vault
+        cannot say, the user stays marked (a marker too many costs a call, nothing else)."""
         assert self._markers is not None
-        if self._store.names(uid):
-            return
-        self._markers.unmark(uid)
-        if self._store.names(uid):
+        try:
+            if self._store.names(uid):
+                return
+            self._markers.unmark(uid)
+            if self._store.names(uid):
+                self._markers.mark(uid)
+        except (Unavailable, hvac.exceptions.VaultError, OSError):
             self._markers.mark(uid)
+            log.warning("could not tell whether a user has secrets left; kept marked")
 
     async def keep_markers(self, retry_seconds: float = 2.0) -> None:
         """Reconcile the markers with Vault (until Vault answers); readers ask meanwhile."""

@@ -79,3 +79,16 @@ def test_a_user_with_entries_left_stays_marked(tmp_path: Path, left: list[str]) 
     markers.complete()
     _keeper(_Vault({"alice": left}), markers)._unmark_if_none_left("alice")
     assert markers.may_have("alice") == bool(left)
+
+
+def test_a_delete_keeps_the_user_marked_when_vault_cannot_say(tmp_path: Path) -> None:
+    markers = UserMarkers(tmp_path / "markers").create()
+    markers.mark("alice")
+    markers.complete()
+
+    class Sealed(_Vault):
+        def names(self, uid: str) -> list[str]:
+            raise Unavailable("vault is sealed")
+
+    _keeper(Sealed({}), markers)._unmark_if_none_left("alice")  # no error: the delete is done
+    assert markers.may_have("alice")
