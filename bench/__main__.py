@@ -47,7 +47,12 @@ def main() -> int:
         "--concurrent-runs", type=int, default=600, help="runs at concurrency 8 (default 600)"
     )
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--pool-size", type=int, default=4, help="warm sandboxes per language")
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=None,
+        help="warm sandboxes per language (default: the executor's own, as make run has it)",
+    )
     parser.add_argument("--sandbox", choices=BACKENDS, default="bwrap", help="the executor's sandbox backend")
     parser.add_argument(
         "--executors", type=int, default=1, help="executor processes (pyth-on up --executors)"
@@ -65,8 +70,8 @@ def main() -> int:
     service_env = {
         "auth": {"PYTHONON_AUTH_USER_RATE_BURST": "100000", "PYTHONON_AUTH_USER_RATE_PER_MINUTE": "1000000"},
         "executor": {
-            "PYTHONON_EXECUTOR_POOL_SIZE": str(args.pool_size),
             "PYTHONON_EXECUTOR_BACKEND": args.sandbox,
+            **({"PYTHONON_EXECUTOR_POOL_SIZE": str(args.pool_size)} if args.pool_size is not None else {}),
         },
     }
     with tempfile.TemporaryDirectory() as data_dir:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from services.executor.sandbox.interface import SandboxError
-from services.executor.sandbox.warm_pool import WarmPool
+from services.executor.sandbox.warm_pool import BURST_DEPTH, WarmPool
 
 
 class Sleeper:
@@ -161,30 +161,34 @@ async def test_a_take_that_empties_the_pool_refills_at_once(processes: Processes
 
 
 @in_a_loop
-async def test_a_burst_deepens_a_key_up_to_twice_its_size_and_idleness_takes_it_back(
-    processes: Processes,
-) -> None:
+async def test_a_burst_deepens_a_key_and_idleness_takes_it_back(processes: Processes) -> None:
     now = [0.0]
     pool = make_pool(processes, size=2, burst_seconds=30, clock=lambda: now[0])
     pool.keep_warm(["python", "bash"])
-    await pool.fill(2)
+    pool.keep_warm(["python with packages"], size=3)
+    await pool.fill(3)
     taken = [pool.take("python") for _ in range(2)]
     assert all(taken) and pool.size_of("python") == 2  # emptied, not yet found empty
-    for expected in (3, 4, 4):  # each take that finds it empty adds one, up to twice the size
-        assert pool.take("python") is None
-        assert pool.size_of("python") == expected
-    assert pool.size_of("bash") == 2
+    assert pool.take("python") is None  # found empty: the key is kept BURST_DEPTH times deeper
+    deep = BURST_DEPTH * 2
+    assert pool.size_of("python") == deep and pool.size_of("bash") == 2
+    assert pool.take("python") is None and pool.size_of("python") == deep  # no deeper than that
+    for _ in range(4):
+        pool.take("python with packages")
+    assert pool.size_of("python with packages") == deep  # a deeper key: to the same bound
     pool.replenish()
-    await pool.fill(4)
-    assert pool.ready("python") == 4
+    await pool.fill(deep)
+    assert pool.ready("python") == deep
     now[0] = 29.0
     pool.replenish()
-    assert pool.size_of("python") == 4  # a take found it empty less than 30 s ago
+    assert pool.size_of("python") == deep  # a take found it empty less than 30 s ago
     now[0] = 31.0
     disposed = len(processes.disposed)
     pool.replenish()
     assert pool.size_of("python") == 2 and pool.ready("python") == 2
-    assert [s.key for s in processes.disposed[disposed:]] == ["python", "python"]  # the extras
+    assert pool.size_of("python with packages") == 3
+    extras = sorted(s.key for s in processes.disposed[disposed:])
+    assert extras == ["python"] * (deep - 2) + ["python with packages"] * (deep - 3)
     await pool.close()
 
 
