@@ -3,7 +3,10 @@ read-only mount and the PYTHONPATH a run gets.
 
 A user without packages costs one stat: the packages service keeps a marker file per user with a
 non-empty list in the store both share (written before it acknowledges a change, removed when the
-list empties), and only a marked user's run asks the service anything."""
+list empties), and only a marked user's run asks the service anything. The marker holds the key
+of the set the user's list makes: a ready environment answered for that key is kept, and the next
+runs with the same key and the environment still in place ask nothing either (a list changed, even
+back to an earlier one, is a new answer; an environment collected is no longer in place)."""
 
 from __future__ import annotations
 
@@ -42,14 +45,22 @@ class PackagesClient:
         self._wait_seconds = wait_seconds
         self._channel = connect("packages", address) if store is not None else None
         self._stub = packages_pb2_grpc.PackagesResolverServiceStub(self._channel) if self._channel else None
+        # user id -> (the set key its marker held, the ready environment's path) of its last answer
+        self._ready: dict[str, tuple[str, str]] = {}
 
     async def for_run(self, user_id: str, language: str) -> RunPackages:
         """The user's ready environment for a run in `language`; FailedPrecondition while it is still
         building after the wait, or when its build failed (with the reason)."""
         if self._stub is None or self._store is None or language not in LANGUAGES_WITH_PACKAGES:
             return NO_PACKAGES
-        if not user_marker(self._store, user_id).exists():
+        try:
+            set_key = user_marker(self._store, user_id).read_text()
+        except FileNotFoundError:
+            self._ready.pop(user_id, None)
             return NO_PACKAGES
+        known = self._ready.get(user_id)
+        if known is not None and known[0] == set_key and os.path.isdir(known[1]):
+            return _mounted(known[1])
         request = packages_pb2.GetEnvironmentRequest(wait_seconds=self._wait_seconds)
         try:
             environment = await self._stub.GetEnvironment(
@@ -76,8 +87,14 @@ class PackagesClient:
             raise Unavailable(
                 "the package service named an environment outside its store; the code was not run"
             )
-        return RunPackages(readonly_paths=((path, SANDBOX_MOUNT),), env={"PYTHONPATH": SANDBOX_MOUNT})
+        if set_key:
+            self._ready[user_id] = (set_key, path)
+        return _mounted(path)
 
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
+
+
+def _mounted(path: str) -> RunPackages:
+    return RunPackages(readonly_paths=((path, SANDBOX_MOUNT),), env={"PYTHONPATH": SANDBOX_MOUNT})

@@ -361,22 +361,28 @@ class EnvironmentStore:
     def marker(self, user_id: str) -> Path:
         return user_marker(self.root, user_id)
 
-    def mark(self, user_id: str, has_packages: bool) -> None:
+    def mark(self, user_id: str, set_key: str | None) -> None:
+        """Mark the user with the key of the set their list makes (None: an empty list, unmarked).
+        The key is the marker's content, written whole (a rename), so that the executor can keep
+        the environment it was last answered for as long as the key is the same."""
         marker = self.marker(user_id)
-        if has_packages:
-            marker.touch(mode=0o644, exist_ok=True)
-            marker.chmod(0o644)
-        else:
+        if set_key is None:
             marker.unlink(missing_ok=True)
+            return
+        partial = marker.with_name(f".{marker.name}.{secrets.token_hex(4)}")
+        partial.write_text(set_key)
+        partial.chmod(0o644)
+        partial.replace(marker)
 
-    def reconcile_markers(self, user_ids: Iterable[str]) -> None:
-        """Exactly the given users marked (at start-up: the database is the truth)."""
-        wanted = {user_marker(self.root, user_id).name for user_id in user_ids}
+    def reconcile_markers(self, set_keys: dict[str, str]) -> None:
+        """Exactly the given users marked, each with its set's key (at start-up: the database is
+        the truth)."""
+        wanted = {user_marker(self.root, user_id).name for user_id in set_keys}
         for entry in self.users.iterdir():
             if entry.name not in wanted:
                 entry.unlink(missing_ok=True)
-        for name in wanted:
-            (self.users / name).touch(mode=0o644, exist_ok=True)
+        for user_id, set_key in set_keys.items():
+            self.mark(user_id, set_key)
 
 
 async def _run(

@@ -128,8 +128,9 @@ def unfinished_builds(session: Session) -> list[BuildState]:
     return [BuildState.of(row) for row in rows]
 
 
-def users_with_packages(session: Session) -> list[str]:
-    return list(session.scalars(sa.select(UserSet.user_id)).all())
+def users_with_packages(session: Session) -> dict[str, str]:
+    """user id -> the key of the set their list makes, for every user with a list."""
+    return {row.user_id: row.set_key for row in session.execute(sa.select(UserSet.user_id, UserSet.set_key))}
 
 
 def collect_unwanted(session: Session) -> set[str]:

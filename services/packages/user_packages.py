@@ -155,7 +155,7 @@ class UserPackages:
         key = set_key(packages, self._target_key) if packages else None
         build = await self._db.run(lambda session: storage.replace_list(session, uid, packages, key))
         # Before the answer: the executor's next run of this user sees the change.
-        await asyncio.to_thread(self._store.mark, uid, bool(packages))
+        await asyncio.to_thread(self._store.mark, uid, key)
         return build
 
     def _lock(self, user_id: str) -> asyncio.Lock:

@@ -283,6 +283,36 @@ def test_a_run_waits_for_a_build_then_is_refused_with_progress(http: httpx.Clien
     assert _run(http, key, "import tiny_slow\nprint(tiny_slow.SLOW)").json()["output"] == "True\n"
 
 
+def _environment_calls(data_dir: Path) -> int:
+    """How many GetEnvironment calls the packages service has answered (its request log)."""
+    return (data_dir / "logs" / "packages.log").read_text().count("PackagesResolverService/GetEnvironment")
+
+
+def test_a_ready_environment_is_asked_for_once_until_the_list_changes(
+    http: httpx.Client, data_dir: Path
+) -> None:
+    key = _user(http)
+    http.put("/api/v1/packages", json={"packages": ["tiny-greet==1.0"]}, headers=key)
+    _settled(http, key)
+    calls = _environment_calls(data_dir)
+    for _ in range(3):
+        assert _run(http, key, "import tiny_greet\nprint(tiny_greet.hello())").json()["output"] == "old\n"
+    assert _environment_calls(data_dir) == calls + 1  # the first run asked; the marker's key then held
+    # A changed list is the very next run's, whatever was kept: first while it builds...
+    http.put("/api/v1/packages", json={"packages": ["tiny-greet>=1.1"]}, headers=key)
+    _settled(http, key)
+    run = _run(http, key, "import tiny_greet\nprint(tiny_greet.hello())")
+    assert run.json()["output"] == "hello from tiny-greet dep 1.0\n", run.text
+    # ... and back to the first list: asked again (its environment may have been collected).
+    http.put("/api/v1/packages", json={"packages": ["tiny-greet==1.0"]}, headers=key)
+    _settled(http, key)
+    asked = _environment_calls(data_dir)
+    assert _run(http, key, "import tiny_greet\nprint(tiny_greet.hello())").json()["output"] == "old\n"
+    assert _environment_calls(data_dir) == asked + 1
+    http.put("/api/v1/packages", json={"packages": []}, headers=key)
+    assert _run(http, key, "import tiny_greet").json()["exitCode"] == 1  # no packages: none mounted
+
+
 def test_unused_environments_are_collected(http: httpx.Client, data_dir: Path) -> None:
     key = _user(http)
     http.put("/api/v1/packages", json={"packages": ["tiny-greet==1.0"]}, headers=key)
