@@ -18,7 +18,7 @@ from pythonon.packages.v1 import packages_pb2, packages_pb2_grpc
 
 from services.platform.client import connect
 from services.platform.errors import DomainError, FailedPrecondition, Unavailable
-from services.platform.package_store import ENVIRONMENTS, SANDBOX_MOUNT, user_marker
+from services.platform.package_store import ENVIRONMENTS, SANDBOX_MOUNT, user_markers
 
 # The languages whose runs can import Python packages (bash runs python3 too).
 LANGUAGES_WITH_PACKAGES = frozenset({"python", "bash"})
@@ -40,8 +40,8 @@ NO_PACKAGES = RunPackages()
 class PackagesClient:
     def __init__(self, address: str | None, store: Path | None, wait_seconds: float) -> None:
         """`store`: the package environments' directory (None: packages are off, nothing is asked)."""
-        self._store = store
         self._environments = os.path.realpath(store / ENVIRONMENTS) if store is not None else ""
+        self._markers = user_markers(store) if store is not None else None
         self._wait_seconds = wait_seconds
         self._channel = connect("packages", address) if store is not None else None
         self._stub = packages_pb2_grpc.PackagesResolverServiceStub(self._channel) if self._channel else None
@@ -51,10 +51,10 @@ class PackagesClient:
     async def for_run(self, user_id: str, language: str) -> RunPackages:
         """The user's ready environment for a run in `language`; FailedPrecondition while it is still
         building after the wait, or when its build failed (with the reason)."""
-        if self._stub is None or self._store is None or language not in LANGUAGES_WITH_PACKAGES:
+        if self._stub is None or self._markers is None or language not in LANGUAGES_WITH_PACKAGES:
             return NO_PACKAGES
         try:
-            set_key = user_marker(self._store, user_id).read_text()
+            set_key = self._markers.path(user_id).read_text()
         except FileNotFoundError:
             self._ready.pop(user_id, None)
             return NO_PACKAGES

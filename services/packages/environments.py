@@ -7,9 +7,10 @@ Layout of the store (a directory the executor can read):
   one). `instance` is random per build: an environment collected and later built again gets a new
   path, so a warm sandbox that still mounts the old one (emptied) is never taken for the new one.
 - `environments/<key>/lock.txt`: the lock it was installed from (exact versions and hashes).
-- `users/<digest of the user id>`: present while the user's list is not empty. The executor checks
-  for it with one stat before asking this service anything, so that a run of a user without
-  packages costs what it cost before packages existed.
+- `users/<digest of the user id>`: present while the user's list is not empty, holding the key of
+  the set the list makes (package_store.user_markers). The executor reads it before asking this
+  service anything, so that a run of a user without packages costs what it cost before packages
+  existed, and one whose environment it was answered for under that key costs no call either.
 - `building/`: environments being installed (renamed into `environments/` when complete).
 - `cache/`: uv's download cache (wheels only, verified against the lock's hashes), and in
   `cache/bytecode-v1/` each installed distribution's compiled files, keyed by its RECORD (the hash
@@ -41,7 +42,7 @@ from services.packages.source_builds import (
     SourceBuildFailed,
     needs_source_build,
 )
-from services.platform.package_store import ENVIRONMENTS, USERS, user_marker
+from services.platform.package_store import ENVIRONMENTS, user_markers
 from services.platform.service_graph import PACKAGE_INDEX_VARIABLES
 
 log = logging.getLogger("pythonon.packages.environments")
@@ -232,10 +233,14 @@ class Installer:
         and kept there. Hash-based and unchecked: the files never change once installed."""
         missing: dict[Path, list[str]] = {}
         for dist_info in sorted(site.glob("*.dist-info")):
-            sources = _recorded_sources(site, dist_info)
+            try:
+                record = (dist_info / "RECORD").read_bytes()
+            except OSError:
+                continue
+            sources = _recorded_sources(site, record)
             if not sources:
                 continue
-            cached = self.bytecode_cache / _bytecode_key(dist_info, target)
+            cached = self.bytecode_cache / _bytecode_key(dist_info.name, record, target)
             if cached.is_dir():
                 _link_tree(cached, site)
             else:
@@ -259,10 +264,10 @@ class EnvironmentStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.environments = root / ENVIRONMENTS
-        self.users = root / USERS
+        self.markers = user_markers(root)
         self.building = root / "building"
         self.cache = root / "cache"
-        for directory in (root, self.environments, self.users):
+        for directory in (root, self.environments, self.markers.directory):
             directory.mkdir(parents=True, exist_ok=True)
             # The executor (and, through a mount, the sandbox's uid) reads these whatever the umask.
             directory.chmod(0o755)
@@ -358,31 +363,18 @@ class EnvironmentStore:
 
     # -- the users' markers ---------------------------------------------------------------------
 
-    def marker(self, user_id: str) -> Path:
-        return user_marker(self.root, user_id)
-
     def mark(self, user_id: str, set_key: str | None) -> None:
-        """Mark the user with the key of the set their list makes (None: an empty list, unmarked).
-        The key is the marker's content, written whole (a rename), so that the executor can keep
-        the environment it was last answered for as long as the key is the same."""
-        marker = self.marker(user_id)
+        """Mark the user with the key of the set their list makes (None: an empty list, unmarked),
+        so that the executor can keep the environment it was answered for while the key holds."""
         if set_key is None:
-            marker.unlink(missing_ok=True)
-            return
-        partial = marker.with_name(f".{marker.name}.{secrets.token_hex(4)}")
-        partial.write_text(set_key)
-        partial.chmod(0o644)
-        partial.replace(marker)
+            self.markers.unmark(user_id)
+        else:
+            self.markers.mark(user_id, set_key)
 
     def reconcile_markers(self, set_keys: dict[str, str]) -> None:
         """Exactly the given users marked, each with its set's key (at start-up: the database is
         the truth)."""
-        wanted = {user_marker(self.root, user_id).name for user_id in set_keys}
-        for entry in self.users.iterdir():
-            if entry.name not in wanted:
-                entry.unlink(missing_ok=True)
-        for user_id, set_key in set_keys.items():
-            self.mark(user_id, set_key)
+        self.markers.reconcile(set_keys)
 
 
 async def _run(
@@ -453,14 +445,10 @@ def _installed_count(site: Path) -> int:
         return 0
 
 
-def _recorded_sources(site: Path, dist_info: Path) -> list[str]:
+def _recorded_sources(site: Path, record: bytes) -> list[str]:
     """The .py files a distribution installed inside `site` (its RECORD's paths, relative)."""
-    try:
-        record = (dist_info / "RECORD").read_text(errors="replace")
-    except OSError:
-        return []
     sources = []
-    for line in record.splitlines():
+    for line in record.decode(errors="replace").splitlines():
         path = line.rsplit(",", 2)[0].strip('"')
         if path.endswith(".py") and ".." not in path.split("/") and not path.startswith("/"):
             if (site / path).is_file():
@@ -468,9 +456,8 @@ def _recorded_sources(site: Path, dist_info: Path) -> list[str]:
     return sources
 
 
-def _bytecode_key(dist_info: Path, target: Target) -> str:
-    record = (dist_info / "RECORD").read_bytes()
-    text = f"{dist_info.name}\n{target.version}\n{target.platform}\n".encode()
+def _bytecode_key(dist_info_name: str, record: bytes, target: Target) -> str:
+    text = f"{dist_info_name}\n{target.version}\n{target.platform}\n".encode()
     return hashlib.sha256(text + record).hexdigest()
 
 

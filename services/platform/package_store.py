@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.platform.user_markers import marker_name
+from services.platform.user_markers import UserMarkers
 
 ENVIRONMENTS = "environments"
 USERS = "users"
@@ -13,7 +13,8 @@ USERS = "users"
 SANDBOX_MOUNT = "/opt/pythonon/packages"
 
 
-def user_marker(store: Path, user_id: str) -> Path:
-    """Present exactly while the user's package list is not empty: the executor's one stat before a
-    run, so that a user without packages costs no call. Named by a digest, so no user id is a path."""
-    return store / USERS / marker_name(user_id)
+def user_markers(store: Path) -> UserMarkers:
+    """One marker per user whose package list is not empty, holding the key of the set the list
+    makes: the executor reads it before a run, so that a user without packages costs no call and a
+    user whose environment it was answered for before costs none either."""
+    return UserMarkers(store / USERS, mode=0o644)

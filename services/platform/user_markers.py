@@ -2,6 +2,8 @@
 call: "this user may have X". The keeper marks a user before the change that gives them X is
 acknowledged and unmarks them only once they have none, so a reader that finds no marker can skip
 asking (the packages service's users/ for the executor, the secrets service's markers likewise).
+A marker may hold a short text (the packages service's: the key of the user's set), written
+whole, by a rename, so that a reader never sees half of it.
 
 Markers are a superset of the truth: a marker too many costs a call, never a wrong answer. A keeper
 whose markers may be incomplete (e.g. before it has read its store at start-up) removes the
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+import secrets
+from collections.abc import Mapping
 from pathlib import Path
 
 COMPLETE = ".complete"
@@ -23,12 +26,14 @@ def marker_name(user_id: str) -> str:
 
 
 class UserMarkers:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, mode: int = 0o600) -> None:
+        """`mode`: the markers' (0o600: the services, which share a uid, read them)."""
         self.directory = directory
+        self.mode = mode
 
     def create(self) -> UserMarkers:
-        """Make the directory (the keeper's side); readable by the services only."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Make the directory (the keeper's side)."""
+        self.directory.mkdir(mode=0o700 if self.mode == 0o600 else 0o755, parents=True, exist_ok=True)
         return self
 
     def path(self, user_id: str) -> Path:
@@ -44,8 +49,12 @@ class UserMarkers:
 
     # -- the keeper's side --------------------------------------------------------------------------
 
-    def mark(self, user_id: str) -> None:
-        self.path(user_id).touch(mode=0o600, exist_ok=True)
+    def mark(self, user_id: str, content: str = "") -> None:
+        marker = self.path(user_id)
+        partial = marker.with_name(f".{marker.name}.{secrets.token_hex(4)}")
+        partial.write_text(content)
+        partial.chmod(self.mode)
+        partial.replace(marker)
 
     def unmark(self, user_id: str) -> None:
         self.path(user_id).unlink(missing_ok=True)
@@ -54,15 +63,16 @@ class UserMarkers:
         """From now until `reconcile`, readers ask instead of trusting an absent marker."""
         (self.directory / COMPLETE).unlink(missing_ok=True)
 
-    def reconcile(self, user_ids: Iterable[str]) -> None:
-        """Exactly these users marked (what the keeper's store holds); still incomplete."""
-        wanted = {marker_name(user_id) for user_id in user_ids}
+    def reconcile(self, marks: Mapping[str, str]) -> None:
+        """Exactly these users marked, each with its content (what the keeper's store holds);
+        `.complete` is left as it is."""
+        wanted = {marker_name(user_id) for user_id in marks}
         for entry in os.scandir(self.directory):
             if entry.name != COMPLETE and entry.name not in wanted:
-                os.unlink(entry.path)
-        for name in wanted:
-            (self.directory / name).touch(mode=0o600, exist_ok=True)
+                os.unlink(entry.path)  # a partial write that a stop interrupted too
+        for user_id, content in marks.items():
+            self.mark(user_id, content)
 
     def complete(self) -> None:
         """From now on, readers trust an absent marker."""
-        (self.directory / COMPLETE).touch(mode=0o600, exist_ok=True)
+        (self.directory / COMPLETE).touch(mode=self.mode, exist_ok=True)

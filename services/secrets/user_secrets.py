@@ -163,10 +163,10 @@ class UserSecrets:
             log.warning("could not tell whether a user has secrets left; kept marked")
 
     async def keep_markers(self, retry_seconds: float = 2.0) -> None:
-        """Reconcile the markers with Vault (until Vault answers); readers ask meanwhile."""
+        """Reconcile the markers with Vault (until Vault answers); readers ask meanwhile, since
+        the caller made them incomplete before serving."""
         if self._markers is None:
             return
-        self._markers.create().incomplete()  # (the caller did so before serving, too)
         while True:
             try:
                 users = await asyncio.to_thread(self._store.users)
@@ -175,7 +175,7 @@ class UserSecrets:
                 continue
             # A put since the listing marked its user, whom reconciling may unmark: one more
             # listing restores them before readers trust the markers.
-            self._markers.reconcile(users)
+            self._markers.reconcile(dict.fromkeys(users, ""))
             for uid in await asyncio.to_thread(self._store.users):
                 self._markers.mark(uid)
             self._markers.complete()

@@ -106,23 +106,11 @@ class VaultSecretStore:
 
     def names(self, user_id: str) -> list[str]:
         """The names of the user's entries (tombstones included), sorted."""
-        try:
-            response = self._call(
-                lambda kv: kv.list_secrets(path=self._folder(user_id), mount_point=self._mount)
-            )
-        except hvac.exceptions.InvalidPath:
-            return []
-        return sorted(key for key in response["data"]["keys"] if not key.endswith("/"))
+        return sorted(key for key in self._list(self._folder(user_id)) if not key.endswith("/"))
 
     def users(self) -> list[str]:
         """The ids of the users who have entries (tombstones included)."""
-        try:
-            response = self._call(
-                lambda kv: kv.list_secrets(path=f"{self._settings.path_prefix}/", mount_point=self._mount)
-            )
-        except hvac.exceptions.InvalidPath:
-            return []
-        return sorted(key[:-1] for key in response["data"]["keys"] if key.endswith("/"))
+        return sorted(key[:-1] for key in self._list(f"{self._settings.path_prefix}/") if key.endswith("/"))
 
     def state(self, user_id: str, name: str) -> EntryState | None:
         try:
@@ -253,6 +241,14 @@ class VaultSecretStore:
 
     def _path(self, user_id: str, name: str) -> str:
         return f"{self._folder(user_id)}{name}"
+
+    def _list(self, folder: str) -> list[str]:
+        """The keys under `folder` (a trailing "/" marks a folder); none when there is none."""
+        try:
+            response = self._call(lambda kv: kv.list_secrets(path=folder, mount_point=self._mount))
+        except hvac.exceptions.InvalidPath:
+            return []
+        return list(response["data"]["keys"])
 
     def _read(self, user_id: str, name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(data, version metadata) of the current version, or None when there is none."""

@@ -22,25 +22,31 @@ def _pyc(site: Path, package: str) -> Path:
     return found
 
 
-def test_a_wheel_compiled_for_one_environment_is_linked_into_the_next(tmp_path: Path) -> None:
+def _built(tmp_path: Path, *sets: list[str]) -> tuple[EnvironmentStore, list[str]]:
+    """A new store with an environment built for each requirement set, in order, from the tests'
+    local index; the store and the environments' keys."""
     index = standard_index(tmp_path / "index")
     store = EnvironmentStore(tmp_path / "store")
     target = Target.probe(_base_interpreter())
+
+    async def build(installer: Installer, requirements: list[str]) -> str:
+        deadline = asyncio.get_running_loop().time() + 120
+        lock = await installer.resolve(requirements, target, deadline)
+        return await store.build(
+            installer, lock, target, BuildLimits(1 << 30, 120), deadline, lambda _n: None
+        )
+
     with index.serve():
         installer = Installer(
             uv=str(Path(sys.executable).parent / "uv"), index_url=index.url, cache_dir=store.cache
         )
+        return store, [asyncio.run(build(installer, requirements)) for requirements in sets]
 
-        async def build(requirements: list[str]) -> Path:
-            deadline = asyncio.get_running_loop().time() + 120
-            lock = await installer.resolve(requirements, target, deadline)
-            key = await store.build(
-                installer, lock, target, BuildLimits(1 << 30, 120), deadline, lambda _n: None
-            )
-            return store.path(key)
 
-        first = asyncio.run(build(["tiny-dep"]))
-        second = asyncio.run(build(["tiny-greet>=1.2"]))  # needs tiny-dep too, and a new wheel
+def test_a_wheel_compiled_for_one_environment_is_linked_into_the_next(tmp_path: Path) -> None:
+    # The second needs tiny-dep too, and a new wheel.
+    store, keys = _built(tmp_path, ["tiny-dep"], ["tiny-greet>=1.2"])
+    first, second = (store.path(key) for key in keys)
 
     kept = _pyc(first, "tiny_dep")
     assert int.from_bytes(kept.read_bytes()[4:8], "little") == UNCHECKED_HASH
@@ -67,23 +73,7 @@ def test_a_wheel_compiled_for_one_environment_is_linked_into_the_next(tmp_path: 
 
 
 def test_entries_no_environment_links_are_pruned(tmp_path: Path) -> None:
-    index = standard_index(tmp_path / "index")
-    store = EnvironmentStore(tmp_path / "store")
-    target = Target.probe(_base_interpreter())
-    with index.serve():
-        installer = Installer(
-            uv=str(Path(sys.executable).parent / "uv"), index_url=index.url, cache_dir=store.cache
-        )
-
-        async def build(requirements: list[str]) -> str:
-            deadline = asyncio.get_running_loop().time() + 120
-            lock = await installer.resolve(requirements, target, deadline)
-            return await store.build(
-                installer, lock, target, BuildLimits(1 << 30, 120), deadline, lambda _n: None
-            )
-
-        only_dep = asyncio.run(build(["tiny-dep"]))
-        other = asyncio.run(build(["tiny-other"]))
+    store, (only_dep, other) = _built(tmp_path, ["tiny-dep"], ["tiny-other"])
     assert store.prune_bytecode() == 0  # both entries are linked
     store.remove(other)
     assert store.prune_bytecode() == 1

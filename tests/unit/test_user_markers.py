@@ -92,3 +92,13 @@ def test_a_delete_keeps_the_user_marked_when_vault_cannot_say(tmp_path: Path) ->
 
     _keeper(Sealed({}), markers)._unmark_if_none_left("alice")  # no error: the delete is done
     assert markers.may_have("alice")
+
+
+def test_a_marker_holds_its_content_whole_and_reconciling_rewrites_it(tmp_path: Path) -> None:
+    markers = UserMarkers(tmp_path / "markers", mode=0o644).create()
+    markers.mark("alice", "set-1")
+    (markers.directory / ".leftover.partial").write_text("half")  # a write a stop interrupted
+    assert markers.path("alice").read_text() == "set-1"
+    markers.reconcile({"alice": "set-2", "bob": "set-3"})
+    assert sorted(p.read_text() for p in markers.directory.iterdir()) == ["set-2", "set-3"]
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in markers.directory.iterdir())

@@ -138,10 +138,10 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
         try:
             slots = (
                 2 * self.max_concurrent  # the runs', and those of finished runs still being reaped
-                # the pools, each up to twice its size in a burst (warm_pool.BURST_DEPTH)
+                # the pools, each BURST_DEPTH times its size in a burst
                 + BURST_DEPTH * options.pool_size * len(self._runtimes)
-                # the pools of the package environments used last
-                + BURST_DEPTH * RECENT_MOUNT_PROFILES * MOUNT_POOL_DEPTH * options.pool_size
+                # the pools of the package environments used last (deeper, or as deep in a burst)
+                + RECENT_MOUNT_PROFILES * max(MOUNT_POOL_DEPTH, BURST_DEPTH) * options.pool_size
                 + len(self._runtimes)  # the start-up checks
                 + 8
             )

@@ -111,22 +111,26 @@ def linked_libraries(files: Iterable[str]) -> list[tuple[str, str]]:
     shared objects) load at start-up, the dynamic loader included, as the host's loader resolves
     them (ldd): the sandbox holds those instead of all of the host's /usr/lib. Each path is written
     without merged-/usr links in its directory, and bound to the file it finally names."""
-    wanted = sorted({os.path.realpath(f) for f in files if os.path.isfile(f)})
+    # Each file by its path and modification time (a file replaced since is asked about again).
+    wanted = [
+        (path, os.path.getmtime(path))
+        for path in sorted({os.path.realpath(f) for f in files if os.path.isfile(f)})
+    ]
     # Files alike in what decides their libraries (elf.linkage) share one answer of the loader:
     # some 300 files at an executor's start (Bash's tools, Python's extensions) make ~40 groups.
-    groups: dict[object, list[str]] = {}
-    for path in wanted:
-        if (path, os.path.getmtime(path)) in _LINKED:
+    groups: dict[object, list[tuple[str, float]]] = {}
+    for stamped in wanted:
+        if stamped in _LINKED:
             continue
         try:
-            key: object = elf.linkage(path)
+            key: object = elf.linkage(stamped[0])
         except elf.NotElf:
-            _LINKED[(path, os.path.getmtime(path))] = frozenset()
+            _LINKED[stamped] = frozenset()
             continue
         except (OSError, ValueError):
-            key = path  # the loader is asked about this file alone
-        groups.setdefault(key, []).append(path)
-    asked = [paths[0] for paths in groups.values()]
+            key = stamped  # the loader is asked about this file alone
+        groups.setdefault(key, []).append(stamped)
+    asked = [members[0][0] for members in groups.values()]
     # ldd runs the loader once per file (~5 ms each): batches in parallel, one per core, since an
     # executor's start waits for them.
     batches = [asked[start : start + LDD_BATCH] for start in range(0, len(asked), LDD_BATCH)]
@@ -134,10 +138,10 @@ def linked_libraries(files: Iterable[str]) -> list[tuple[str, str]]:
     with concurrent.futures.ThreadPoolExecutor(max(1, min(len(batches), os.cpu_count() or 1))) as pool:
         for answer in pool.map(_ldd, batches):
             found.update(answer)
-    for paths in groups.values():
-        for path in paths:
-            _LINKED[(path, os.path.getmtime(path))] = found.get(paths[0], frozenset())
-    libraries = set().union(*(_LINKED[(f, os.path.getmtime(f))] for f in wanted)) if wanted else set()
+    for members in groups.values():
+        for stamped in members:
+            _LINKED[stamped] = found.get(members[0][0], frozenset())
+    libraries = set().union(*(_LINKED[stamped] for stamped in wanted))
     binds = []
     for library in sorted(libraries):
         inside = os.path.join(os.path.realpath(os.path.dirname(library)), os.path.basename(library))

@@ -62,8 +62,7 @@ class WarmPool(Generic[K, S]):
         self._sizes: dict[K, int] = {}  # keys kept at another size than `size`
         self._refills: dict[K, asyncio.Task[None]] = {}
         self._recent: dict[K, None] = {}  # keep_recently_used's keys, least recently used first
-        # Extra depth of keys a burst found empty, and when a take last found each empty.
-        self._burst: dict[K, int] = {}
+        # Keys in a burst: when a take last found each empty.
         self._dry_at: dict[K, float] = {}
         self._burst_seconds = burst_seconds
         self._clock = clock
@@ -93,11 +92,11 @@ class WarmPool(Generic[K, S]):
             self.forget(oldest)
 
     def size_of(self, key: K) -> int:
-        """The depth `key` is kept at now: its size, and what a burst added."""
-        return self.base_size_of(key) + self._burst.get(key, 0)
-
-    def base_size_of(self, key: K) -> int:
-        return self._sizes.get(key, self.size)
+        """The depth `key` is kept at now: its size, or in a burst BURST_DEPTH times the pool's size
+        (a key kept deeper than that already, e.g. a package environment's, stays as it is, so that
+        bursts stay bounded)."""
+        base = self._sizes.get(key, self.size)
+        return max(base, BURST_DEPTH * self.size) if key in self._dry_at and base > 0 else base
 
     def forget(self, key: K) -> None:
         """Stop keeping `key` warm and dispose of its sandboxes."""
@@ -105,7 +104,6 @@ class WarmPool(Generic[K, S]):
         if task is not None:
             task.cancel()
         self._sizes.pop(key, None)
-        self._burst.pop(key, None)
         self._dry_at.pop(key, None)
         for sandbox in self._ready.pop(key, deque()):
             self._dispose(sandbox)
@@ -139,7 +137,7 @@ class WarmPool(Generic[K, S]):
                     self._refill(key)
                 return sandbox
             self._dispose(sandbox)
-        self._deepen(key)
+        self._dry_at[key] = self._clock()  # a burst: kept deeper from now on
         self._refill(key)
         return None
 
@@ -153,16 +151,7 @@ class WarmPool(Generic[K, S]):
             if len(pool) < self.size_of(key):
                 self._refill(key)
 
-    def _deepen(self, key: K) -> None:
-        """Keep `key` BURST_DEPTH times the pool's size (a key kept deeper than that already, e.g.
-        a package environment's, stays as it is, so that bursts stay bounded)."""
-        base = self.base_size_of(key)
-        if base > 0:
-            self._burst[key] = max(0, BURST_DEPTH * self.size - base)
-            self._dry_at[key] = self._clock()
-
     def _shallow(self, key: K) -> None:
-        self._burst.pop(key, None)
         self._dry_at.pop(key, None)
         pool = self._ready.get(key)
         while pool is not None and len(pool) > self.size_of(key):
