@@ -89,6 +89,7 @@ async def service_build(
     target = Target.probe(settings.python)
     store = EnvironmentStore(settings.store)
     installer = Installer(uv=settings.uv, index_url=settings.index_url, cache_dir=cache or store.cache)
+    await installer.warm_up(target)  # the service does it at its start
     deadline = asyncio.get_running_loop().time() + LIMITS.max_seconds
     try:
         started = time.perf_counter()

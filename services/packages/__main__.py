@@ -49,6 +49,7 @@ async def build(server: ServerSettings, settings: PackagesSettings) -> ServicePa
     installer = Installer(
         uv=settings.uv, index_url=settings.index_url, cache_dir=store.cache, source_builder=source_builder
     )
+    await installer.warm_up(target)
     builds = Builds(
         db,
         store,

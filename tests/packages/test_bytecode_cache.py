@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.packages.environments import BuildLimits, EnvironmentStore, Installer, Target
+from services.packages.environments import BuildLimits, EnvironmentStore, Installer, Target, _shares
 from services.packages.settings import _base_interpreter
 from tests.packages.local_index import standard_index
 
@@ -81,3 +81,22 @@ def test_entries_no_environment_links_are_pruned(tmp_path: Path) -> None:
     assert os.stat(_pyc(store.path(only_dep), "tiny_dep")).st_ino in {
         os.stat(path).st_ino for path in left.rglob("*.pyc")
     }
+
+
+def test_sources_are_shared_out_to_compile_by_size_and_a_small_set_stays_in_one_process(
+    tmp_path: Path,
+) -> None:
+    sizes = {"big.py": 300_000, "mid.py": 200_000, "small.py": 90_000, "tiny.py": 10}
+    files = []
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(b"#" * size)
+        files.append(tmp_path / name)
+    shares = _shares([*files, tmp_path / "gone.py"], 2)  # a file that vanished is skipped
+    assert sorted(path.name for share in shares for path in share) == sorted(sizes)
+    assert [[path.name for path in share] for share in shares] == [
+        ["big.py"],
+        ["mid.py", "small.py", "tiny.py"],
+    ]
+    assert _shares(files, 4) == shares  # 590 kB: two shares of 256 KiB at most
+    assert _shares(files[2:], 2) == [files[2:]]  # under 256 KiB: one process
+    assert _shares([], 2) == []
