@@ -100,6 +100,11 @@ class BackendFactory:
 
     name: str
     options: Mapping[str, Any]
+    label: str = ""  # the test id, when two factories start the same backend
+
+    @property
+    def id(self) -> str:
+        return self.label or self.name
 
     def __call__(self, **overrides: Any) -> contextlib.AbstractContextManager[Sandbox]:
         return started_backend(self.name, **{**self.options, **overrides})
@@ -109,6 +114,9 @@ class BackendFactory:
 bwrap_factory = BackendFactory(
     "bwrap", {"pool_size": 2, "max_concurrent": 24, "max_runs_per_user": 24, "max_waiting_per_user": 8}
 )
+# The same backend with each runtime's files gathered into one tree (staged_root.py), as the
+# executor runs it in a mount namespace of its own; here the tree's mounts are in the tests' own.
+bwrap_staged_factory = BackendFactory("bwrap", {**bwrap_factory.options, "staged_root": True}, "bwrap-staged")
 gvisor_factory = BackendFactory(
     "gvisor", {"pool_size": 2, "max_concurrent": 12, "max_runs_per_user": 12, "max_waiting_per_user": 24}
 )

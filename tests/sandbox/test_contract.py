@@ -34,16 +34,17 @@ from tests.sandbox.conftest import (
     BackendFactory,
     Sandbox,
     bwrap_factory,
+    bwrap_staged_factory,
     gvisor_factory,
 )
 from tests.sandbox.local_cluster import kubernetes_factory
 
-BACKENDS = [bwrap_factory, gvisor_factory, kubernetes_factory]
+BACKENDS = [bwrap_factory, bwrap_staged_factory, gvisor_factory, kubernetes_factory]
 
 NOBODY = 65534
 
 
-@pytest.fixture(scope="module", params=BACKENDS, ids=lambda factory: factory.name)
+@pytest.fixture(scope="module", params=BACKENDS, ids=lambda factory: factory.id)
 def factory(request: pytest.FixtureRequest) -> BackendFactory:
     return request.param  # type: ignore[no-any-return]  # pytest's param is untyped
 

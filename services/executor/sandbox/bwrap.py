@@ -33,7 +33,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.executor.sandbox import cgroups, runtimes, seccomp
+from services.executor.mount_namespace import in_own_mount_namespace
+from services.executor.sandbox import cgroups, runtimes, seccomp, staged_root
 from services.executor.sandbox.host_backend import (
     MOUNT_POOL_DEPTH,
     NOBODY,
@@ -90,6 +91,10 @@ class BwrapOptions(BackendOptions):
     uid_base: int = DEFAULT_UID_BASE  # first host uid of the sandboxes' blocks (as root)
     cgroup_parent: str | None = None  # a delegated cgroup directory instead of the process's own
     seccomp_filter: bool = True
+    # Each runtime's files gathered once into a tree that a sandbox takes in two mounts
+    # (staged_root.py): None, as root in a mount namespace of the executor's own; True: as root,
+    # wherever (the tests); False: never.
+    staged_root: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,6 +106,8 @@ class BwrapOptions(BackendOptions):
             raise_option("uid_base", "an integer of at least 1000", self.uid_base)
         if not isinstance(self.seccomp_filter, bool):
             raise_option("seccomp_filter", "true or false", self.seccomp_filter)
+        if self.staged_root is not None and not isinstance(self.staged_root, bool):
+            raise_option("staged_root", "true, false or null", self.staged_root)
 
 
 @dataclass(eq=False)
@@ -132,8 +139,15 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
                 "not running as root, the bwrap backend needs unprivileged user namespaces "
                 "(/proc/sys/user/max_user_namespaces is 0)"
             )
+        if options.staged_root and not self._root:
+            raise SandboxUnavailable("staged_root needs the executor to run as root")
         self._seccomp = seccomp.program() if options.seccomp_filter else None
         super().__init__(options)
+        stage = options.staged_root
+        if stage is None:
+            stage = self._root and in_own_mount_namespace()
+        self._staged = staged_root.StagedRoots(self._runtime_dir / "staged-root") if stage else None
+        self._unstaged: set[str] = set()  # languages whose tree could not be built
         self._uids: _UidBlock | None = None
         try:
             slots = (
@@ -180,6 +194,8 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
         }
 
     async def _close_host(self) -> None:
+        if self._staged is not None:
+            self._staged.close()  # before anything removes the runtime directory it lies in
         self._cgroups.close()
         if self._uids is not None and not self._live:
             self._uids.close()
@@ -303,8 +319,14 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
         # two tools and their libraries; /etc is copied in from descriptors (ETC_FILES), so that
         # no path of the executor's own (its runtime directory) shows in /proc/self/mountinfo.
         binds = runtimes.unique_binds([*runtime.binds, *runtimes.common_binds(), *self._tool_binds])
-        binds += list(profile.readonly_paths)
         links = [*runtimes.system_library_links(), *runtime.symlinks]
+        tree = self._tree(profile.language, binds, links)
+        if tree is not None and any(_under_any(inside, tree) for _, inside in profile.readonly_paths):
+            tree = None  # a mount point inside the tree (e.g. encrypted code's libraries): file by file
+        if tree is not None:
+            binds = list(tree)
+            links = [(target, link) for target, link in links if not _under_any(link, tree)]
+        binds += list(profile.readonly_paths)
         tmpfs = [*PRIVATE_TMPFS, WORKDIR]
         etc = [f"/etc/{name}" for name in self._etc_files]
         args = [self._bwrap]
@@ -362,6 +384,30 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
             ]
             args += ["--clear-groups", "--inh-caps=-all"]
         return [*args, "--", *runtime.command]
+
+    def _tree(
+        self, language: str, binds: list[tuple[str, str]], links: list[tuple[str, str]]
+    ) -> list[tuple[str, str]] | None:
+        """The top-level binds of the language's tree (built on first use), or None: no trees
+        here, or this one could not be built (its sandboxes bind file by file)."""
+        if self._staged is None or language in self._unstaged:
+            return None
+        tree = self._staged.tree(language)
+        if tree is None:
+            # A link inside the tree's directories is made in the tree (the sandbox's is read-only).
+            tops = [("", "/" + inside.split("/")[1]) for _, inside in binds]
+            inner = [(target, link) for target, link in links if _under_any(link, tops)]
+            try:
+                tree = self._staged.build(language, binds, inner)
+            except staged_root.StagingFailed as error:
+                log.warning("%s; its sandboxes bind file by file", error)
+                self._unstaged.add(language)
+                return None
+        return tree
+
+
+def _under_any(path: str, binds: Iterable[tuple[str, str]]) -> bool:
+    return any(path.startswith(inside.rstrip("/") + "/") for _, inside in binds)
 
 
 class _UidBlock:
