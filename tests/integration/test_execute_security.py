@@ -526,3 +526,20 @@ def test_a_saturated_executor_answers_429_with_retry_after(saturated_mesh: Mesh)
         finished = ran(in_flight.result(timeout=30))
         assert (finished["output"], finished["exitCode"]) == ("long\n", 0)
         assert_answers_normally(client, user)
+
+
+def test_the_executor_runs_its_sandboxes_from_trees_in_a_mount_namespace_of_its_own(
+    mesh: Mesh, client: httpx.Client, user: dict
+) -> None:
+    """As root the executor re-execs itself under unshare (same pid, the runner's child) and its
+    sandboxes take each runtime in two binds: their mount table is half what binding file by
+    file gives (50 entries), and names no path of the mesh."""
+    if os.geteuid() != 0:
+        pytest.skip("trees are built as root")
+    executor = mesh.pids["executor"]
+    assert os.readlink(f"/proc/{executor}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    code = "t = open('/proc/self/mountinfo').read()\nprint(t.count(chr(10)), 'pythonon-' in t, '/tmp/' in t)"
+    response = client.post("/api/v1/execute", json={"code": code}, headers={"x-api-key": user["apiKey"]})
+    assert response.status_code == 200, response.text
+    lines, *leaks = response.json()["output"].split()
+    assert int(lines) < 35 and leaks == ["False", "False"], response.json()

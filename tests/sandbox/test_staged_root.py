@@ -42,7 +42,7 @@ def test_small_files_are_copied_large_ones_and_directories_bound_read_only_and_a
                 (str(host / "share"), "/usr/share/things"),
                 (str(host / "big.so"), "/opt/runtime/big.so"),
             ],
-            [("small.so.1", "/usr/lib/small.so")],
+            [("small.so.1", "/usr/lib/small.so"), ("usr/lib", "/lib")],
         )
         tree = stage / "python"
         assert top == [(str(tree / "opt"), "/opt"), (str(tree / "usr"), "/usr")]
@@ -51,6 +51,7 @@ def test_small_files_are_copied_large_ones_and_directories_bound_read_only_and_a
         assert copied.read_bytes() == b"small"
         assert copied.stat().st_ino != (host / "lib" / "small.so.1.2").stat().st_ino  # a copy
         assert (tree / "usr/lib/small.so").read_bytes() == b"small"  # the link, made in the tree
+        assert not (tree / "lib").exists()  # a link outside the tree's directories is the sandbox's
         bound = tree / "usr/lib/big.so"
         assert bound.stat().st_ino == (host / "big.so").stat().st_ino  # the host's file itself
         assert (tree / "usr/share/things/data").read_text() == "shared"

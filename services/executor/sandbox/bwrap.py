@@ -321,11 +321,12 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
         binds = runtimes.unique_binds([*runtime.binds, *runtimes.common_binds(), *self._tool_binds])
         links = [*runtimes.system_library_links(), *runtime.symlinks]
         tree = self._tree(profile.language, binds, links)
-        if tree is not None and any(_under_any(inside, tree) for _, inside in profile.readonly_paths):
+        tops = [inside for _, inside in tree or ()]
+        if any(_under_any(inside, tops) for _, inside in profile.readonly_paths):
             tree = None  # a mount point inside the tree (e.g. encrypted code's libraries): file by file
         if tree is not None:
             binds = list(tree)
-            links = [(target, link) for target, link in links if not _under_any(link, tree)]
+            links = [(target, link) for target, link in links if not _under_any(link, tops)]
         binds += list(profile.readonly_paths)
         tmpfs = [*PRIVATE_TMPFS, WORKDIR]
         etc = [f"/etc/{name}" for name in self._etc_files]
@@ -394,11 +395,8 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
             return None
         tree = self._staged.tree(language)
         if tree is None:
-            # A link inside the tree's directories is made in the tree (the sandbox's is read-only).
-            tops = [("", "/" + inside.split("/")[1]) for _, inside in binds]
-            inner = [(target, link) for target, link in links if _under_any(link, tops)]
             try:
-                tree = self._staged.build(language, binds, inner)
+                tree = self._staged.build(language, binds, links)
             except staged_root.StagingFailed as error:
                 log.warning("%s; its sandboxes bind file by file", error)
                 self._unstaged.add(language)
@@ -406,8 +404,8 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
         return tree
 
 
-def _under_any(path: str, binds: Iterable[tuple[str, str]]) -> bool:
-    return any(path.startswith(inside.rstrip("/") + "/") for _, inside in binds)
+def _under_any(path: str, directories: Iterable[str]) -> bool:
+    return any(path.startswith(directory.rstrip("/") + "/") for directory in directories)
 
 
 class _UidBlock:

@@ -84,10 +84,12 @@ class StagedRoots:
     def build(
         self, name: str, binds: Iterable[tuple[str, str]], links: Iterable[tuple[str, str]]
     ) -> list[tuple[str, str]]:
-        """A tree holding `binds` (host path, path inside), copied or bound read-only, and the
-        symlinks `links` (target, path inside); its top-level binds. StagingFailed if any of it
-        cannot be made (what was made of it stays until close())."""
+        """A tree holding `binds` (host path, path inside), copied or bound read-only, and those of
+        the symlinks `links` (target, path inside) that lie in its directories (the sandbox's copy
+        of the tree is read-only); its top-level binds. StagingFailed if any of it cannot be made
+        (what was made of it stays until close())."""
         binds = list(binds)
+        tops = sorted({Path(inside).parts[1] for _, inside in binds})
         try:
             if not self._mounted:
                 self._directory.mkdir(mode=0o700, exist_ok=True)
@@ -116,13 +118,14 @@ class StagedRoots:
                     None, str(at), None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None
                 )
             for target, inside in links:
+                if Path(inside).parts[1] not in tops:
+                    continue  # outside the tree: the sandbox makes it
                 at = tree / inside.lstrip("/")
                 _directories(tree, at.parent)
                 at.symlink_to(target)
         except OSError as error:
             raise StagingFailed(f"the {name} runtime's tree: {error}") from error
-        top = sorted({Path(inside).parts[1] for _, inside in binds})
-        self._trees[name] = [(str(tree / entry), f"/{entry}") for entry in top]
+        self._trees[name] = [(str(tree / entry), f"/{entry}") for entry in tops]
         return self._trees[name]
 
     def close(self) -> None:
