@@ -6,6 +6,7 @@ PostgreSQL database without reading each other's tables. Migrations run once, by
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextvars
 import functools
@@ -16,18 +17,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
-from alembic import command, context
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.platform.settings import SettingsError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 T = TypeVar("T")
 SERVICES_ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +99,8 @@ class Schema:
         return f"alembic_version_{self.service}"
 
     def alembic_config(self) -> Config:
+        from alembic.config import Config  # only where migrations run (see _revisions)
+
         config = Config()
         config.set_main_option("script_location", str(self.migrations))
         config.attributes["version_table"] = self.version_table
@@ -106,14 +108,34 @@ class Schema:
 
     def head(self) -> str:
         """The latest revision of the migrations (a service keeps one line of them, not branches)."""
-        head = ScriptDirectory.from_config(self.alembic_config()).get_current_head()
-        if head is None:
+        revisions = self._revisions()
+        heads = sorted(set(revisions) - set(revisions.values()))
+        if not heads:
             raise ValueError(f"{self.migrations} holds no migrations")
-        return head
+        if len(heads) > 1:
+            raise ValueError(f"{self.migrations} has more than one head: {', '.join(heads)}")
+        return heads[0]
 
     def knows(self, revision: str) -> bool:
-        script = ScriptDirectory.from_config(self.alembic_config())
-        return any(known.revision == revision for known in script.walk_revisions())
+        return revision in self._revisions()
+
+    def _revisions(self) -> dict[str, str | None]:
+        """Each migration's revision and the one it follows, read from its file's module-level
+        `revision` and `down_revision` as Alembic reads them, without importing Alembic: a service
+        only checks its schema at start-up, and Alembic's modules would hold ~10 MiB of every
+        database service's memory for that (tests/unit/test_db.py compares with Alembic's view)."""
+        revisions: dict[str, str | None] = {}
+        for path in sorted((self.migrations / "versions").glob("*.py")):
+            values = {
+                target.id: ast.literal_eval(statement.value)
+                for statement in ast.parse(path.read_text(), str(path)).body
+                if isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None
+                for target in (statement.targets if isinstance(statement, ast.Assign) else [statement.target])
+                if isinstance(target, ast.Name) and target.id in ("revision", "down_revision")
+            }
+            if "revision" in values:
+                revisions[values["revision"]] = values.get("down_revision")
+        return revisions
 
     def lock_key(self) -> int:
         """A PostgreSQL advisory lock key of its own, so migrating one service never waits on another."""
@@ -193,6 +215,8 @@ class Database:
     def migrate(self, schema: Schema) -> Migration:
         """Bring the schema to head in one transaction. Concurrent runs are serialised (a
         PostgreSQL advisory lock, SQLite's write lock), so the second finds the work done."""
+        from alembic import command
+
         config = schema.alembic_config()
         with self.engine.begin() as connection:
             if connection.dialect.name == "postgresql":
@@ -238,12 +262,23 @@ class Database:
 
 
 def _current_revision(connection: Connection, schema: Schema) -> str | None:
-    context = MigrationContext.configure(connection, opts={"version_table": schema.version_table})
-    return context.get_current_revision()
+    """The revision the schema's version table holds (None: no table, or an empty one)."""
+    if not sa.inspect(connection).has_table(schema.version_table):
+        return None
+    found: list[str] = list(
+        connection.execute(
+            sa.select(sa.column("version_num")).select_from(sa.table(schema.version_table))
+        ).scalars()
+    )
+    if len(found) > 1:
+        raise RuntimeError(f"{schema.version_table} holds more than one revision: {', '.join(found)}")
+    return found[0] if found else None
 
 
 def run_migrations_online(target_metadata: sa.MetaData) -> None:
     """The body of every service's migrations/env.py."""
+    from alembic import context
+
     connection: Connection = context.config.attributes["connection"]
     context.configure(
         connection=connection,

@@ -210,3 +210,46 @@ def test_bad_arguments_are_refused_before_anything_is_touched(
     )
     assert not (tmp_path / "d").exists()
     assert not (tmp_path / "x.db").exists()
+
+
+def alembic_view(schema: Schema) -> tuple[str | None, set[str]]:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(schema.alembic_config())
+    return script.get_current_head(), {known.revision for known in script.walk_revisions()}
+
+
+@pytest.mark.parametrize("service", DATABASE_SERVICES)
+def test_head_and_known_revisions_are_alembics_own_without_importing_alembic(service: str) -> None:
+    """Services check their schema at start-up without Alembic's modules (~10 MiB of each one's
+    memory); what they read from the migration files is what Alembic reads."""
+    schema = Schema(service)
+    head, known = alembic_view(schema)
+    assert schema.head() == head
+    assert all(schema.knows(revision) for revision in known) and not schema.knows("ffff")
+    started = subprocess.run(
+        [sys.executable, "-c", f"import sys, services.{service}.__main__; print('alembic' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert started.stdout.strip() == "False"
+
+
+def test_a_line_of_revisions_has_the_last_as_head_and_a_fork_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    versions = tmp_path / "svc" / "migrations" / "versions"
+    versions.mkdir(parents=True)
+    (tmp_path / "svc" / "migrations" / "script.py.mako").write_text("")
+    files = {"a.py": ("0001", None), "b.py": ("0002", "0001"), "c.py": ("0003", "0002")}
+    for name, (revision, down) in files.items():
+        (versions / name).write_text(f'"""{name}"""\nrevision = "{revision}"\ndown_revision: str | None = {down!r}\n')
+    monkeypatch.setattr("services.platform.db.SERVICES_ROOT", tmp_path)
+    schema = Schema("svc")
+    (tmp_path / "svc" / "migrations" / "env.py").write_text("")
+    assert schema.head() == "0003" == alembic_view(schema)[0]
+    assert schema.knows("0002") and not schema.knows("0004")
+    (versions / "d.py").write_text('revision = "0004"\ndown_revision = "0002"\n')
+    with pytest.raises(ValueError, match="more than one head: 0003, 0004"):
+        schema.head()
