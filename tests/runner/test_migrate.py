@@ -244,7 +244,9 @@ def test_a_line_of_revisions_has_the_last_as_head_and_a_fork_is_refused(
     (tmp_path / "svc" / "migrations" / "script.py.mako").write_text("")
     files = {"a.py": ("0001", None), "b.py": ("0002", "0001"), "c.py": ("0003", "0002")}
     for name, (revision, down) in files.items():
-        (versions / name).write_text(f'"""{name}"""\nrevision = "{revision}"\ndown_revision: str | None = {down!r}\n')
+        (versions / name).write_text(
+            f'"""{name}"""\nrevision = "{revision}"\ndown_revision: str | None = {down!r}\n'
+        )
     monkeypatch.setattr("services.platform.db.SERVICES_ROOT", tmp_path)
     schema = Schema("svc")
     (tmp_path / "svc" / "migrations" / "env.py").write_text("")
