@@ -117,6 +117,17 @@ def test_a_user_without_secrets_lists_none(client: httpx.Client, user: dict) -> 
     assert response.status_code == 200 and response.json() == {"secrets": []}
 
 
+def test_the_list_of_a_user_who_had_none_shows_each_change_at_once(client: httpx.Client, user: dict) -> None:
+    """A user without secrets is listed without asking Vault (the markers say they have none): the
+    first put, the deletion of the last one and a put after it each show in the very next list."""
+    for _ in range(2):
+        assert listed(client, user).json() == {"secrets": []}
+        assert put(client, user, "FIRST", unique_value()).status_code == 200
+        assert [s["name"] for s in listed(client, user).json()["secrets"]] == ["FIRST"]
+        assert delete(client, user, "FIRST").status_code == 200
+        assert listed(client, user).json() == {"secrets": []}
+
+
 def test_secrets_need_credentials(client: httpx.Client) -> None:
     assert error_message(client.get("/api/v1/secrets"), 401, 16).startswith("missing credentials")
     assert client.put("/api/v1/secrets/X", json={"value": "v"}).status_code == 401

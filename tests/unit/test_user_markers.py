@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.platform.errors import Unavailable
+from services.platform.identity import Identity
 from services.platform.user_markers import COMPLETE, UserMarkers
 from services.secrets.user_secrets import UserSecrets
 
@@ -102,3 +103,25 @@ def test_a_marker_holds_its_content_whole_and_reconciling_rewrites_it(tmp_path: 
     markers.reconcile({"alice": "set-2", "bob": "set-3"})
     assert sorted(p.read_text() for p in markers.directory.iterdir()) == ["set-2", "set-3"]
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in markers.directory.iterdir())
+
+
+def test_listing_an_unmarked_users_secrets_asks_vault_only_while_markers_are_incomplete(
+    tmp_path: Path,
+) -> None:
+    markers = UserMarkers(tmp_path / "markers").create()
+    markers.mark("alice")
+    asked: list[str] = []
+
+    class Counting(_Vault):
+        def names(self, uid: str) -> list[str]:
+            asked.append(uid)
+            return []
+
+    keeper = _keeper(Counting({}), markers)
+    bob = Identity(user_id="bob", email="bob@example.com")
+    alice = Identity(user_id="alice", email="alice@example.com")
+    assert asyncio.run(keeper.list(bob)) == [] and asked == ["bob"]  # not reconciled yet: asked
+    markers.complete()
+    assert asyncio.run(keeper.list(bob)) == [] and asyncio.run(keeper.resolve(bob, [], everything=True)) == {}
+    assert asked == ["bob"]  # bob has no marker: no call
+    assert asyncio.run(keeper.list(alice)) == [] and asked == ["bob", "alice"]  # marked: asked
