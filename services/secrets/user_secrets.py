@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
@@ -102,7 +103,17 @@ class UserSecrets:
         previous = state.current_version if state is not None else 0
         if self._markers is not None:
             self._markers.mark(uid)  # before the value exists: a run never misses it
-        written = await asyncio.to_thread(self._store.write, uid, name, value, description, cas=previous)
+        written = await asyncio.to_thread(
+            functools.partial(
+                self._store.write,
+                uid,
+                name,
+                value,
+                description,
+                cas=previous,
+                created_at=state.created_at if state is not None else None,
+            )
+        )
 
         async def undo() -> None:
             if previous == 0:

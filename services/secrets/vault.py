@@ -57,6 +57,10 @@ class EntryState:
     created_at: datetime
 
 
+# The payload's field that keeps the secret's creation time from its second version on.
+CREATED_FIELD = "created"
+
+
 @dataclass(frozen=True)
 class SecretRecord:
     """What may be shown about a secret: never its value."""
@@ -122,19 +126,30 @@ class VaultSecretStore:
         return _state(response["data"])
 
     def describe(self, user_id: str, name: str) -> SecretRecord | None:
-        """The secret's metadata and description, or None when it does not exist (or is a tombstone)."""
-        state = self.state(user_id, name)
-        if state is None or not state.live:
-            return None
+        """The secret's metadata and description, or None when it does not exist (or is a tombstone).
+
+        One read of the current version: the secret's creation time is that version's when it is
+        the first, else the one `write` kept in the payload; only an entry written without it (by
+        an earlier version of this code, or restored by `revert`) costs a read of its metadata."""
         data = self._read(user_id, name)
         if data is None:
             return None
         payload, version_info = data
+        version = int(version_info["version"])
+        if version == 1:
+            created_at = parse_time(version_info["created_time"])
+        elif isinstance(payload.get(CREATED_FIELD), str):
+            created_at = parse_time(payload[CREATED_FIELD])
+        else:
+            state = self.state(user_id, name)
+            if state is None or not state.live:
+                return None
+            created_at = state.created_at
         return SecretRecord(
             name=name,
             description=str(payload.get("description", "")),
-            version=int(version_info["version"]),
-            created_at=state.created_at,
+            version=version,
+            created_at=created_at,
             updated_at=parse_time(version_info["created_time"]),
         )
 
@@ -142,13 +157,27 @@ class VaultSecretStore:
         data = self._read(user_id, name)
         return None if data is None else str(data[0].get("value", ""))
 
-    def write(self, user_id: str, name: str, value: str, description: str, *, cas: int) -> Written:
-        """Write the next version; `cas` is the current version (0: the entry must not exist)."""
+    def write(
+        self,
+        user_id: str,
+        name: str,
+        value: str,
+        description: str,
+        *,
+        cas: int,
+        created_at: datetime | None = None,
+    ) -> Written:
+        """Write the next version; `cas` is the current version (0: the entry must not exist).
+        `created_at`, the secret's creation time when this is not its first version, is kept in the
+        payload so that `describe` needs no read of the metadata."""
+        secret = {"value": value, "description": description}
+        if created_at is not None:
+            secret[CREATED_FIELD] = created_at.isoformat()
         try:
             response = self._call(
                 lambda kv: kv.create_or_update_secret(
                     path=self._path(user_id, name),
-                    secret={"value": value, "description": description},
+                    secret=secret,
                     cas=cas,
                     mount_point=self._mount,
                 )

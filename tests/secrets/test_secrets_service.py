@@ -423,6 +423,33 @@ def test_every_call_is_503_when_vault_cannot_be_reached(bao: OpenBao, keys: Keys
     with_service(bao, keys, test, vault=nowhere)
 
 
+def test_describing_a_secret_reads_its_current_version_only(bao: OpenBao) -> None:
+    """A list asks Vault once per secret: the creation time is the first version's, or kept in the
+    payload from the second on; an entry without it (an earlier layout) is read with its metadata."""
+    store = VaultSecretStore(vault_settings(bao))
+    states: list[str] = []
+    state = store.state
+    store.state = lambda uid, name: states.append(name) or state(uid, name)  # type: ignore[method-assign]  # counting
+    uid = new_user().user_id
+    first = store.write(uid, "KEPT", "v1", "one", cas=0)
+    described = store.describe(uid, "KEPT")
+    assert described is not None and (described.version, described.created_at) == (1, first.created_at)
+    second = store.write(uid, "KEPT", "v2", "two", cas=1, created_at=first.created_at)
+    described = store.describe(uid, "KEPT")
+    assert described is not None and states == []
+    assert (described.version, described.description) == (2, "two")
+    assert (described.created_at, described.updated_at) == (first.created_at, second.created_at)
+
+    old = store.write(uid, "OLD", "v1", "", cas=0)
+    bao.root_client().secrets.kv.v2.create_or_update_secret(
+        path=f"pythonon/users/{uid}/OLD", secret={"value": "v2", "description": ""}, mount_point="secret"
+    )
+    described = store.describe(uid, "OLD")
+    assert described is not None and described.version == 2 and described.created_at == old.created_at
+    assert states == ["OLD"]
+    store.close()
+
+
 def test_the_service_renews_its_token(bao: OpenBao) -> None:
     store = VaultSecretStore(vault_settings(bao))
     token = bao.files.service_token.read_text().strip()
