@@ -34,7 +34,7 @@ from services.executor.sandbox import (
     SandboxError,
 )
 from services.executor.sandbox.languages import canonical_name
-from services.executor.secrets_client import SecretsClient
+from services.executor.secrets_client import KeptSecrets, SecretsClient
 from services.platform.audit import (
     CANCELLED,
     FAILURE,
@@ -45,7 +45,7 @@ from services.platform.audit import (
 )
 from services.platform.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.platform.sandbox_environment import is_reserved
-from services.platform.user_markers import UserMarkers
+from services.platform.user_markers import UNMARKED, UserMarkers
 
 MAX_ENV_VARIABLES = 64
 MAX_ENV_VALUE_BYTES = 32 * 1024
@@ -111,6 +111,7 @@ class Executions:
         self._packages = packages
         self._secrets = secrets
         self._secret_markers = secret_markers
+        self._kept_secrets = KeptSecrets()
         self._audit = audit
         self._policy = policy
 
@@ -168,14 +169,7 @@ class Executions:
         # The secrets service judges the names (and says which one is wrong). All of a user's
         # secrets, when its markers say the user has none, are none: no call.
         names = None if request.secret_names is None else list(request.secret_names)
-        if (
-            names is None
-            and self._secret_markers is not None
-            and not self._secret_markers.may_have(request.user_id)
-        ):
-            secrets: dict[str, str] = {}
-        else:
-            secrets = await self._secrets.resolve(names)
+        secrets = await self._secrets_of(request.user_id, names)
         # The request's own variables win over secrets of the same name: the caller chose them.
         env = {**secrets, **request.env, **packages.env}
         execution_id = uuid.uuid4().hex
@@ -252,6 +246,24 @@ class Executions:
         if live is not None:
             live.finish(result)
         return ExecutionResult(execution_id=execution_id, result=result)
+
+    async def _secrets_of(self, user_id: str, names: list[str] | None) -> dict[str, str]:
+        """The values of the named secrets (None: all of the user's). All of them, when the user's
+        marker says the user has none, are none: no call; while it holds the stamp they were
+        resolved under, they are the values kept then (see KeptSecrets)."""
+        markers = self._secret_markers
+        stamp = markers.stamp(user_id) if markers is not None and names is None else None
+        if stamp == UNMARKED:
+            return {}
+        if stamp is None:
+            return await self._secrets.resolve(names)
+        kept = self._kept_secrets.get(user_id, stamp)
+        if kept is not None:
+            return kept
+        # Read before the call: a change acknowledged after it writes a new stamp.
+        values = await self._secrets.resolve(None)
+        self._kept_secrets.keep(user_id, stamp, values)
+        return values
 
     async def _record_run(self, execution_id: str, details: dict[str, object]) -> None:
         def record(deadline_seconds: float) -> Coroutine[Any, Any, object]:

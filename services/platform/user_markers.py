@@ -19,6 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 COMPLETE = ".complete"
+# `stamp` of a user without a marker.
+UNMARKED = ""
+
+
+def new_stamp() -> str:
+    """A marker's content that no earlier one had: what a keeper writes at each change."""
+    return secrets.token_hex(8)
 
 
 def marker_name(user_id: str) -> str:
@@ -46,6 +53,19 @@ class UserMarkers:
         if not user_id:
             return True
         return not (self.directory / COMPLETE).exists() or self.path(user_id).exists()
+
+    def stamp(self, user_id: str) -> str | None:
+        """What the user's marker says now, for a reader that keeps what it learnt while it says
+        the same: its content (a keeper that writes a new stamp at each change, as the secrets
+        service does, makes any change visible), UNMARKED when complete markers show the user has
+        none, and None when the markers cannot be trusted yet, there is no user, or the marker
+        carries no stamp (so it cannot tell one state from the next)."""
+        if not user_id or not (self.directory / COMPLETE).exists():
+            return None
+        try:
+            return self.path(user_id).read_text() or None
+        except FileNotFoundError:
+            return UNMARKED
 
     # -- the keeper's side --------------------------------------------------------------------------
 

@@ -11,7 +11,9 @@ old version. Only the user of the request in hand is ever acted for.
 With markers (`UserMarkers`, shared with the executor), a user is marked before their first secret
 is written and unmarked once their last is deleted, so that a run of a user without secrets needs
 no call here, and listing their secrets no call to Vault; the markers are reconciled with Vault at
-start-up (`keep_markers`)."""
+start-up (`keep_markers`). Each mark writes a new stamp: before a value is written, again before a
+change is acknowledged and after an undo, so that the executor, which keeps a user's values while
+their stamp stays the same, never runs code with a value older than the last acknowledged change."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import hvac.exceptions
 from services.platform.audit import CHANGE_KEPT_UNRECORDED, SUCCESS, AuditClient, run_to_completion
 from services.platform.errors import DomainError, InvalidArgument, NotFound, Unavailable
 from services.platform.identity import Identity
-from services.platform.user_markers import UserMarkers
+from services.platform.user_markers import UserMarkers, new_stamp
 from services.secrets.rules import SecretLimits, check_description, check_name, check_value, is_allowed_name
 from services.secrets.vault import CheckAndSetConflict, SecretRecord, VaultSecretStore
 
@@ -101,8 +103,7 @@ class UserSecrets:
                     f"you already have {len(others)} secrets, the most allowed; delete one to add another"
                 )
         previous = state.current_version if state is not None else 0
-        if self._markers is not None:
-            self._markers.mark(uid)  # before the value exists: a run never misses it
+        self._restamp(uid)  # before the value exists: a run never misses it
         written = await asyncio.to_thread(
             functools.partial(
                 self._store.write,
@@ -116,21 +117,24 @@ class UserSecrets:
         )
 
         async def undo() -> None:
-            if previous == 0:
-                await asyncio.to_thread(self._store.purge, uid, name)
-            else:
-                await asyncio.to_thread(
-                    self._store.revert, uid, name, to_version=previous, from_version=written.version
-                )
+            try:
+                if previous == 0:
+                    await asyncio.to_thread(self._store.purge, uid, name)
+                else:
+                    await asyncio.to_thread(
+                        self._store.revert, uid, name, to_version=previous, from_version=written.version
+                    )
+            finally:
+                self._restamp(uid)  # a run meanwhile may have kept the value being undone
 
         await self._record(PUT, name, written.version, undo)
-        if self._markers is not None:
-            # Again: a delete elsewhere may have unmarked the user meanwhile. The change is made
-            # and recorded by now, so a failure here is logged, not answered.
-            try:
-                self._markers.mark(uid)
-            except OSError as error:
-                log.warning("could not mark a user who has secrets", extra={"error": error.strerror})
+        # Again, with a new stamp: a delete elsewhere may have unmarked the user meanwhile, and a
+        # run since the first stamp may have kept the old value. The change is made and recorded
+        # by now, so a failure here is logged, not answered.
+        try:
+            self._restamp(uid)
+        except OSError as error:
+            log.warning("could not mark a user who has secrets", extra={"error": error.strerror})
         if previous:
             # A replaced value is not kept: rotating a leaked secret must get rid of it.
             try:
@@ -156,7 +160,10 @@ class UserSecrets:
             await asyncio.to_thread(self._store.soft_delete, uid, name)
 
             async def undo() -> None:
-                await asyncio.to_thread(self._store.undelete, uid, name, state.current_version)
+                try:
+                    await asyncio.to_thread(self._store.undelete, uid, name, state.current_version)
+                finally:
+                    self._restamp(uid)
 
             await self._record(DELETE, name, state.current_version, undo)
             try:
@@ -174,12 +181,13 @@ class UserSecrets:
         assert self._markers is not None
         try:
             if self._store.names(uid):
+                self._restamp(uid)  # secrets left: a reader that kept them asks again
                 return
             self._markers.unmark(uid)
             if self._store.names(uid):
-                self._markers.mark(uid)
+                self._restamp(uid)
         except (Unavailable, hvac.exceptions.VaultError, OSError):
-            self._markers.mark(uid)
+            self._restamp(uid)
             log.warning("could not tell whether a user has secrets left; kept marked")
 
     async def keep_markers(self, retry_seconds: float = 2.0) -> None:
@@ -195,9 +203,9 @@ class UserSecrets:
                 continue
             # A put since the listing marked its user, whom reconciling may unmark: one more
             # listing restores them before readers trust the markers.
-            self._markers.reconcile(dict.fromkeys(users, ""))
+            self._markers.reconcile({uid: new_stamp() for uid in users})
             for uid in await asyncio.to_thread(self._store.users):
-                self._markers.mark(uid)
+                self._restamp(uid)
             self._markers.complete()
             log.info("secret markers reconciled with vault", extra={"count": len(users)})
             return
@@ -249,6 +257,11 @@ class UserSecrets:
                 )
                 raise Unavailable(CHANGE_KEPT_UNRECORDED) from None
             raise
+
+    def _restamp(self, uid: str) -> None:
+        """Mark the user with a new stamp, so that a reader that kept their values asks again."""
+        if self._markers is not None:
+            self._markers.mark(uid, new_stamp())
 
     async def _all_names(self, uid: str) -> builtins.list[str]:
         """The names of the user's secrets; none, without asking Vault, for a user whom complete

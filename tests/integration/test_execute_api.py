@@ -557,6 +557,26 @@ def test_a_user_without_secrets_costs_no_call_and_each_change_is_seen_by_the_ver
     assert [e["details"]["secrets"] for e in executions_audited(client, user)] == [[], ["ALPHA_KEY"], []]
 
 
+def test_a_users_values_are_kept_between_runs_until_a_change_and_each_change_is_the_next_runs(
+    mesh: Mesh, client: httpx.Client, user: dict
+) -> None:
+    first, second = unique("first"), unique("second")
+    put_secret(client, user, "ALPHA_KEY", first)
+    calls = _resolve_calls(mesh)
+    for _ in range(3):
+        assert ran(execute(client, user, code=PRINT_SECRETS))["output"] == f"{first} None\n"
+    assert _resolve_calls(mesh) == calls + 1  # asked once, then kept under the same stamp
+    put_secret(client, user, "ALPHA_KEY", second)
+    assert ran(execute(client, user, code=PRINT_SECRETS))["output"] == f"{second} None\n"
+    put_secret(client, user, "BETA_KEY", first)
+    assert ran(execute(client, user, code=PRINT_SECRETS))["output"] == f"{second} {first}\n"
+    deleted = client.delete("/api/v1/secrets/ALPHA_KEY", headers={"x-api-key": user["apiKey"]})
+    assert deleted.status_code == 200  # BETA_KEY is left: the user stays marked, with a new stamp
+    assert ran(execute(client, user, code=PRINT_SECRETS))["output"] == f"None {first}\n"
+    assert ran(execute(client, user, code=PRINT_SECRETS))["output"] == f"None {first}\n"
+    assert _resolve_calls(mesh) == calls + 4
+
+
 def test_while_the_markers_are_not_complete_every_run_asks(
     mesh: Mesh, client: httpx.Client, user: dict
 ) -> None:

@@ -227,6 +227,7 @@ async def secrets_service(
     *,
     max_value_bytes: int = 64 * 1024,
     max_secrets_per_user: int = 100,
+    user_markers_dir: Path | None = None,
 ) -> AsyncIterator[Service]:
     """The secrets service as `python -m services.secrets` builds it, on port 0."""
     async with audit_double() as (double, audit_address):
@@ -236,6 +237,7 @@ async def secrets_service(
             audit_address=audit_address,
             max_value_bytes=max_value_bytes,
             max_secrets_per_user=max_secrets_per_user,
+            user_markers_dir=user_markers_dir,
         )
         parts = await build(server_settings, settings)
         server, _health, port = await start_server(server_settings, parts)

@@ -4,6 +4,7 @@ sealed or unreachable, and the runner's setup of OpenBao (keys 0600, a policy-li
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import stat
@@ -26,6 +27,7 @@ from services.platform.bootstrap import start_server
 from services.platform.identity import Identity
 from services.platform.service_graph import HTTP_STATUS_HEADER
 from services.platform.settings import Environment, SettingsError, ephemeral_server_settings
+from services.platform.user_markers import COMPLETE, UNMARKED, UserMarkers
 from services.runner import openbao
 from services.secrets.settings import SecretsSettings
 from services.secrets.vault import UNAVAILABLE_MESSAGE, VaultSecretStore, parse_time
@@ -384,6 +386,48 @@ def test_nothing_changes_when_the_audit_log_cannot_record_it(bao: OpenBao, keys:
         assert [action for action, _, _ in svc.audit.of(user)] == ["secrets.put", "secrets.put"]
 
     with_service(bao, keys, test)
+
+
+def test_every_change_and_every_undo_writes_the_user_a_new_stamp(
+    bao: OpenBao, keys: Keys, tmp_path: Path
+) -> None:
+    """The executor keeps a user's values while their marker's stamp stays the same: a put, a delete
+    that leaves secrets, and an undo after a refused audit record each leave a new stamp."""
+    markers = UserMarkers(tmp_path / "markers")
+
+    async def test(svc: Service) -> None:
+        user = new_user()
+        for _ in range(200):
+            if (markers.directory / COMPLETE).exists():
+                break
+            await asyncio.sleep(0.02)
+        assert markers.stamp(user.user_id) == UNMARKED
+        seen: list[str | None] = []
+
+        def changed() -> bool:
+            stamp = markers.stamp(user.user_id)
+            fresh = stamp not in seen
+            seen.append(stamp)
+            return fresh and stamp not in (None, UNMARKED)
+
+        await put(svc, user, "ONE")
+        assert changed()
+        await put(svc, user, "ONE", value="rotated")
+        assert changed()
+        await put(svc, user, "TWO")
+        assert changed()
+        svc.audit.failing = True
+        await refused(put(svc, user, "ONE", value="unrecorded"))
+        assert changed()  # a run during the refused put may have kept "unrecorded"
+        await refused(delete(svc, user, "TWO"))
+        assert changed()
+        svc.audit.failing = False
+        await delete(svc, user, "TWO")
+        assert changed()  # ONE is left
+        await delete(svc, user, "ONE")
+        assert markers.stamp(user.user_id) == UNMARKED
+
+    with_service(bao, keys, test, user_markers_dir=markers.directory)
 
 
 # -- Vault unavailable -----------------------------------------------------------------------------

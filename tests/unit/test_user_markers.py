@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from services.executor.secrets_client import KeptSecrets
 from services.platform.errors import Unavailable
 from services.platform.identity import Identity
-from services.platform.user_markers import COMPLETE, UserMarkers
+from services.platform.user_markers import COMPLETE, UNMARKED, UserMarkers, new_stamp
 from services.secrets.user_secrets import UserSecrets
 
 
@@ -125,3 +126,35 @@ def test_listing_an_unmarked_users_secrets_asks_vault_only_while_markers_are_inc
     assert asyncio.run(keeper.list(bob)) == [] and asyncio.run(keeper.resolve(bob, [], everything=True)) == {}
     assert asked == ["bob"]  # bob has no marker: no call
     assert asyncio.run(keeper.list(alice)) == [] and asked == ["bob", "alice"]  # marked: asked
+
+
+def test_a_stamp_is_the_markers_content_only_while_markers_are_complete(tmp_path: Path) -> None:
+    markers = UserMarkers(tmp_path / "markers").create()
+    markers.mark("alice", "s1")
+    markers.mark("old", "")  # a marker without a stamp cannot tell one state from the next
+    assert [markers.stamp(user) for user in ("alice", "bob", "")] == [None, None, None]  # not complete
+    markers.complete()
+    assert [markers.stamp(user) for user in ("alice", "bob", "old", "")] == ["s1", UNMARKED, None, None]
+    markers.mark("alice", new_stamp())
+    assert markers.stamp("alice") not in ("s1", UNMARKED, None)
+
+
+def test_kept_secrets_are_given_back_only_under_the_same_stamp_and_within_their_time() -> None:
+    now = [0.0]
+    kept = KeptSecrets(seconds=30, users=2, clock=lambda: now[0])
+    kept.keep("alice", "s1", {"KEY": "v1"})
+    assert kept.get("alice", "s1") == {"KEY": "v1"}
+    given = kept.get("alice", "s1")
+    assert given is not None
+    given["KEY"] = "changed by a caller"
+    assert kept.get("alice", "s1") == {"KEY": "v1"}  # a copy each time
+    assert kept.get("alice", "s2") is None  # a new stamp: asked again, and forgotten
+    assert kept.get("alice", "s1") is None
+    kept.keep("alice", "s2", {"KEY": "v2"})
+    now[0] = 29.9
+    assert kept.get("alice", "s2") == {"KEY": "v2"}
+    now[0] = 30.0
+    assert kept.get("alice", "s2") is None  # too old, whatever the stamp says
+    for user in ("a", "b", "c"):
+        kept.keep(user, "s", {})
+    assert kept.get("a", "s") is None and kept.get("b", "s") == {} and kept.get("c", "s") == {}
