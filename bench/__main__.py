@@ -5,7 +5,9 @@ Measures, in one run on this machine, the baseline — a bare interpreter start-
 whole mesh (Envoy, the edge check, the executor, the user's secrets, the warm sandbox, the audit
 record), sequentially (p50, p95, p99) and under concurrency 8 (runs/second, p99), and prints the
 ratios against the baseline measured in the same run. Also the p50 of `GET /api/v1/secrets` through
-the edge (a user without secrets, as the runs' user, and one with three), and the memory the idle mesh holds (RSS and PSS of every process, see bench/memory.py)."""
+the edge (a user without secrets, as the runs' user, and one with three, also right after a change
+of theirs), and the memory the idle mesh holds (RSS and PSS of every process, see
+bench/memory.py)."""
 
 from __future__ import annotations
 
@@ -40,10 +42,12 @@ def one_run(client: httpx.Client, headers: dict[str, str], pause: float = 0.0) -
     return elapsed
 
 
-def list_secrets(client: httpx.Client, headers: dict[str, str], expected: int = 0) -> list[float]:
-    """200 timed GET /api/v1/secrets, each checked to list `expected` secrets."""
+def list_secrets(
+    client: httpx.Client, headers: dict[str, str], expected: int = 0, count: int = 200
+) -> list[float]:
+    """`count` timed GET /api/v1/secrets, each checked to list `expected` secrets."""
     times = []
-    for _ in range(200):
+    for _ in range(count):
         started = time.perf_counter()
         listed = client.get("/api/v1/secrets", headers=headers)
         times.append((time.perf_counter() - started) * 1000)
@@ -114,6 +118,11 @@ def main() -> int:
             for index in range(HOLDER_SECRETS):
                 client.put(f"/api/v1/secrets/BENCH_{index}", json={"value": "x"}, headers=holder_headers)
             held_secrets = list_secrets(client, holder_headers, expected=HOLDER_SECRETS)
+            # Right after a change, which makes the secrets service read the list from Vault again.
+            fresh_lists = []
+            for _ in range(50):
+                client.put("/api/v1/secrets/BENCH_0", json={"value": "y"}, headers=holder_headers)
+                fresh_lists += list_secrets(client, holder_headers, expected=HOLDER_SECRETS, count=1)
             sequential = [one_run(client, headers, args.pause) for _ in range(args.runs)]
 
             clients = [httpx.Client(base_url=mesh.url, timeout=60) for _ in range(args.concurrency)]
@@ -147,7 +156,8 @@ def main() -> int:
     print(f"            {throughput:.1f} runs/s   p99 {percentile(concurrent, 0.99):.1f} ms")
     print(
         f"edge      GET /api/v1/secrets (n={len(secrets)}): p50 {statistics.median(secrets):.1f} ms; "
-        f"a user with {HOLDER_SECRETS} secrets: p50 {statistics.median(held_secrets):.1f} ms"
+        f"a user with {HOLDER_SECRETS} secrets: p50 {statistics.median(held_secrets):.1f} ms, "
+        f"right after a change of theirs {statistics.median(fresh_lists):.1f} ms"
     )
     rss = sum(part[0] for part in idle.values()) / memory.KIB**2
     pss = sum(part[1] for part in idle.values()) / memory.KIB**2

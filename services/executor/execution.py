@@ -34,7 +34,7 @@ from services.executor.sandbox import (
     SandboxError,
 )
 from services.executor.sandbox.languages import canonical_name
-from services.executor.secrets_client import KeptSecrets, SecretsClient
+from services.executor.secrets_client import SecretsClient
 from services.platform.audit import (
     CANCELLED,
     FAILURE,
@@ -45,7 +45,7 @@ from services.platform.audit import (
 )
 from services.platform.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.platform.sandbox_environment import is_reserved
-from services.platform.user_markers import UNMARKED, UserMarkers
+from services.platform.user_markers import UNMARKED, KeptUnderStamp, UserMarkers
 
 MAX_ENV_VARIABLES = 64
 MAX_ENV_VALUE_BYTES = 32 * 1024
@@ -111,7 +111,8 @@ class Executions:
         self._packages = packages
         self._secrets = secrets
         self._secret_markers = secret_markers
-        self._kept_secrets = KeptSecrets()
+        # The values of each user's secrets, while their marker's stamp stays the same.
+        self._kept_secrets: KeptUnderStamp[dict[str, str]] = KeptUnderStamp()
         self._audit = audit
         self._policy = policy
 
@@ -250,7 +251,7 @@ class Executions:
     async def _secrets_of(self, user_id: str, names: list[str] | None) -> dict[str, str]:
         """The values of the named secrets (None: all of the user's). All of them, when the user's
         marker says the user has none, are none: no call; while it holds the stamp they were
-        resolved under, they are the values kept then (see KeptSecrets)."""
+        resolved under, they are the values kept then (see KeptUnderStamp)."""
         markers = self._secret_markers
         stamp = markers.stamp(user_id) if markers is not None and names is None else None
         if stamp == UNMARKED:
@@ -259,7 +260,7 @@ class Executions:
             return await self._secrets.resolve(names)
         kept = self._kept_secrets.get(user_id, stamp)
         if kept is not None:
-            return kept
+            return dict(kept)
         # Read before the call: a change acknowledged after it writes a new stamp.
         values = await self._secrets.resolve(None)
         self._kept_secrets.keep(user_id, stamp, values)

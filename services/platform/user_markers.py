@@ -15,10 +15,17 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Generic, TypeVar
 
 COMPLETE = ".complete"
+# How long, and for how many users at most, a reader keeps what it learnt under a stamp.
+KEEP_SECONDS = 30.0
+KEEP_USERS = 1000
+T = TypeVar("T")
 # `stamp` of a user without a marker.
 UNMARKED = ""
 
@@ -96,3 +103,39 @@ class UserMarkers:
     def complete(self) -> None:
         """From now on, readers trust an absent marker."""
         (self.directory / COMPLETE).touch(mode=self.mode, exist_ok=True)
+
+
+class KeptUnderStamp(Generic[T]):
+    """What a reader learnt of each user (e.g. the values of their secrets), kept while the user's
+    marker holds the stamp it was learnt under (a keeper that stamps writes a new one before it
+    acknowledges any change) and for at most KEEP_SECONDS (a change made by other means than the
+    keeper shows within that); the KEEP_USERS users asked about last. Callers must not change what
+    they are given: it is the kept object itself."""
+
+    def __init__(
+        self,
+        seconds: float = KEEP_SECONDS,
+        users: int = KEEP_USERS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._seconds = seconds
+        self._users = users
+        self._clock = clock
+        self._kept: OrderedDict[str, tuple[str, float, T]] = OrderedDict()
+
+    def get(self, user_id: str, stamp: str) -> T | None:
+        kept = self._kept.get(user_id)
+        if kept is None:
+            return None
+        kept_stamp, until, value = kept
+        if kept_stamp != stamp or self._clock() >= until:
+            del self._kept[user_id]
+            return None
+        self._kept.move_to_end(user_id)
+        return value
+
+    def keep(self, user_id: str, stamp: str, value: T) -> None:
+        self._kept[user_id] = (stamp, self._clock() + self._seconds, value)
+        self._kept.move_to_end(user_id)
+        while len(self._kept) > self._users:
+            self._kept.popitem(last=False)

@@ -30,7 +30,7 @@ import hvac.exceptions
 from services.platform.audit import CHANGE_KEPT_UNRECORDED, SUCCESS, AuditClient, run_to_completion
 from services.platform.errors import DomainError, InvalidArgument, NotFound, Unavailable
 from services.platform.identity import Identity
-from services.platform.user_markers import UserMarkers, new_stamp
+from services.platform.user_markers import KeptUnderStamp, UserMarkers, new_stamp
 from services.secrets.rules import SecretLimits, check_description, check_name, check_value, is_allowed_name
 from services.secrets.vault import CheckAndSetConflict, SecretRecord, VaultSecretStore
 
@@ -68,6 +68,8 @@ class UserSecrets:
         self._markers = markers
         # One change at a time per user in this process, so the per-user cap holds under concurrency.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Each user's listed secrets (metadata, never a value), while their stamp stays the same.
+        self._kept_lists: KeptUnderStamp[tuple[SecretRecord, ...]] = KeptUnderStamp()
 
     async def put(self, user: Identity, name: str, value: str, description: str) -> SecretRecord:
         """Create the secret or store a new version of it; returns its metadata."""
@@ -211,11 +213,19 @@ class UserSecrets:
             return
 
     async def list(self, user: Identity) -> list[SecretRecord]:
-        """Metadata of every secret of the user, sorted by name."""
+        """Metadata of every secret of the user, sorted by name; kept, like the executor keeps
+        values, while the user's marker holds the stamp it was read under."""
         uid = user.user_id
+        stamp = self._markers.stamp(uid) if self._markers is not None else None
+        kept = self._kept_lists.get(uid, stamp) if stamp else None
+        if kept is not None:
+            return list(kept)
         names = await self._all_names(uid)
         records = await _each(names, lambda name: self._store.describe(uid, name))
-        return sorted((record for record in records if record is not None), key=lambda record: record.name)
+        listed = sorted((record for record in records if record is not None), key=lambda record: record.name)
+        if stamp:
+            self._kept_lists.keep(uid, stamp, tuple(listed))
+        return listed
 
     async def resolve(self, user: Identity, names: Iterable[str], everything: bool) -> dict[str, str]:
         """Values of the user's named secrets (or all of them); NotFound names the first missing one."""

