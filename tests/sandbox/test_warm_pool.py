@@ -161,41 +161,6 @@ async def test_a_take_that_empties_the_pool_refills_at_once(processes: Processes
 
 
 @in_a_loop
-async def test_a_refill_starts_parallel_starts_sandboxes_at_once_and_never_more_than_missing(
-    processes: Processes,
-) -> None:
-    """Sequential runs through the mesh took sandboxes faster than one start at a time made them (a
-    quarter of the takes found the pool empty); two at once keep up, and no refill overshoots."""
-    gate = asyncio.Event()
-    running = [0]
-    most = [0]
-
-    async def start(key: str) -> Sleeper:
-        running[0] += 1
-        most[0] = max(most[0], running[0])
-        try:
-            await gate.wait()
-            return await processes.start(key)
-        finally:
-            running[0] -= 1
-
-    pool = WarmPool(5, start, processes.dispose, lambda s: s.exited, parallel_starts=2)
-    pool.keep_warm(["python"])
-    await asyncio.sleep(0.05)
-    assert running[0] == 2  # two of the five at once, the others after them
-    gate.set()
-    await pool.fill(5)
-    assert most[0] == 2 and pool.ready("python") == 5 and len(processes.started) == 5
-    assert processes.disposed == []  # none started beyond the pool's size
-    pool.take("python")
-    pool.replenish()
-    await asyncio.sleep(0.05)
-    await pool.fill(5)
-    assert len(processes.started) == 6 and processes.disposed == []  # one missing: one started
-    await pool.close()
-
-
-@in_a_loop
 async def test_a_burst_deepens_a_key_and_idleness_takes_it_back(processes: Processes) -> None:
     now = [0.0]
     pool = make_pool(processes, size=2, burst_seconds=30, clock=lambda: now[0])

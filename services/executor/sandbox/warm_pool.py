@@ -6,9 +6,7 @@ The pool knows nothing of what a sandbox is: the backend gives it how to start o
 of one (kill it and, in the background, release what it holds) and the future that completes when
 one dies. A run takes a sandbox with `take`; the pool is refilled by `replenish`, which the
 backend calls once the run's answer is on its way, so that starting replacements does not compete
-with the run itself, or at once when a take found the key's pool empty; it starts up to
-PARALLEL_STARTS sandboxes of a key at once (one at a time, sequential runs through the mesh took
-them faster than they came: a quarter found the pool empty). A pooled sandbox that dies
+with the run itself, or at once when a take found the key's pool empty. A pooled sandbox that dies
 while it waits is dropped and replaced. `close` disposes of every pooled sandbox and of any that
 finishes starting afterwards.
 
@@ -34,8 +32,6 @@ log = logging.getLogger("pythonon.executor.sandbox.warm_pool")
 
 # How many times its size a burst makes a key's pool.
 BURST_DEPTH = 4
-# Sandboxes a key's refill starts at once.
-PARALLEL_STARTS = 2
 K = TypeVar("K", bound=Hashable)
 S = TypeVar("S")
 
@@ -50,7 +46,6 @@ class WarmPool(Generic[K, S]):
         retry_delay: float = 0.5,
         max_retry_delay: float = 30.0,
         burst_seconds: float = 30.0,
-        parallel_starts: int = PARALLEL_STARTS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`size` sandboxes per key (0: no pool, `take` always answers None). `start` raises
@@ -65,10 +60,7 @@ class WarmPool(Generic[K, S]):
         self._max_retry_delay = max_retry_delay
         self._ready: dict[K, deque[S]] = {}
         self._sizes: dict[K, int] = {}  # keys kept at another size than `size`
-        # Each key's refill tasks; each starts one sandbox at a time.
-        self._refills: dict[K, list[asyncio.Task[None]]] = {}
-        self._starting: dict[K, int] = {}  # sandboxes on their way, per key
-        self._parallel_starts = parallel_starts
+        self._refills: dict[K, asyncio.Task[None]] = {}
         self._recent: dict[K, None] = {}  # keep_recently_used's keys, least recently used first
         # Keys in a burst: when a take last found each empty.
         self._dry_at: dict[K, float] = {}
@@ -108,7 +100,8 @@ class WarmPool(Generic[K, S]):
 
     def forget(self, key: K) -> None:
         """Stop keeping `key` warm and dispose of its sandboxes."""
-        for task in self._refills.pop(key, []):
+        task = self._refills.pop(key, None)
+        if task is not None:
             task.cancel()
         self._sizes.pop(key, None)
         self._dry_at.pop(key, None)
@@ -170,8 +163,7 @@ class WarmPool(Generic[K, S]):
         while not self._closed:
             pending = [
                 task
-                for key, tasks in self._refills.items()
-                for task in tasks
+                for key, task in self._refills.items()
                 if not task.done() and len(self._ready.get(key, ())) < min(count, self.size_of(key))
             ]
             if not pending:
@@ -180,7 +172,7 @@ class WarmPool(Generic[K, S]):
 
     async def close(self) -> None:
         self._closed = True
-        refills = [task for tasks in self._refills.values() for task in tasks]
+        refills = list(self._refills.values())
         for task in refills:
             task.cancel()
         await asyncio.gather(*refills, return_exceptions=True)
@@ -192,21 +184,15 @@ class WarmPool(Generic[K, S]):
     def _refill(self, key: K) -> None:
         if self._closed or self.size_of(key) <= 0 or key not in self._ready:
             return
-        tasks = [task for task in self._refills.get(key, []) if not task.done()]
-        wanted = min(self._parallel_starts, self._missing(key))
-        loop = asyncio.get_running_loop()
-        tasks += [loop.create_task(self._refill_loop(key)) for _ in range(wanted - len(tasks))]
-        self._refills[key] = tasks
-
-    def _missing(self, key: K) -> int:
-        """How many sandboxes `key` lacks, counting those on their way."""
-        return self.size_of(key) - len(self._ready[key]) - self._starting.get(key, 0)
+        task = self._refills.get(key)
+        if task is None or task.done():
+            self._refills[key] = asyncio.get_running_loop().create_task(self._refill_loop(key))
 
     async def _refill_loop(self, key: K) -> None:
         delay = self._retry_delay
-        while not self._closed and key in self._ready and self._missing(key) > 0:
+        while not self._closed and key in self._ready and len(self._ready[key]) < self.size_of(key):
             try:
-                sandbox = await self._start_counted(key)
+                sandbox = await self._start(key)
             except SandboxError as error:
                 log.warning("cannot refill the warm pool (%s): %s", key, error)
                 await asyncio.sleep(delay)
@@ -214,13 +200,6 @@ class WarmPool(Generic[K, S]):
                 continue
             delay = self._retry_delay
             self.add(key, sandbox)
-
-    async def _start_counted(self, key: K) -> S:
-        self._starting[key] = self._starting.get(key, 0) + 1
-        try:
-            return await self._start(key)
-        finally:
-            self._starting[key] -= 1
 
     def _drop_dead(self, key: K, sandbox: S) -> None:
         """A pooled sandbox that died while waiting (killed from outside) leaves the pool."""
