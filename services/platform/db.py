@@ -123,7 +123,7 @@ class Schema:
         """Each migration's revision and the one it follows, read from its file's module-level
         `revision` and `down_revision` as Alembic reads them, without importing Alembic: a service
         only checks its schema at start-up, and Alembic's modules would hold ~10 MiB of every
-        database service's memory for that (tests/unit/test_db.py compares with Alembic's view)."""
+        database service's memory for that (tests/runner/test_migrate.py compares with Alembic's view)."""
         revisions: dict[str, str | None] = {}
         for path in sorted((self.migrations / "versions").glob("*.py")):
             values = {

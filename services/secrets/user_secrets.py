@@ -47,8 +47,8 @@ def _resource(name: str) -> str:
 
 
 async def _each(names: Iterable[str], read: Callable[[str], T]) -> builtins.list[T]:
-    """`read(name)` (one blocking Vault call or two) for every name at once, each in a worker thread:
-    a run of a user with five secrets waited for six calls in a row (GET /api/v1/secrets, eleven)."""
+    """`read(name)` (a blocking Vault call) for every name at once, each in a worker thread: a run
+    of a user with five secrets waited for six calls in a row."""
     return await asyncio.gather(*(asyncio.to_thread(read, name) for name in names))
 
 
@@ -269,9 +269,20 @@ class UserSecrets:
             raise
 
     def _restamp(self, uid: str) -> None:
-        """Mark the user with a new stamp, so that a reader that kept their values asks again."""
-        if self._markers is not None:
+        """Mark the user with a new stamp, so that a reader that kept their values asks again. If
+        the marker cannot be written, readers are told to trust no marker (they ask every time
+        until the next start reconciles them): a missing mark or an unchanged stamp could
+        otherwise hide a change. OSError only when even that fails."""
+        if self._markers is None:
+            return
+        try:
             self._markers.mark(uid, new_stamp())
+        except OSError as error:
+            log.error(
+                "could not stamp a user's secrets marker; markers are not trusted until a restart",
+                extra={"error": error.strerror},
+            )
+            self._markers.incomplete()
 
     async def _all_names(self, uid: str) -> builtins.list[str]:
         """The names of the user's secrets; none, without asking Vault, for a user whom complete

@@ -153,3 +153,22 @@ def test_what_is_kept_is_given_back_only_under_the_same_stamp_and_within_its_tim
     for user in ("a", "b", "c"):
         kept.keep(user, "s", {})
     assert kept.get("a", "s") is None and kept.get("b", "s") == {} and kept.get("c", "s") == {}
+
+
+def test_a_stamp_that_cannot_be_written_makes_readers_trust_no_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unchanged stamp could hide a change from a reader that kept values under it: when the
+    new one cannot be written, the markers are marked incomplete and every reader asks."""
+    markers = UserMarkers(tmp_path / "markers").create()
+    markers.mark("alice", "s1")
+    markers.complete()
+    keeper = _keeper(_Vault({}), markers)
+
+    def full_disk(user_id: str, content: str = "") -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(markers, "mark", full_disk)
+    keeper._restamp("alice")
+    assert markers.stamp("alice") is None and markers.stamp("bob") is None
+    assert markers.may_have("bob")
