@@ -112,7 +112,9 @@ class Executions:
         self._secrets = secrets
         self._secret_markers = secret_markers
         # The values of each user's secrets, while their marker's stamp stays the same.
-        self._kept_secrets: KeptUnderStamp[dict[str, str]] = KeptUnderStamp()
+        self._kept_secrets: KeptUnderStamp[dict[str, str]] = KeptUnderStamp(
+            lambda values: sum(len(name) + len(value.encode()) for name, value in values.items())
+        )
         self._audit = audit
         self._policy = policy
 

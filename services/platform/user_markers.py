@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 COMPLETE = ".complete"
-# How long, and for how many users at most, a reader keeps what it learnt under a stamp.
+# How long, for how many users and in how many bytes at most, a reader keeps what it learnt under a
+# stamp (a user may hold 100 secrets of 64 KiB: the bytes bound the memory whatever users hold).
 KEEP_SECONDS = 30.0
 KEEP_USERS = 1000
+KEEP_BYTES = 32 * 1024 * 1024
 T = TypeVar("T")
 # `stamp` of a user without a marker.
 UNMARKED = ""
@@ -109,33 +111,48 @@ class KeptUnderStamp(Generic[T]):
     """What a reader learnt of each user (e.g. the values of their secrets), kept while the user's
     marker holds the stamp it was learnt under (a keeper that stamps writes a new one before it
     acknowledges any change) and for at most KEEP_SECONDS (a change made by other means than the
-    keeper shows within that); the KEEP_USERS users asked about last. Callers must not change what
-    they are given: it is the kept object itself."""
+    keeper shows within that); for the users asked about last, at most KEEP_USERS of them and
+    KEEP_BYTES in all, as `size` counts them. Callers must not change what they are given: it is
+    the kept object itself."""
 
     def __init__(
         self,
+        size: Callable[[T], int],
         seconds: float = KEEP_SECONDS,
         users: int = KEEP_USERS,
+        most_bytes: int = KEEP_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._size = size
         self._seconds = seconds
         self._users = users
+        self._most_bytes = most_bytes
         self._clock = clock
-        self._kept: OrderedDict[str, tuple[str, float, T]] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[str, float, T, int]] = OrderedDict()
+        self._bytes = 0
 
     def get(self, user_id: str, stamp: str) -> T | None:
         kept = self._kept.get(user_id)
         if kept is None:
             return None
-        kept_stamp, until, value = kept
+        kept_stamp, until, value, _ = kept
         if kept_stamp != stamp or self._clock() >= until:
-            del self._kept[user_id]
+            self._drop(user_id)
             return None
         self._kept.move_to_end(user_id)
         return value
 
     def keep(self, user_id: str, stamp: str, value: T) -> None:
-        self._kept[user_id] = (stamp, self._clock() + self._seconds, value)
-        self._kept.move_to_end(user_id)
-        while len(self._kept) > self._users:
-            self._kept.popitem(last=False)
+        self._drop(user_id)
+        size = self._size(value)
+        if size > self._most_bytes:
+            return
+        self._kept[user_id] = (stamp, self._clock() + self._seconds, value, size)
+        self._bytes += size
+        while len(self._kept) > self._users or self._bytes > self._most_bytes:
+            self._drop(next(iter(self._kept)))
+
+    def _drop(self, user_id: str) -> None:
+        kept = self._kept.pop(user_id, None)
+        if kept is not None:
+            self._bytes -= kept[3]

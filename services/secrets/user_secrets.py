@@ -39,6 +39,8 @@ log = logging.getLogger("pythonon.secrets")
 PUT, DELETE = "secrets.put", "secrets.delete"
 _WRITE_ATTEMPTS = 3
 T = TypeVar("T")
+# About what a kept record holds besides its description (name, version, two times).
+RECORD_BYTES = 256
 CONFLICT_MESSAGE = "the secret was being changed by another request at the same time; retry"
 
 
@@ -69,7 +71,9 @@ class UserSecrets:
         # One change at a time per user in this process, so the per-user cap holds under concurrency.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         # Each user's listed secrets (metadata, never a value), while their stamp stays the same.
-        self._kept_lists: KeptUnderStamp[tuple[SecretRecord, ...]] = KeptUnderStamp()
+        self._kept_lists: KeptUnderStamp[tuple[SecretRecord, ...]] = KeptUnderStamp(
+            lambda records: sum(RECORD_BYTES + len(record.description.encode()) for record in records)
+        )
 
     async def put(self, user: Identity, name: str, value: str, description: str) -> SecretRecord:
         """Create the secret or store a new version of it; returns its metadata."""

@@ -140,7 +140,7 @@ def test_a_stamp_is_the_markers_content_only_while_markers_are_complete(tmp_path
 
 def test_what_is_kept_is_given_back_only_under_the_same_stamp_and_within_its_time() -> None:
     now = [0.0]
-    kept: KeptUnderStamp[dict[str, str]] = KeptUnderStamp(seconds=30, users=2, clock=lambda: now[0])
+    kept: KeptUnderStamp[dict[str, str]] = KeptUnderStamp(len, seconds=30, users=2, clock=lambda: now[0])
     kept.keep("alice", "s1", {"KEY": "v1"})
     assert kept.get("alice", "s1") == {"KEY": "v1"}
     assert kept.get("alice", "s2") is None  # a new stamp: asked again, and forgotten
@@ -172,3 +172,16 @@ def test_a_stamp_that_cannot_be_written_makes_readers_trust_no_marker(
     keeper._restamp("alice")
     assert markers.stamp("alice") is None and markers.stamp("bob") is None
     assert markers.may_have("bob")
+
+
+def test_what_is_kept_is_bounded_in_bytes_the_least_recent_going_first() -> None:
+    kept: KeptUnderStamp[str] = KeptUnderStamp(len, most_bytes=10)
+    kept.keep("alice", "s", "aaaa")
+    kept.keep("bob", "s", "bbbb")
+    assert kept.get("alice", "s") == "aaaa"  # now the most recent
+    kept.keep("carol", "s", "cccc")  # 12 bytes: bob, the least recent, goes
+    assert [kept.get(user, "s") for user in ("alice", "bob", "carol")] == ["aaaa", None, "cccc"]
+    kept.keep("dave", "s", "d" * 11)  # larger than the bound: not kept, nothing else dropped
+    assert [kept.get(user, "s") for user in ("alice", "carol", "dave")] == ["aaaa", "cccc", None]
+    kept.keep("alice", "s2", "a" * 6)  # replacing counts the new size only: carol (4) + 6 fit
+    assert kept.get("alice", "s2") == "a" * 6 and kept.get("carol", "s") == "cccc"
