@@ -11,6 +11,8 @@ import asyncio
 import contextvars
 import functools
 import hashlib
+import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -72,15 +74,31 @@ def create_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
+            _use_write_ahead_log(cursor)
+            cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
         return engine
     return sa.create_engine(
         url, hide_parameters=True, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_SIZE
     )
+
+
+def _use_write_ahead_log(cursor: Any) -> None:
+    """Put a SQLite database in WAL mode (it stays so in the file). Two processes that open a new
+    file at once can deadlock on the switch, and SQLite then answers "database is locked" at once,
+    without its busy handler; the switch is retried until the busy timeout, as a write would wait."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 @dataclass(frozen=True)
