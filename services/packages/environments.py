@@ -263,10 +263,9 @@ class Installer:
             return
         files = [site / source for sources in missing.values() for source in sources]
         env = {"PATH": os.environ.get("PATH", "")}
-        command = [target.python, "-I", "-S", "-m", "compileall", "-q"]
-        command += ["--invalidation-mode", "unchecked-hash", "-i", "-"]
-        # A module that does not compile (e.g. a test file of another Python) stays without, as
-        # uv's own compilation leaves it; the run then sees the same SyntaxError it would anyway.
+        # A module that does not compile (e.g. a test file of another Python) stays without; the
+        # run then sees the same SyntaxError it would anyway.
+        command = [target.python, "-I", "-S", str(_COMPILE_SOURCES)]
         await asyncio.gather(
             *(
                 _run(command, env, "\n".join(map(str, share)) + "\n", deadline)
@@ -428,6 +427,9 @@ async def _run(
     return out.decode(errors="replace"), err.decode(errors="replace"), process.returncode or 0
 
 
+# The script the sandbox's interpreter compiles an environment's modules with (compileall's
+# output, without its imports and its second read of each file).
+_COMPILE_SOURCES = Path(__file__).with_name("compile_sources.py")
 # Compiling processes at once: one per core (compileall's own -j0 starts a process pool whose
 # import and start-up cost more than it saves for a set like requests'). Below ~256 KiB of source
 # a second interpreter's start-up (~60 ms) is not worth it.

@@ -10,7 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.packages.environments import BuildLimits, EnvironmentStore, Installer, Target, _shares
+from services.packages.environments import (
+    _COMPILE_SOURCES,
+    BuildLimits,
+    EnvironmentStore,
+    Installer,
+    Target,
+    _shares,
+)
 from services.packages.settings import _base_interpreter
 from tests.packages.local_index import standard_index
 
@@ -100,3 +107,39 @@ def test_sources_are_shared_out_to_compile_by_size_and_a_small_set_stays_in_one_
     assert _shares(files, 4) == shares  # 590 kB: two shares of 256 KiB at most
     assert _shares(files[2:], 2) == [files[2:]]  # under 256 KiB: one process
     assert _shares([], 2) == []
+
+
+def test_the_compiler_writes_what_compileall_writes_and_skips_what_does_not_compile(
+    tmp_path: Path,
+) -> None:
+    python = _base_interpreter()
+    sources = {
+        "pkg/__init__.py": "from .mod import VALUE\n",
+        "pkg/mod.py": "VALUE = [n * n for n in range(10)]\n\ndef f(x):\n    return x + 1\n",
+        "pkg/with space.py": "print('a name with a space')\n",
+        "pkg/broken.py": "def nope(:\n",
+    }
+    trees = {}
+    for name in ("ours", "compileall"):
+        root = tmp_path / name
+        for relative, text in sources.items():
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            (root / relative).write_text(text)
+        trees[name] = root
+    listing = "\n".join(sources) + "\n"
+    ours = subprocess.run(
+        [python, "-I", "-S", str(_COMPILE_SOURCES)], input=listing, cwd=trees["ours"], text=True, check=True
+    )
+    assert ours.returncode == 0
+    subprocess.run(
+        [python, "-I", "-S", "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", "-i", "-"],
+        input=listing, cwd=trees["compileall"], text=True, capture_output=True, check=False,
+    )  # fmt: skip
+    compiled = {
+        name: {path.relative_to(root): path.read_bytes() for path in root.rglob("*.pyc")}
+        for name, root in trees.items()
+    }
+    assert len(compiled["ours"]) == 3  # the broken module has none, as compileall leaves it
+    assert compiled["ours"] == compiled["compileall"]
+    header = next(iter(compiled["ours"].values()))
+    assert int.from_bytes(header[4:8], "little") == UNCHECKED_HASH
