@@ -164,9 +164,10 @@ class AuditLog:
         def append(session: Session) -> tuple[ChainedEntry, bool]:
             repository = AuditRepository(session)
             head = repository.lock_head(user_id, utc_now())
-            existing = repository.entry_by_record_id(user_id, record.record_id)
-            if existing is not None:
-                return existing, False
+            if repository.recorded(user_id, record.record_id):
+                existing = repository.entry_by_record_id(user_id, record.record_id)
+                if existing is not None:
+                    return existing, False
             if head.last_sequence >= MAX_SEQUENCE:  # pragma: no cover - two billion entries
                 raise InvalidArgument("this audit log is full")
             # Taken under the lock, so timestamps never decrease along a chain (clock permitting).
