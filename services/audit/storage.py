@@ -56,6 +56,8 @@ class _DriverStatement:
 
 @dataclasses.dataclass(frozen=True)
 class _AppendStatements:
+    """The statements of an append, for one dialect (compiled on first use)."""
+
     create_head: _DriverStatement
     lock_head: _DriverStatement
     recorded: _DriverStatement
@@ -167,8 +169,12 @@ class AuditRepository:
         values = {"user_id": user_id, "record_id": record_id}
         values.update((name, getattr(entry, name)) for name in _ENTRY_FIELDS)
         connection.exec_driver_sql(sql.insert_entry.sql, sql.insert_entry.parameters(values))
-        moved = {"head": user_id, "last_sequence": entry.sequence, "last_hash": entry.hash}
-        moved["updated_at"] = entry.timestamp
+        moved = {
+            "head": user_id,
+            "last_sequence": entry.sequence,
+            "last_hash": entry.hash,
+            "updated_at": entry.timestamp,
+        }
         connection.exec_driver_sql(sql.move_head.sql, sql.move_head.parameters(moved))
 
     def page(
