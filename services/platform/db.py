@@ -96,7 +96,9 @@ def _use_write_ahead_log(cursor: Any) -> None:
                 cursor.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as error:
-            if "locked" not in str(error) or time.monotonic() > deadline:
+            # SQLITE_BUSY and its extended codes: the one refusal worth waiting out.
+            busy = error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
 

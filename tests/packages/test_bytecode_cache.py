@@ -128,9 +128,9 @@ def test_the_compiler_writes_what_compileall_writes_and_skips_what_does_not_comp
         trees[name] = root
     listing = "\n".join(sources) + "\n"
     ours = subprocess.run(
-        [python, "-I", "-S", str(_COMPILE_SOURCES)], input=listing, cwd=trees["ours"], text=True, check=True
+        [python, "-I", "-S", str(_COMPILE_SOURCES)], input=listing, cwd=trees["ours"], text=True, check=False
     )
-    assert ours.returncode == 0
+    assert ours.returncode == 0  # a module that does not compile is no failure of the script
     subprocess.run(
         [python, "-I", "-S", "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", "-i", "-"],
         input=listing, cwd=trees["compileall"], text=True, capture_output=True, check=False,

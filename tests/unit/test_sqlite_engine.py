@@ -38,6 +38,9 @@ def test_processes_opening_a_new_file_at_once_all_write(tmp_path: Path) -> None:
             process.start()
         for process in processes:
             process.join(timeout=30)
+            if process.is_alive():  # stuck: fail below, and leave nothing running
+                process.kill()
+                process.join()
         assert [process.exitcode for process in processes] == [0] * PROCESSES, f"round {round_}"
         engine = create_engine(url)
         with engine.connect() as connection:
