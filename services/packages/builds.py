@@ -120,6 +120,15 @@ class Builds:
                 log.info("removed unused package environments", extra={"count": len(removed)})
                 if not self._making:  # a build in progress may be about to link a cache entry
                     await asyncio.to_thread(self._store.prune_bytecode)
+            builder = self._installer.source_builder
+            if builder is not None and not self._running:
+                # On the event loop, at once after the check: no build may start in between and
+                # take a wheel this removes (a few directories of one wheel each).
+                pruned = builder.prune(self._store.pinned())
+                if pruned:
+                    log.info(
+                        "removed wheels built from source that no environment pins", extra={"count": pruned}
+                    )
             return removed
 
     async def close(self) -> None:

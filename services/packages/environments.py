@@ -377,6 +377,16 @@ class EnvironmentStore:
                 removed += 1
         return removed
 
+    def pinned(self) -> set[tuple[str, str]]:
+        """Every (canonical name, version) that the lock of an environment on disk pins."""
+        pins: set[tuple[str, str]] = set()
+        for lock_file in self.environments.glob(f"*/{LOCK_FILE}"):
+            with contextlib.suppress(OSError):
+                pins.update(
+                    (_canonical(name), version) for name, version in _PINNED.findall(lock_file.read_text())
+                )
+        return pins
+
     def size(self, key: str) -> int:
         return _tree_size(self.environments / key)
 

@@ -15,8 +15,10 @@ source builds on:
    `built/<sha256 of the sdist>/`; the resolver is asked again with that directory as a find-links
    location, so the wheel is locked by its hash and installed like any other.
 
-Built wheels are kept: the same sdist is built once. Compilers are not in the sandbox, so packages
-with C extensions do not build (their reason says what the build printed)."""
+Built wheels are kept while an environment's lock pins them: the same sdist is built once, and the
+collection of unused environments also removes the wheels no remaining lock pins (`prune`).
+Compilers are not in the sandbox, so packages with C extensions do not build (their reason says
+what the build printed)."""
 
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from pathlib import Path
 
 import httpx
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion, Version
 
 from services.executor.sandbox import Limits, RunSpec, SandboxBackend, SandboxError
 
@@ -169,6 +172,27 @@ class SourceBuilder:
             work.rename(directory)
             log.info("built a wheel from source in the sandbox", extra={"package": canonicalize_name(name)})
             return directory
+
+    def prune(self, pinned: set[tuple[str, str]]) -> int:
+        """Remove the built wheels that no (canonical name, version) in `pinned` names (each
+        environment's lock pins what it installed); returns how many directories went. Only while
+        no build runs: a build may hold a wheel it has not locked yet."""
+        wanted = {(canonicalize_name(name), _normalized(version)) for name, version in pinned}
+        removed = 0
+        for directory in self._built.iterdir():
+            if directory.name.startswith(UNFINISHED) or not directory.is_dir():
+                continue
+            wheels = []
+            for wheel in directory.glob("*.whl"):
+                try:
+                    name, version, _build, _tags = parse_wheel_filename(wheel.name)
+                except InvalidWheelFilename:
+                    continue
+                wheels.append((name, version))
+            if not any(wheel in wanted for wheel in wheels):
+                shutil.rmtree(directory, ignore_errors=True)
+                removed += 1
+        return removed
 
     async def _find_sdist(self, name: str, version: str) -> tuple[str, str]:
         page_url = f"{self._index_url}/{canonicalize_name(name)}/"
@@ -328,6 +352,14 @@ def _build_system(sdist: bytes, name: str) -> tuple[list[str], str, list[str]]:
     if not valid:
         raise SourceBuildFailed(f"the [build-system] table of {name} is not valid")
     return requires, backend, backend_path
+
+
+def _normalized(version: str) -> Version | str:
+    """Comparable as versions are (1.0 == 1.0.0), or the text as it is when it is none."""
+    try:
+        return Version(version)
+    except InvalidVersion:
+        return version
 
 
 def _check_wheel(wheel_name: str, name: str, version: str) -> None:

@@ -67,6 +67,7 @@ def index(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[
     local.add_sdist(
         "tiny-from-source", "0.2", buildable_sdist_files("tiny-from-source", "0.2", ["tiny-dep>=1"])
     )
+    local.add_sdist("tiny-collected", "0.3", buildable_sdist_files("tiny-collected", "0.3"))
     with local.serve():
         port = int(local.url.split(":")[2].split("/")[0])
         hostile = HOSTILE.format(
@@ -170,3 +171,36 @@ def test_a_source_build_that_fails_answers_its_reason(http: httpx.Client) -> Non
         "tiny-sdist-only==0.1: its build requirements could not be installed"
     ), package
     assert "setuptools" in package["reason"]
+
+
+def test_a_built_wheel_goes_with_the_last_environment_that_pins_it(
+    http: httpx.Client, data_dir: Path
+) -> None:
+    built = data_dir / "packages" / "built"
+
+    def wheels() -> set[str]:
+        return {wheel.name for directory in built.iterdir() for wheel in directory.glob("*.whl")}
+
+    key, other = _user(http), _user(http)
+    http.put("/api/v1/packages", json={"packages": ["tiny-collected"]}, headers=key)
+    http.put("/api/v1/packages", json={"packages": ["tiny-from-source"]}, headers=other)
+    assert [p["status"] for p in _settled(http, key) + _settled(http, other)] == ["ready", "ready"]
+    assert {"tiny_collected-0.3-py3-none-any.whl", "tiny_from_source-0.2-py3-none-any.whl"} <= wheels()
+    before = len(list(built.iterdir()))
+
+    assert http.put("/api/v1/packages", json={"packages": []}, headers=key).status_code == 200
+    deadline = time.monotonic() + 30
+    while "tiny_collected-0.3-py3-none-any.whl" in wheels():
+        assert time.monotonic() < deadline, "the unpinned wheel was not removed"
+        time.sleep(0.2)
+    # Exactly that one went: the wheel another user's environment pins stays, and still imports.
+    assert len(list(built.iterdir())) == before - 1
+    assert "tiny_from_source-0.2-py3-none-any.whl" in wheels()
+    assert (
+        _output(http, other, "import tiny_from_source\nprint(tiny_from_source.VALUE)")
+        == "built from source\n"
+    )
+    # Asked for again, it is built again from its sdist.
+    http.put("/api/v1/packages", json={"packages": ["tiny-collected"]}, headers=key)
+    assert [p["status"] for p in _settled(http, key)] == ["ready"]
+    assert "tiny_collected-0.3-py3-none-any.whl" in wheels()
