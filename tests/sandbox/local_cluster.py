@@ -73,6 +73,8 @@ class LocalCluster:
         default_factory=lambda: {PACKAGES_CLAIM: os.path.realpath(tempfile.gettempdir())}
     )
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Pods deleted before their process was started (the API answers before the kubelet acts).
+    deleted: set[str] = field(default_factory=set)
     runner_stderr: dict[str, bytes] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -187,10 +189,18 @@ class LocalCluster:
         bwrap += ["--remount-ro", "/", "--chdir", "/tmp", "--"]
         self.running(pod)
         name = pod["metadata"]["name"]
-        process = subprocess.Popen(  # noqa: S603 - the pod's own command, in bwrap
-            bwrap + argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
         with self._lock:
+            # As a kubelet: a pod deleted before its container started never runs (the deletion
+            # may come while this thread was still on its way here).
+            if name in self.deleted:
+                return
+            process = subprocess.Popen(  # noqa: S603 - the pod's own command, in bwrap
+                bwrap + argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             self.processes[name] = process
         _, stderr = process.communicate()
         self.runner_stderr[name] = stderr
@@ -199,6 +209,7 @@ class LocalCluster:
 
     def _stop_pod(self, pod: Object) -> None:
         with self._lock:
+            self.deleted.add(pod["metadata"]["name"])
             process = self.processes.get(pod["metadata"]["name"])
         if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):

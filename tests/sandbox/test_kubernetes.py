@@ -596,6 +596,29 @@ def test_close_leaves_no_job_pod_or_runner(cluster: LocalCluster) -> None:
     wait_for(lambda: not cluster.api.jobs() and not cluster.api.pods() and cluster.live_processes() == [])
 
 
+def test_close_while_a_job_is_being_created_deletes_it_once_created(cluster: LocalCluster) -> None:
+    """The refill's API call is under way (slow, as under load) when the pool closes: the Job is
+    deleted after the call's answer, not before it (a deletion sent first finds nothing)."""
+    creating, created = threading.Event(), threading.Event()
+    with backend(cluster, pool_size=2) as sandbox:
+        wait_for(lambda: len(cluster.live_processes()) == 2)
+        create = sandbox.backend._batch.create_namespaced_job
+
+        def slow_create(namespace: str, job: Any) -> Any:
+            creating.set()
+            time.sleep(0.5)
+            answer = create(namespace, job)
+            created.set()
+            return answer
+
+        sandbox.backend._batch.create_namespaced_job = slow_create
+        assert sandbox.python("print(1)").stdout == "1\n"  # its refill creates a Job, slowly
+        assert creating.wait(10)
+        assert not created.is_set()
+    assert created.is_set()  # close waited for the call it cancelled
+    wait_for(lambda: not cluster.api.jobs() and not cluster.api.pods() and cluster.live_processes() == [])
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

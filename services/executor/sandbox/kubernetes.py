@@ -486,15 +486,21 @@ class KubernetesBackend:
         self._sandboxes[sandbox.id] = sandbox
         self._claims[sandbox.claim_token] = sandbox
         job: Any = self.job(sandbox)  # the client takes a plain mapping as well as a V1Job
+        creating = asyncio.ensure_future(
+            asyncio.to_thread(self._batch.create_namespaced_job, self.options.namespace, job)
+        )
         try:
-            await asyncio.to_thread(self._batch.create_namespaced_job, self.options.namespace, job)
+            await asyncio.shield(creating)
         except ApiException as error:
             self._forget(sandbox)
             raise SandboxError(
                 describe_api_error(error, f"create jobs in {self.options.namespace}")
             ) from None
         except BaseException:
-            self._dispose(sandbox)
+            # Cancelled (e.g. the pool closing) while the API call is under way in its thread: the
+            # Job may yet be created, so its deletion waits for the call's answer (a deletion sent
+            # first finds nothing, and the Job would stay until its deadline).
+            self._dispose(sandbox, after=creating)
             raise
         waiting: list[asyncio.Future[Any]] = [sandbox.claimed, sandbox.exited]
         try:
@@ -578,20 +584,25 @@ class KubernetesBackend:
             overflowed=False,
         )
 
-    def _dispose(self, sandbox: PodSandbox) -> None:
-        """Forget the sandbox and delete its Job (and with it its pod), in the background."""
+    def _dispose(self, sandbox: PodSandbox, after: asyncio.Future[Any] | None = None) -> None:
+        """Forget the sandbox and delete its Job (and with it its pod), in the background; once
+        `after` (the call creating the Job) has its answer, when given."""
         if sandbox.disposed:
             return
         sandbox.disposed = True
         if not sandbox.assignment.done():
             sandbox.assignment.cancel()  # a runner waiting in Claim is retired
         self._claims.pop(sandbox.claim_token, None)
-        task = asyncio.get_running_loop().create_task(self._delete_job(sandbox))
+        task = asyncio.get_running_loop().create_task(self._delete_job(sandbox, after))
         self._deletions.add(task)
         task.add_done_callback(self._deletions.discard)
 
-    async def _delete_job(self, sandbox: PodSandbox) -> None:
+    async def _delete_job(self, sandbox: PodSandbox, after: asyncio.Future[Any] | None = None) -> None:
         try:
+            if after is not None:
+                await asyncio.wait([after])
+                if not after.cancelled():
+                    after.exception()  # seen: a creation that failed left nothing to delete but a 404
             await asyncio.to_thread(
                 self._batch.delete_namespaced_job,
                 sandbox.job_name,
