@@ -127,7 +127,8 @@ class Builds:
                 pruned = builder.prune(self._store.pinned())
                 if pruned:
                     log.info(
-                        "removed wheels built from source that no environment pins", extra={"count": pruned}
+                        "removed wheels built from source that no environment pins, or stale build environments",
+                        extra={"count": pruned},
                     )
             return removed
 

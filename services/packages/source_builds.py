@@ -16,7 +16,8 @@ source builds on:
    location, so the wheel is locked by its hash and installed like any other.
 
 Built wheels are kept while an environment's lock pins them: the same sdist is built once, and the
-collection of unused environments also removes the wheels no remaining lock pins (`prune`).
+collection of unused environments also removes the wheels no remaining lock pins (`prune`), and
+the build environments no build has used for BUILD_ENVIRONMENT_KEEP_SECONDS.
 Compilers are not in the sandbox, so packages with C extensions do not build (their reason says
 what the build printed)."""
 
@@ -30,11 +31,13 @@ import html.parser
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 import tomllib
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -54,6 +57,8 @@ BUILD_ENVIRONMENT_MOUNT = "/opt/pythonon/build-env"
 SDIST_FILE = "sdist.tar.gz"
 # Prefix of what is being made; never a sha256 (the names of what is complete).
 UNFINISHED = "unfinished-"
+# How long a build environment (a list of build requirements, installed) is kept after its last use.
+BUILD_ENVIRONMENT_KEEP_SECONDS = 7 * 24 * 3600
 # PEP 517's fallback for an sdist without [build-system].
 LEGACY_REQUIRES = ("setuptools>=40.8.0",)
 LEGACY_BACKEND = "setuptools.build_meta:__legacy__"
@@ -173,12 +178,19 @@ class SourceBuilder:
             log.info("built a wheel from source in the sandbox", extra={"package": canonicalize_name(name)})
             return directory
 
-    def prune(self, pinned: set[tuple[str, str]]) -> int:
+    def prune(self, pinned: set[tuple[str, str]], now: float | None = None) -> int:
         """Remove the built wheels that no (canonical name, version) in `pinned` names (each
-        environment's lock pins what it installed); returns how many directories went. Only while
-        no build runs: a build may hold a wheel it has not locked yet."""
-        wanted = {(canonicalize_name(name), _normalized(version)) for name, version in pinned}
+        environment's lock pins what it installed), and the build environments unused for
+        BUILD_ENVIRONMENT_KEEP_SECONDS before `now` (default: the time); returns how many
+        directories went. Only while no build runs: a build may hold a wheel it has not locked yet."""
+        stale_before = (time.time() if now is None else now) - BUILD_ENVIRONMENT_KEEP_SECONDS
         removed = 0
+        for directory in self._build_environments.iterdir():
+            if directory.is_dir() and not directory.name.startswith(UNFINISHED):
+                if directory.stat().st_mtime < stale_before:
+                    shutil.rmtree(directory, ignore_errors=True)
+                    removed += 1
+        wanted = {(canonicalize_name(name), _normalized(version)) for name, version in pinned}
         for directory in self._built.iterdir():
             if directory.name.startswith(UNFINISHED) or not directory.is_dir():
                 continue
@@ -252,6 +264,7 @@ class SourceBuilder:
         key = hashlib.sha256(json.dumps(sorted(requires)).encode()).hexdigest()
         directory = self._build_environments / key
         if directory.is_dir():
+            os.utime(directory)  # its last use, which `prune` goes by
             return directory
         work = Path(tempfile.mkdtemp(prefix=UNFINISHED, dir=self._build_environments))
         try:

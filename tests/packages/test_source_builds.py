@@ -84,3 +84,27 @@ def test_the_host_reads_only_the_build_system_of_an_sdist() -> None:
         source_builds._build_system(escaping, "tiny-src")
     with pytest.raises(SourceBuildFailed, match="not a readable"):
         source_builds._build_system(b"not a tarball", "tiny-src")
+
+
+def test_prune_keeps_what_a_lock_pins_and_build_environments_used_lately(tmp_path: Path) -> None:
+    limits = source_builds.SourceBuildLimits(seconds=10, memory_bytes=1 << 20, disk_bytes=1 << 20)
+    builder = source_builds.SourceBuilder(None, tmp_path, "http://127.0.0.1:1/simple", limits)  # type: ignore[arg-type]  # prune starts no sandbox
+    built, environments = tmp_path / "built", tmp_path / "build-environments"
+    for directory, wheel in (
+        ("a", "tiny_a-1.0-py3-none-any.whl"),
+        ("b", "tiny_b-2.0.0-py3-none-any.whl"),
+        ("c", "tiny_c-0.1-py3-none-any.whl"),  # pinned by no lock
+        ("unfinished-x", "tiny_d-1.0-py3-none-any.whl"),  # a build's, not yet in place
+    ):
+        (built / directory).mkdir()
+        (built / directory / wheel).write_bytes(b"wheel")
+    now = 1_800_000_000.0
+    for directory, age_days in (("used-lately", 6), ("stale", 8), ("unfinished-y", 30)):
+        (environments / directory).mkdir()
+        when = now - age_days * 24 * 3600
+        os.utime(environments / directory, (when, when))
+
+    # Names and versions as a lock writes them: compared canonically (Tiny_B 2 is tiny-b 2.0.0).
+    assert builder.prune({("tiny-a", "1.0"), ("Tiny_B", "2")}, now=now) == 2
+    assert sorted(path.name for path in built.iterdir()) == ["a", "b", "unfinished-x"]
+    assert sorted(path.name for path in environments.iterdir()) == ["unfinished-y", "used-lately"]
