@@ -171,7 +171,8 @@ def test_a_finished_run_deletes_its_job_and_its_pod(cluster: LocalCluster) -> No
         wait_for(lambda: not cluster.api.jobs() and not cluster.api.pods())
         (deleted,) = cluster.api.made("DELETE", "jobs")
         assert deleted.query == {"propagationPolicy": "Background", "gracePeriodSeconds": "0"}
-        assert cluster.live_processes() == []
+        # The pod's process was sent SIGKILL as the pod went; it is gone once the kernel is done.
+        wait_for(lambda: cluster.live_processes() == [])
 
 
 # -- what a pod mounts: a package environment, and nothing of the executor's host ------------------
