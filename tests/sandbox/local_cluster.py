@@ -75,6 +75,7 @@ class LocalCluster:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     # Pods deleted before their process was started (the API answers before the kubelet acts).
     deleted: set[str] = field(default_factory=set)
+    closed: bool = False  # no pod process starts after close (it would outlive the test)
     runner_stderr: dict[str, bytes] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -192,7 +193,7 @@ class LocalCluster:
         with self._lock:
             # As a kubelet: a pod deleted before its container started never runs (the deletion
             # may come while this thread was still on its way here).
-            if name in self.deleted:
+            if name in self.deleted or self.closed:
                 return
             process = subprocess.Popen(  # noqa: S603 - the pod's own command, in bwrap
                 bwrap + argv,
@@ -221,6 +222,7 @@ class LocalCluster:
 
     def close(self) -> None:
         with self._lock:
+            self.closed = True
             for process in self.processes.values():
                 if process.poll() is None:
                     process.kill()
