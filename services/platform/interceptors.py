@@ -1,5 +1,7 @@
 """The request interceptor every service runs: it verifies the caller's identity assertion, sets the
-request scope, and maps domain errors to gRPC status codes in one place."""
+request scope, and maps domain errors to gRPC status codes in one place. A request whose bytes are
+not a valid message of its method's type is refused INVALID_ARGUMENT here too (gRPC itself would
+answer UNKNOWN with the Python exception's class and log a traceback)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from services.platform.access import AccessPolicy
-from services.platform.errors import DomainError, ResourceExhausted
+from services.platform.errors import DomainError, InvalidArgument, ResourceExhausted
 from services.platform.identity import (
     IdentityVerifier,
     InvalidIdentity,
@@ -42,17 +45,18 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         needs_identity = self._policy.needs_identity(method)
         if handler is None:
             return handler
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
             async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with self._scope(method, needs_identity, context, streaming=False):
-                    return await unary(request, context)
+                    return await unary(_decoded(request), context)
                 raise AssertionError("unreachable: the scope aborts or re-raises")  # for mypy
 
             return grpc.unary_unary_rpc_method_handler(
                 wrapped,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -63,7 +67,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             # below closes the handler's responses at once instead of whenever they are collected.
             async def wrapped_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
                 async with self._scope(method, needs_identity, context, streaming=True):
-                    responses = streaming(request, context)
+                    responses = streaming(_decoded(request), context)
                     try:
                         async for response in responses:
                             await context.write(response)
@@ -72,7 +76,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 wrapped_stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         # Client-streaming calls are not wrapped; one that needs an identity fails closed.
@@ -138,6 +142,36 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 },
             )
             current_request.reset(token)
+
+
+class _Undecodable:
+    """What a request's bytes became when they were not a valid message of `type_name`."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, answering _Undecodable instead of raising on bytes that are not its message
+    (the wrapped handler then refuses the call inside its scope, after the identity check)."""
+    if deserializer is None:
+        return None
+    type_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = type_name.name if type_name is not None else "request"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:  # a corrupt wire format, or bad UTF-8 in a string field
+            return _Undecodable(name)
+
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request is not a valid {request.type_name} message")
+    return request
 
 
 def _refuse_streaming(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

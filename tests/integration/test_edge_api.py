@@ -125,3 +125,25 @@ def test_native_grpc_through_the_same_port(mesh) -> None:
                     zk_pb2.ListCodeRequest(), metadata=[("x-api-key", registered.api_key)], timeout=10
                 )
             assert unbuilt.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_native_grpc_bytes_that_are_not_the_message_are_refused_as_invalid(mesh) -> None:
+    """A native gRPC client on the public port whose request bytes do not parse (a corrupt wire
+    format, bad UTF-8 in a string): INVALID_ARGUMENT naming the message type, not gRPC's own UNKNOWN
+    with a Python exception class, and no account created."""
+    target = mesh.url.removeprefix("http://")
+    email = new_email("garbled")
+    valid = auth_pb2.AuthRequest(email=email, password=PASSWORD).SerializeToString()
+    with grpc.insecure_channel(target) as channel:
+        register = channel.unary_unary("/pythonon.auth.v1.AuthService/Register")
+        for garbled in (b"\xff\xff\xff\xff", valid.replace(b"@", b"\xff", 1)):
+            with pytest.raises(grpc.RpcError) as refused:
+                register(garbled, timeout=10)
+            assert (refused.value.code(), refused.value.details()) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the request is not a valid AuthRequest message",
+            )
+        login = auth_pb2_grpc.AuthServiceStub(channel).Login
+        with pytest.raises(grpc.RpcError) as unknown:
+            login(auth_pb2.AuthRequest(email=email, password=PASSWORD), timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -47,7 +47,9 @@ def call(keys: Keys, scenario) -> object:
         )
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                return await scenario(zk_pb2_grpc.ZkServiceStub(channel))
+                stub = zk_pb2_grpc.ZkServiceStub(channel)
+                stub.channel = channel  # for calls that bypass the stub's serializers
+                return await scenario(stub)
         finally:
             await server.stop(None)
 
@@ -115,3 +117,33 @@ def test_an_unexpected_error_is_internal_without_its_details(keys: Keys) -> None
     refused = call(keys, scenario)
     assert (refused.code(), refused.details()) == (grpc.StatusCode.INTERNAL, "internal error")
     assert "hunter2" not in str(refused.debug_error_string())
+
+
+@pytest.mark.parametrize(
+    ("body", "case"),
+    [(b"\xff\xff\xff\xff", "corrupt wire format"), (b"\x0a\x02\xc3\x28", "bad UTF-8 in a string field")],
+)
+def test_bytes_that_are_not_the_message_are_invalid_argument_without_internals(
+    keys: Keys, caplog: pytest.LogCaptureFixture, body: bytes, case: str
+) -> None:
+    """A native gRPC client that sends bytes which do not parse as the method's request: gRPC on
+    its own answers UNKNOWN with "Unexpected <class 'google.protobuf.message.DecodeError'>" and logs
+    a traceback; the interceptor refuses it as the caller's mistake. An identity is still checked
+    first: without one the answer says nothing about the message."""
+
+    async def scenario(stub):
+        raw = stub.channel.unary_unary("/pythonon.zk.v1.ZkService/DeleteCode")
+        answers = []
+        for metadata in (keys.metadata(ALICE), ()):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await raw(body, metadata=metadata)
+            answers.append((refused.value.code(), refused.value.details()))
+        return answers
+
+    with caplog.at_level("INFO"):
+        answers = call(keys, scenario)
+    assert answers == [
+        (grpc.StatusCode.INVALID_ARGUMENT, "the request is not a valid DeleteCodeRequest message"),
+        (grpc.StatusCode.UNAUTHENTICATED, "missing or invalid identity"),
+    ], case
+    assert "Traceback" not in caplog.text and "DecodeError" not in caplog.text
