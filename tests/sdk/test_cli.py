@@ -30,6 +30,7 @@ def pyth_on(
     key: str | None = None,
     stdin: str = "",
     pass_fds: tuple[int, ...] = (),
+    new_session: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """The CLI in a clean environment: the mesh's URL, the key (if any), a home of the test's own."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("PYTHONON_")}
@@ -44,6 +45,7 @@ def pyth_on(
         env=env,
         cwd=home,
         pass_fds=pass_fds,
+        start_new_session=new_session,  # True: no controlling terminal, as under CI or cron
         timeout=180,
     )
 
@@ -150,6 +152,22 @@ def test_packages_show_the_builds_progress(sdk_mesh: Mesh, tmp_path: Path, key: 
     assert [line.split()[0] for line in listed.stdout.splitlines()] == ["NAME", "tiny-greet"]
     bad = pyth_on(sdk_mesh, tmp_path, "packages", "add", "--no-wait", "../local/path", key=key)
     assert bad.returncode == 1 and bad.stderr.startswith("pyth-on: ") and "(HTTP 400)" in bad.stderr
+
+
+def test_a_password_without_a_terminal_or_descriptor_is_a_clear_usage_error(
+    sdk_mesh: Mesh, tmp_path: Path, key: str
+) -> None:
+    """No terminal to ask on (a pipe, CI) and no --password-fd: a message saying what to give, not
+    getpass's warning and an EOFError traceback; nothing is stored."""
+    (tmp_path / "job.py").write_text("print('never stored')\n")
+    put = pyth_on(sdk_mesh, tmp_path, "zk", "put", "job.py", "job.py", key=key, new_session=True)
+    assert (put.returncode, put.stdout, put.stderr) == (
+        2,  # a usage error
+        "",
+        "pyth-on: no terminal to ask for it (Password): give --password-fd N, e.g. --password-fd 3 3<file\n",
+    )
+    listed = pyth_on(sdk_mesh, tmp_path, "zk", "list", key=key)
+    assert (listed.returncode, "job.py" in listed.stdout) == (0, False)
 
 
 def test_zk_put_run_list_delete_with_the_password_on_a_descriptor(

@@ -78,10 +78,28 @@ def _read_secret(prompt: str, fd: int | None, *, from_stdin: bool = False, confi
             return _one_line_end(source.read())
     if from_stdin and not sys.stdin.isatty():
         return _one_line_end(sys.stdin.read())
-    value = getpass.getpass(prompt)
-    if confirm and getpass.getpass("Again: ") != value:
-        raise UsageError("the two entries differ")
+    if not _has_terminal():
+        raise UsageError(
+            f"no terminal to ask for it ({prompt.rstrip(': ')}): give --password-fd N, "
+            "e.g. --password-fd 3 3<file"
+        )
+    try:
+        value = getpass.getpass(prompt)
+        if confirm and getpass.getpass("Again: ") != value:
+            raise UsageError("the two entries differ")
+    except EOFError:
+        raise UsageError("nothing was entered") from None
     return value
+
+
+def _has_terminal() -> bool:
+    """Whether getpass can ask without echoing: through the controlling terminal, or a terminal on
+    stdin (without either it reads stdin with a warning, and fails at its end)."""
+    try:
+        with open("/dev/tty", "rb"):
+            return True
+    except OSError:
+        return sys.stdin is not None and sys.stdin.isatty()
 
 
 def _one_line_end(text: str) -> str:
