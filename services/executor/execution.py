@@ -44,11 +44,10 @@ from services.platform.audit import (
     run_to_completion,
 )
 from services.platform.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.platform.sandbox_environment import is_reserved
+from services.platform.sandbox_environment import MAX_SECRETS_PER_USER, is_reserved
 from services.platform.user_markers import UNMARKED, KeptUnderStamp, UserMarkers
 
 MAX_ENV_VARIABLES = 64
-MAX_SECRET_NAMES = 256
 MAX_ENV_VALUE_BYTES = 32 * 1024
 # How long the record of a run that ran is retried (same record id) before its output is withheld,
 # and how long it is retried after that, in the background, so that the run still reaches the log.
@@ -309,8 +308,8 @@ class Executions:
             raise InvalidArgument("code must not contain NUL characters")
         if len(request.stdin.encode()) > policy.max_stdin_bytes:
             raise InvalidArgument(f"stdin is larger than {policy.max_stdin_bytes // 1024} KiB")
-        if request.secret_names is not None and len(request.secret_names) > MAX_SECRET_NAMES:
-            raise InvalidArgument(f"secrets: at most {MAX_SECRET_NAMES} names")
+        if request.secret_names is not None and len(request.secret_names) > MAX_SECRETS_PER_USER:
+            raise InvalidArgument(f"secrets: at most {MAX_SECRETS_PER_USER} names")
         if len(request.env) > MAX_ENV_VARIABLES:
             raise InvalidArgument(f"env: at most {MAX_ENV_VARIABLES} variables")
         for name, value in request.env.items():

@@ -13,6 +13,9 @@ RESERVED_NAMES = frozenset(
     }
 )  # fmt: skip
 RESERVED_PREFIXES = ("PYTHONON_", "PYTHON", "LD_", "LC_")
+# The most secrets a user may hold (the secrets service's setting is bounded by it), and so the most
+# names a run may ask for.
+MAX_SECRETS_PER_USER = 1000
 
 
 def is_reserved(name: str) -> bool:

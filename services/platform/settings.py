@@ -130,7 +130,9 @@ class Environment:
             raise SettingsError(f"{name} is required but not set")
         return value
 
-    def integer(self, name: str, default: int | None = None, *, minimum: int = 0) -> int:
+    def integer(
+        self, name: str, default: int | None = None, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
         raw = self._environ.get(name)
         if raw is None or raw == "":
             if default is None:
@@ -142,6 +144,8 @@ class Environment:
             raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
         if value < minimum:
             raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise SettingsError(f"{name} must be at most {maximum}, got {value}")
         return value
 
     def port(self, name: str, default: int | None = None) -> int:

@@ -6,6 +6,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.platform.sandbox_environment import MAX_SECRETS_PER_USER
 from services.platform.settings import (
     Environment,
     ServerSettings,
@@ -64,7 +65,11 @@ SETTINGS: tuple[Setting, ...] = (
         wired=True,
     ),
     Setting("PYTHONON_SECRETS_MAX_VALUE_BYTES", "65536", "Largest secret value accepted, in bytes."),
-    Setting("PYTHONON_SECRETS_MAX_PER_USER", "100", "Most secrets one user may keep."),
+    Setting(
+        "PYTHONON_SECRETS_MAX_PER_USER",
+        "100",
+        "Most secrets one user may keep (at most 1000, the most names a run may ask for).",
+    ),
 )
 
 _SEGMENT_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -159,7 +164,9 @@ class SecretsSettings:
             vault=VaultSettings.load(env),
             audit_address=service_address(env, "audit"),
             max_value_bytes=env.integer("PYTHONON_SECRETS_MAX_VALUE_BYTES", 64 * 1024, minimum=1),
-            max_secrets_per_user=env.integer("PYTHONON_SECRETS_MAX_PER_USER", 100, minimum=1),
+            max_secrets_per_user=env.integer(
+                "PYTHONON_SECRETS_MAX_PER_USER", 100, minimum=1, maximum=MAX_SECRETS_PER_USER
+            ),
             user_markers_dir=env.absolute_path("PYTHONON_SECRETS_USER_MARKERS_DIR"),
         )
 

@@ -38,3 +38,18 @@ def test_a_service_with_a_bad_setting_exits_2_with_a_clear_message(
     assert ended.returncode == 2
     assert message in ended.stderr
     assert "Traceback" not in ended.stderr
+
+
+
+def test_an_integer_setting_past_its_bounds_is_refused_naming_them() -> None:
+    from services.platform.settings import Environment, SettingsError
+
+    name = "PYTHONON_SECRETS_MAX_PER_USER"
+    for value, message in (
+        ("1001", f"{name} must be at most 1000, got 1001"),
+        ("0", f"{name} must be at least 1, got 0"),
+    ):
+        with pytest.raises(SettingsError) as refused:
+            Environment({name: value}).integer(name, 100, minimum=1, maximum=1000)
+        assert str(refused.value) == message
+    assert Environment({name: "1000"}).integer(name, 100, minimum=1, maximum=1000) == 1000
