@@ -40,7 +40,6 @@ def test_a_service_with_a_bad_setting_exits_2_with_a_clear_message(
     assert "Traceback" not in ended.stderr
 
 
-
 def test_an_integer_setting_past_its_bounds_is_refused_naming_them() -> None:
     from services.platform.settings import Environment, SettingsError
 
