@@ -67,3 +67,7 @@ def check_value(value: str, limits: SecretLimits) -> None:
 def check_description(description: str) -> None:
     if len(description) > MAX_DESCRIPTION_LENGTH:
         raise InvalidArgument(f"a secret description is at most {MAX_DESCRIPTION_LENGTH} characters")
+    if any(ord(character) < 32 and character not in "\t\n" for character in description):
+        raise InvalidArgument(
+            "a secret description cannot contain control characters (tabs and newlines are fine)"
+        )

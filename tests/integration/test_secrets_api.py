@@ -164,6 +164,12 @@ def test_values_and_descriptions_are_bounded(client: httpx.Client, user: dict) -
     assert error_message(put(client, user, "EMPTY", ""), 400, 3) == "a secret value is required"
     assert "NUL" in error_message(put(client, user, "NUL", "a\u0000b"), 400, 3)
     assert "description is at most 1024" in error_message(put(client, user, "DESC", "v", "d" * 1025), 400, 3)
+    for control in ("\u0000", "\u001b[31m", "\r"):
+        assert error_message(put(client, user, "CTRL", "v", f"a{control}b"), 400, 3) == (
+            "a secret description cannot contain control characters (tabs and newlines are fine)"
+        )
+    assert put(client, user, "TABBED", "v", "two\tlines\nhere").status_code == 200
+    assert delete(client, user, "TABBED").status_code == 200
     assert [s["name"] for s in listed(client, user).json()["secrets"]] == ["BIGGEST"]
 
 
