@@ -935,13 +935,24 @@ print(json.dumps({"present": [p for p in host_software if os.path.exists(p)],
 def test_mountinfo_shows_no_path_of_the_mesh(sandbox: Sandbox, tmp_path: Path) -> None:
     """No host path of the executor's own (its runtime directory, the temporary directory's
     pythonon-* folders, the data directory, the repository) appears in what the program can read
-    about its mounts."""
-    code = "print(open('/proc/self/mountinfo').read())\nprint(open('/proc/self/cgroup').read())"
+    about its mounts, nor in the command line of any process it can see (bwrap's own included)."""
+    code = (
+        "import os\nprint(open('/proc/self/mountinfo').read())\nprint(open('/proc/self/cgroup').read())\n"
+        "for pid in sorted(p for p in os.listdir('/proc') if p.isdigit()):\n"
+        "    try:\n"
+        "        print(pid, open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\\0', b' ').decode())\n"
+        "    except OSError:\n"
+        "        pass\n"
+    )
     result = sandbox.python(code, env={"PYTHONPATH": "/opt/env"}, readonly_paths=[])
     assert result.exit_code == 0, result.stderr
-    text = result.stdout
+    mounts, _, commands = result.stdout.partition("\n1 ")
+    assert commands, result.stdout  # process 1 (bwrap's, or the program itself) was listed
     for marker in ("pythonon-", str(tmp_path), os.getcwd(), "/work/", "/tmp/"):
-        assert marker not in text, marker
+        assert marker not in mounts, marker
+        # The program's own command line holds the sandbox's bootstrap, which names "pythonon-".
+        if marker != "pythonon-":
+            assert marker not in commands, (marker, commands[:2000])
     sandbox.assert_healthy()
 
 

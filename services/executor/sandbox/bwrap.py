@@ -70,7 +70,10 @@ MINIMUM_BWRAP = (0, 10)  # --size for tmpfs
 # bwrap's own processes in a sandbox's cgroup: the outer one and the pid namespace's init.
 BWRAP_PROCESSES = 2
 # The sandbox's /etc files come on descriptors from here on (bwrap --file copies each in).
-ETC_FD = 7
+# bwrap reads its arguments from this descriptor (`--args`), so that its command line, which every
+# process in the sandbox can read as /proc/1/cmdline, names no path of the host.
+ARGS_FD = 7
+ETC_FD = 8
 
 
 @dataclass(frozen=True)
@@ -223,11 +226,18 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
                 cgroup = self._cgroups.create(f"sandbox-{uid if uid is not None else os.urandom(6).hex()}")
             # The sandbox's first process enters the cgroup before bwrap starts, so that each of
             # its processes (bwrap's own two included) is in it from the start and dies with it.
+            # Its options (every host path of the root) through a descriptor; the command after
+            # "--" stays on the command line, where bwrap looks for it.
+            bwrap, *arguments = self._argv(runtime, profile, uid)
+            split = arguments.index("--")
+            inputs = {fd: data for fd, data in enumerate(self._etc_files.values(), start=ETC_FD)}
+            inputs[ARGS_FD] = b"".join(option.encode() + b"\0" for option in arguments[:split])
             process = spawn(
-                self._argv(runtime, profile, uid),
+                [bwrap, "--args", str(ARGS_FD), *arguments[split:]],
                 self._seccomp,
                 owner=uid,
-                inputs={fd: data for fd, data in enumerate(self._etc_files.values(), start=ETC_FD)},
+                inputs=inputs,
+                hide_path=True,
                 cgroup_procs=self._cgroups.procs_files(cgroup) if cgroup is not None else (),
             )
         except OSError as error:

@@ -31,10 +31,12 @@ _CHUNK = 64 * 1024
 
 
 # Moves itself into each cgroup named (by writing 0 to its cgroup.procs) and then becomes the
-# command: so that the sandbox's every process, from its very first, is in the sandbox's cgroup and
-# dies with it (a process started elsewhere and moved later could fork before the move).
+# command, started from the directory given: so that the sandbox's every process, from its very
+# first, is in the sandbox's cgroup and dies with it (a process started elsewhere and moved later
+# could fork before the move).
 _ENTER_CGROUPS = (
-    'n=$1; shift; while [ "$n" -gt 0 ]; do echo 0 > "$1" || exit 125; shift; n=$((n - 1)); done; exec "$@"'
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo 0 > "$1" || exit 125; shift; n=$((n - 1)); done; '
+    'cd "$1" || exit 125; shift; exec "$@"'
 )
 
 
@@ -44,14 +46,31 @@ def spawn(
     owner: int | None = None,
     cgroup_procs: Sequence[str] = (),
     inputs: Mapping[int, bytes] | None = None,
+    hide_path: bool = False,
 ) -> SandboxProcess:
     """Start argv (bwrap or runsc) with a clean environment and the descriptors above. `owner` is
     the uid the program will run as, given the payload pipe so that it may reopen it
     (Bash reads it through /dev/fd/4). `cgroup_procs`: cgroup.procs files the process enters before
     it runs argv. `inputs`: more descriptors (above SECCOMP_FD), each a pipe holding the bytes given
-    (small: they must fit in a pipe's buffer), e.g. files bwrap copies into the sandbox."""
+    (small: they must fit in a pipe's buffer), e.g. files bwrap copies into the sandbox.
+    `hide_path`: the program's argv[0] names no directory (bwrap's command line is the sandbox's
+    /proc/1/cmdline, which every process in it can read)."""
+    executable = argv[0]
+    shown = f"./{os.path.basename(executable)}" if hide_path else executable
+    argv = [shown, *argv[1:]]
     if cgroup_procs:
-        argv = ["/bin/sh", "-c", _ENTER_CGROUPS, "sh", str(len(cgroup_procs)), *cgroup_procs, *argv]
+        directory = os.path.dirname(executable) if hide_path else "/"
+        argv = [
+            "/bin/sh",
+            "-c",
+            _ENTER_CGROUPS,
+            "sh",
+            str(len(cgroup_procs)),
+            *cgroup_procs,
+            directory,
+            *argv,
+        ]
+        executable = argv[0]
     opened: list[int] = []
 
     def pipe() -> tuple[int, int]:
@@ -93,7 +112,7 @@ def spawn(
         # Then close what else would leak, except the descriptors just placed.
         placed = set(sources.values()) | set(child)
         actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds(exclude=placed)]
-        pid = os.posix_spawn(argv[0], list(argv), {}, file_actions=actions, setsid=True)
+        pid = os.posix_spawn(executable, list(argv), {}, file_actions=actions, setsid=True)
     except BaseException:
         for fd in opened:
             with contextlib.suppress(OSError):
