@@ -8,12 +8,17 @@ order:
    (or one generated) and echoed on every response;
 1. ``envoy.filters.http.buffer``: caps the request body (413);
 2. ``envoy.filters.http.lua`` (``rest_checks.lua``, with tables read from the descriptor set by
-   ``rest_contract``): checks every REST request against the call it maps to: a wrong method is
-   a 405 with ``Allow``; an unknown field, a wrong type or a malformed value in the body, query
-   or path is a 400 naming the field and the form it expects. On the way back (it runs after the
-   transcoder there) it applies the status a service asked for in ``x-pythonon-http-status`` and
-   rewrites every REST error into one spelling, ``{"code":N,"message":"...","details":[]}``,
-   with no internal wording, and a ``WWW-Authenticate`` challenge on a 401;
+   ``rest_contract``): checks every REST request (every request whose content type is not gRPC
+   by Envoy's rule: exactly ``application/grpc`` or ``application/grpc+...``) against the call it
+   maps to: a path that is no route's exactly (a trailing slash, which the transcoder would still
+   serve) is a 404 before the transcoder sees it; a wrong method is a 405 with ``Allow``; an
+   unknown field, a wrong type or a malformed value in the body, query or path is a 400 naming the
+   field and the form it expects (a NUL byte in a path, which Envoy refuses before any filter
+   runs, is worded on the way back from the path its reply carries). On the way back (it runs
+   after the transcoder there) it applies the status a service asked for in
+   ``x-pythonon-http-status`` and rewrites every REST error into one spelling,
+   ``{"code":N,"message":"...","details":[]}``, with no internal wording, and a
+   ``WWW-Authenticate`` challenge on a 401;
 3. ``envoy.filters.http.grpc_json_transcoder``: REST to gRPC, and gRPC errors to
    ``google.rpc.Status`` JSON; it clears the route cache, so everything after it (ext_authz and
    routing) sees the gRPC path;
@@ -178,6 +183,10 @@ def lua_source(descriptor_set: Path = DESCRIPTOR_SET) -> str:
             "HTTP_STATUS_HEADER": HTTP_STATUS_HEADER,
             "CHALLENGE": CHALLENGE,
             "MAX_REQUEST_ID": MAX_REQUEST_ID_LENGTH,
+            # The REST paths Envoy answers itself (``_reference_routes``): every other path that is
+            # no REST route's is a 404 from the Lua filter, before the transcoder sees it.
+            "DIRECT_PATHS": {path: True for path in DIRECT_PATHS},
+            "PATH_NORMALIZATION_FAILED": PATH_NORMALIZATION_FAILED,
             # For an error body without a usable code or message (or one that leaks internals).
             "ERROR_CODES": {**statuses, 409: 6, 412: 9},
             "ERROR_MESSAGES": {
@@ -201,6 +210,15 @@ def _cluster_name(section: str) -> str:
 CHALLENGE = 'Bearer realm="pyth-on", ApiKey realm="pyth-on", header="x-api-key"'
 # The longest x-request-id the edge accepts: the audit log's request_id column holds 128.
 MAX_REQUEST_ID_LENGTH = 128
+# The paths Envoy answers itself, without a service (GET /api/openapi.json and GET /docs).
+DIRECT_PATHS = (openapi.DOCUMENT_PATH, openapi.REFERENCE_PATH)
+# Envoy's response code details when normalize_path refuses a path (a NUL byte, %00), before any
+# filter runs: its local reply carries the path, so that the Lua filter names the path variable.
+PATH_NORMALIZATION_FAILED = "path_normalization_failed"
+# What Envoy (Grpc::Common::hasGrpcContentType, used by the transcoder and by its local replies)
+# counts as native gRPC: a content type of exactly application/grpc or application/grpc+...;
+# application/grpc-web or "application/grpc; charset=..." is REST. The Lua filter has the same rule.
+GRPC_CONTENT_TYPE_REGEX = r"application/grpc(\+.*)?"
 
 
 # Envoy's own replies, by HTTP status: the google.rpc.Status code a REST client gets, the gRPC
@@ -239,9 +257,9 @@ def _all_of(*filters: dict) -> dict:
     return {"and_filter": {"filters": list(filters)}}
 
 
-def _json_status(code: int, message: str) -> dict:
+def _json_status(code: int, message: str, **extra: str) -> dict:
     return {
-        "json_format": {"code": code, "message": message, "details": []},
+        "json_format": {"code": code, "message": message, "details": [], **extra},
         "content_type": "application/json",
     }
 
@@ -372,12 +390,16 @@ def _local_reply_config(max_request_bytes: int) -> dict:
     REST clients get the JSON body; native gRPC clients get grpc-status and grpc-message.
     Mappers are tried in order and the first match wins.
     """
-    # A native gRPC request has a gRPC content type and is not a REST request that the
-    # transcoder rewrote (those carry x-envoy-original-path).
+    # A native gRPC request has a gRPC content type (Envoy's rule, not a prefix: a REST request
+    # sent as application/grpc-web is transcoded) and is not a REST request that the transcoder
+    # rewrote (those carry x-envoy-original-path).
     native_grpc = _all_of(
         {
             "header_filter": {
-                "header": {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
+                "header": {
+                    "name": "content-type",
+                    "string_match": {"safe_regex": {"regex": GRPC_CONTENT_TYPE_REGEX}},
+                }
             }
         },
         {
@@ -415,8 +437,14 @@ def _local_reply_config(max_request_bytes: int) -> dict:
                 "body_format_override": {"text_format_source": {"inline_string": message}},
             }
         )
+        # A 400 also carries the path and Envoy's reason, for the Lua filter to word a path Envoy
+        # refused to normalize (it rewrites every REST error to code and message only).
+        extra = {"path": "%REQ(:PATH)%", "reason": "%RESPONSE_CODE_DETAILS%"} if status == 400 else {}
         mappers.append(
-            {"filter": _status_is("EQ", status), "body_format_override": _json_status(rest_code, message)}
+            {
+                "filter": _status_is("EQ", status),
+                "body_format_override": _json_status(rest_code, message, **extra),
+            }
         )
     mappers.append({"filter": native_grpc})
     mappers.append(

@@ -1,8 +1,16 @@
 -- The edge's Lua filter. Rendered after the tables of rest_contract.py: ROUTES, MESSAGES,
--- HTTP_STATUS_HEADER, CHALLENGE, MAX_REQUEST_ID, ERROR_CODES, ERROR_MESSAGES.
+-- HTTP_STATUS_HEADER, CHALLENGE, MAX_REQUEST_ID, ERROR_CODES, ERROR_MESSAGES, DIRECT_PATHS,
+-- PATH_NORMALIZATION_FAILED.
+--
+-- Native gRPC is what Envoy (and so its transcoder) counts as gRPC: a content type of exactly
+-- application/grpc or application/grpc+...; anything else (application/grpc-web, ...) is REST.
 --
 -- Request path (header names gRPC metadata cannot carry are dropped, for every request; then REST
 -- only, native gRPC passes untouched apart from the request id check):
+--   * a path (as Envoy normalized it: dot segments, double slashes, escaped unreserved
+--     characters) that is no route's exactly, nor one Envoy answers itself (DIRECT_PATHS): 404,
+--     with a hint when it differs from one only by a trailing slash. The transcoder would
+--     serve "/api/v1/execute/" as "/api/v1/execute": no request may reach it unchecked;
 --   * a known path with a method it does not take: 405 with Allow;
 --   * the body, the query and the path variables checked against the request message: unknown
 --     fields, wrong types and malformed values are a 400 whose message names the field and the
@@ -11,7 +19,9 @@
 --   * a client's x-request-id that the audit log could not hold: 400.
 -- Response path (REST only): the status a service asked for in HTTP_STATUS_HEADER; every error
 -- rewritten into one spelling, {"code":N,"message":"...","details":[]}, with nothing internal in
--- its message; WWW-Authenticate on every 401.
+-- its message; WWW-Authenticate on every 401. A path Envoy refused to normalize (a NUL byte,
+-- %00) never reaches the request path: its 400 is worded here, from the path the local reply
+-- carries, naming the path variable that holds the NUL.
 
 local byte, char, find, sub, format, gsub, lower = string.byte, string.char, string.find, string.sub, string.format, string.gsub, string.lower
 local concat, floor, huge = table.concat, math.floor, math.huge
@@ -36,6 +46,15 @@ end
 
 local function fail(message)
   error({ refusal = message }, 0)
+end
+
+-- Envoy's rule (Grpc::Common::hasGrpcContentType): exactly application/grpc, or application/grpc+
+-- followed by anything. application/grpc-web, application/grpcx or "application/grpc; ..." are not
+-- gRPC to the transcoder, which transcodes them as REST: they are checked as REST here too.
+local GRPC_CONTENT_TYPE = "application/grpc"
+
+local function is_grpc(content_type)
+  return content_type == GRPC_CONTENT_TYPE or sub(content_type, 1, #GRPC_CONTENT_TYPE + 1) == GRPC_CONTENT_TYPE .. "+"
 end
 
 -- Names and values a client sent are echoed shortened, cut at a character boundary.
@@ -560,11 +579,21 @@ local function check_query(route, query, taken)
   end
 end
 
+local NUL_IN_PATH = "%s (in the path): must not contain a NUL byte (%%00)"
+
+-- A path variable's value, percent-decoded; a NUL byte is refused (Envoy refuses %00 in a path
+-- before any filter runs; this is for the path of a refusal worded on the response path).
+local function path_value(route, captures, index)
+  local variable = route.variables[index]
+  local value = percent_decode(captures[index], variable .. " (in the path)")
+  if find(value, "%z") then fail(format(NUL_IN_PATH, variable)) end
+  return value
+end
+
 local function check_request(route, body, captures, query)
   local taken = {}
   for index, variable in ipairs(route.variables) do
-    local where = variable .. " (in the path)"
-    local value = percent_decode(captures[index], where)
+    local value = path_value(route, captures, index)
     local spec = field_at(route.input, variable)
     if spec and TEXT_KINDS[spec.kind] then check_text(spec, value, variable) end
     taken[variable] = true
@@ -602,6 +631,34 @@ local function refuse(handle, status, message, headers)
   handle:respond(reply, message)
 end
 
+-- The route whose pattern matches `path` exactly, with `method` if one takes it (else the first
+-- that matches), its captures, and the methods of every route matching the path.
+local function route_for(path, method)
+  local allowed, first, first_captures = {}, nil, nil
+  for _, route in ipairs(ROUTES) do
+    local found = { path:match(route.pattern) }
+    if #found > 0 then
+      if route.method == method then
+        return route, found, allowed, true
+      end
+      allowed[#allowed + 1] = route.method
+      if not first then first, first_captures = route, found end
+    end
+  end
+  return first, first_captures, allowed, false
+end
+
+local function known_path(path)
+  return DIRECT_PATHS[path] or route_for(path) ~= nil
+end
+
+-- For a path that is no route's: the known path it differs from only by trailing slashes, or nil.
+local function near_path(path)
+  local trimmed = (gsub(path, "/+$", ""))
+  if trimmed ~= "" and trimmed ~= path and known_path(trimmed) then return trimmed end
+  return nil
+end
+
 -- Header names that HTTP allows but gRPC metadata does not (only 0-9 a-z _ . -, Envoy lowercases
 -- the rest): a service's gRPC server fails the whole call on one with an internal error. They mean
 -- nothing to the API, so they are dropped before anything is forwarded.
@@ -631,27 +688,24 @@ function envoy_on_request(handle)
       MAX_REQUEST_ID, #request_id))
     return
   end
-  local content_type = headers:get("content-type") or ""
-  if sub(content_type, 1, 16) == "application/grpc" then return end
+  if is_grpc(headers:get("content-type") or "") then return end
   local method = headers:get(":method")
   local full_path = headers:get(":path") or ""
   local path, query = full_path:match("^([^?]*)%??(.*)$")
-  local allowed, matched, captures = {}, nil, nil
-  for _, route in ipairs(ROUTES) do
-    local found = { path:match(route.pattern) }
-    if #found > 0 then
-      if route.method == method then
-        matched, captures = route, found
-        break
-      end
-      allowed[#allowed + 1] = route.method
-    end
-  end
-  if not matched then
+  local matched, captures, allowed, takes_method = route_for(path, method)
+  if not takes_method then
     if #allowed > 0 then
       local listed = concat(allowed, ", ")
       refuse(handle, 405, format("%s %s: method not allowed; this path takes %s", method, shorten(path), listed),
         { allow = listed })
+    elseif not DIRECT_PATHS[path] then
+      -- Answered by Envoy's own 404 spelling ("no route for <path>"), with the hint added on the
+      -- way back.
+      local near = near_path(path)
+      if near then
+        handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, "near_path", near)
+      end
+      refuse(handle, 404, "")
     end
     return
   end
@@ -688,13 +742,36 @@ local function leaks(message)
   return false
 end
 
-local function canonical_error(status, text)
+-- The words for a path Envoy refused to normalize before any filter ran (the local reply of a 400
+-- carries the path and Envoy's reason): a NUL byte (%00), named by the path variable holding it.
+local function unnormalizable_path(full_path)
+  local path = full_path:match("^([^?]*)") or ""
+  local route, captures = route_for(path)
+  if route then
+    for index = 1, #route.variables do
+      local ok, problem = pcall(path_value, route, captures, index)
+      if not ok and type(problem) == "table" and problem.refusal then return problem.refusal end
+    end
+  end
+  local decoded = gsub(path, "%%(%x%x)", function(hex) return char(tonumber(hex, 16)) end)
+  if find(decoded, "%z") then return "the path: must not contain a NUL byte (%00)" end
+  return "the path cannot be normalized"
+end
+
+local function canonical_error(status, text, near)
   local code, message
   local ok, parsed = pcall(parse_json, text)
   if ok and is_object(parsed) then
     local c, m = parsed.values.code, parsed.values.message
     if is_number(c) and c.number == floor(c.number) and c.number >= 1 and c.number <= 16 then code = c.number end
     if type(m) == "string" then message = m end
+    local path, reason = parsed.values.path, parsed.values.reason
+    if status == 400 and reason == PATH_NORMALIZATION_FAILED and type(path) == "string" then
+      message = unnormalizable_path(path)
+    end
+  end
+  if status == 404 and near and message then
+    message = message .. " (paths are matched exactly: did you mean " .. near .. "?)"
   end
   code = code or ERROR_CODES[status] or 2
   local fallback = ERROR_MESSAGES[status] or "request failed"
@@ -732,8 +809,7 @@ function envoy_on_response(handle)
     request_id = new_request_id()
   end
   headers:replace("x-request-id", request_id)
-  local content_type = headers:get("content-type") or ""
-  if sub(content_type, 1, 16) == "application/grpc" then
+  if is_grpc(headers:get("content-type") or "") then
     return -- native gRPC: HTTP 200 and its own headers
   end
   local wanted = headers:get(HTTP_STATUS_HEADER)
@@ -757,6 +833,6 @@ function envoy_on_response(handle)
   headers:replace("content-type", "application/json")
   local body = handle:body()
   if body then
-    body:setBytes(canonical_error(status, body:getBytes(0, body:length())))
+    body:setBytes(canonical_error(status, body:getBytes(0, body:length()), seen and seen.near_path))
   end
 end

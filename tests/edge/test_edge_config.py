@@ -6,6 +6,7 @@ Every HTTP assertion is what a curl user sees: exact status, body and the header
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
@@ -110,6 +111,38 @@ def test_filters_run_in_the_documented_order():
     ]
     assert hcm["codec_type"] == "AUTO"
     assert hcm["use_remote_address"] is True
+
+
+def test_rest_requests_reach_no_route_but_the_ones_the_lua_filter_lets_through():
+    # The Lua filter refuses (404) every REST path that is no REST route's exactly and not one of
+    # DIRECT_PATHS; every other route must then be for native gRPC only, or it would be reachable
+    # by a REST request the filter has not checked.
+    hcm = config.render(listen_port=1, upstreams=LOCAL)["static_resources"]["listeners"][0]["filter_chains"][
+        0
+    ]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    rest_only = {route["match"]["path"] for route in routes if "grpc" not in route["match"]}
+    assert rest_only == set(config.DIRECT_PATHS)
+    assert hcm["normalize_path"] is True and hcm["merge_slashes"] is True
+
+
+@pytest.mark.parametrize(
+    ("content_type", "grpc"),
+    [
+        ("application/grpc", True),
+        ("application/grpc+proto", True),
+        ("application/grpc+", True),
+        ("application/grpc-web", False),
+        ("application/grpc-web+proto", False),
+        ("application/grpcx", False),
+        ("application/grpc; charset=utf-8", False),
+        ("Application/GRPC", False),
+        ("", False),
+    ],
+)
+def test_native_grpc_is_envoys_content_type_rule(content_type, grpc):
+    # Grpc::Common::hasGrpcContentType: the transcoder transcodes everything else as REST.
+    assert bool(re.fullmatch(config.GRPC_CONTENT_TYPE_REGEX, content_type)) is grpc
 
 
 def test_absent_sections_are_routed_to_the_system_upstream():

@@ -44,6 +44,15 @@ def refused(response: httpx.Response, status: int = 400, code: int = 3) -> str:
     return message
 
 
+def send_as_written(
+    client: httpx.Client, method: str, target: str, content: bytes = b"", headers: dict | None = None
+) -> httpx.Response:
+    """Send ``target`` byte for byte as the request target (httpx would resolve "/./" and "//x")."""
+    request = client.build_request(method, "/", content=content, headers=headers)
+    request.extensions["target"] = target.encode("ascii")
+    return client.send(request)
+
+
 def nothing_reached_a_service(doubles) -> None:
     assert doubles.auth.recorder.calls == []  # not even the credential check
     assert doubles.system.recorder.calls == []
@@ -239,6 +248,146 @@ def test_path_variables_are_checked(client, doubles):
     )
 
 
+NUL_IN_NAME = "name (in the path): must not contain a NUL byte (%00)"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("DELETE", "/api/v1/secrets/A%00B"),
+        ("DELETE", "/api/v1/zk/code/a.py%00"),
+        ("DELETE", "/api/v1/packages/a%00"),
+        ("PUT", "/api/v1/zk/code/%00"),
+        ("POST", "/api/v1/zk/execute/a%00"),
+    ],
+)
+def test_a_nul_byte_in_a_path_variable_is_named(client, doubles, method, path):
+    # Envoy refuses %00 while normalizing the path, before any filter runs; the Lua filter words
+    # that refusal from the path its local reply carries (the attack pass got "the request is
+    # malformed").
+    body = b"{}" if method in ("PUT", "POST") else b""
+    response = send_as_written(client, method, path, body, KEY)
+    assert refused(response) == NUL_IN_NAME
+    nothing_reached_a_service(doubles)
+
+
+def test_a_nul_byte_outside_a_path_variable_is_named_too(client, doubles):
+    assert refused(client.get("/nope%00", headers=KEY)) == "the path: must not contain a NUL byte (%00)"
+    nothing_reached_a_service(doubles)
+
+
+# --- the path itself ---------------------------------------------------------------------------
+
+# Every mistake of the attack pass, sent to a known path with a trailing slash: the transcoder
+# would serve it as the path without one, and it skipped every check (the protobuf parser's words,
+# a secret's value echoed, unknown fields accepted and the change made).
+SECRET_CANARY = "ECHO-canary-5150"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "exact"),
+    [
+        ("POST", "/api/v1/execute/", b"garbage{", "/api/v1/execute"),
+        ("POST", "/api/v1/execute/", b'{"code": "print(1)",}', "/api/v1/execute"),
+        ("POST", "/api/v1/execute/", b'{"code": "1", "env": {"A": 1}}', "/api/v1/execute"),
+        ("POST", "/api/v1/execute/", b'{"code": "1", "timeout": [1]}', "/api/v1/execute"),
+        ("POST", "/api/v1/execute/stream/", b"garbage{", "/api/v1/execute/stream"),
+        (
+            "PUT",
+            "/api/v1/secrets/ECHO/",
+            b'{"value":"' + SECRET_CANARY.encode() + b'" x}',
+            "/api/v1/secrets/ECHO",
+        ),
+        ("PUT", "/api/v1/secrets/QQ/", b'{"value":"x","bogus":1}', "/api/v1/secrets/QQ"),
+        ("PUT", "/api/v1/secrets/QQ//", b'{"value":"x","bogus":1}', "/api/v1/secrets/QQ"),
+        ("DELETE", "/api/v1/secrets/QQ/", b"", "/api/v1/secrets/QQ"),
+        (
+            "POST",
+            "/api/register/",
+            b'{"email": "a@b.co", "password": "x", "admin": true}',
+            "/api/register",
+        ),
+        ("GET", "/api/v1/audit/?foo=1", b"", "/api/v1/audit"),
+        ("GET", "/api/v1/audit/?limit=abc", b"", "/api/v1/audit"),
+        ("GET", "/api/info/", b"", "/api/info"),
+        ("GET", "/health/", b"", "/health"),
+        ("GET", "/api/openapi.json/", b"", "/api/openapi.json"),
+        ("GET", "/docs/", b"", "/docs"),
+    ],
+)
+def test_a_trailing_slash_is_404_and_changes_nothing(client, doubles, method, path, body, exact):
+    response = send_as_written(client, method, path, body, {**KEY, "content-type": "application/json"})
+    shown = path.replace("//", "/")  # Envoy merges slashes before any filter
+    assert refused(response, 404, 5) == (
+        f"no route for {shown} (paths are matched exactly: did you mean {exact}?)"
+    )
+    assert SECRET_CANARY not in response.text
+    nothing_reached_a_service(doubles)  # no user created, no secret put or deleted, no run
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1//execute",
+        "//api/v1/execute",
+        "/api/v1/./execute",
+        "/api/v1/../v1/execute",
+        "/api/v1/%65xecute",
+    ],
+)
+def test_a_path_envoy_normalizes_is_checked_as_the_path(client, doubles, path):
+    response = send_as_written(client, "POST", path, b'{"code": "print(1)",}', KEY)
+    assert refused(response) == "the request body is not valid JSON: a key that is not a string at byte 21"
+    nothing_reached_a_service(doubles)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/v1%2Fexecute", "/API/v1/execute", "/api/v1/Execute", "/api/v1/execute;x=1", "/api/v1/execute:run"],
+)
+def test_any_other_spelling_of_a_path_is_404(client, doubles, path):
+    response = send_as_written(client, "POST", path, b'{"code": "print(1)",}', KEY)
+    assert refused(response, 404, 5) == f"no route for {path}"
+    nothing_reached_a_service(doubles)
+
+
+def test_the_paths_envoy_answers_itself_still_answer(client, doubles):
+    assert client.get("/api/openapi.json").json()["openapi"].startswith("3.")
+    assert client.get("/docs?x=1").text.startswith("<!DOCTYPE html>")
+    assert client.post("/docs").status_code == 405
+
+
+# --- the content type --------------------------------------------------------------------------
+
+# Envoy's transcoder counts as gRPC only application/grpc and application/grpc+...: these are REST
+# to it, and were let through unchecked by a prefix test.
+NOT_GRPC = [
+    "application/grpc-web",
+    "application/grpcx",
+    "application/grpc; charset=utf-8",
+    "Application/GRPC",
+]
+
+
+@pytest.mark.parametrize("content_type", NOT_GRPC)
+def test_a_content_type_that_only_starts_like_grpc_is_checked_as_rest(client, doubles, content_type):
+    headers = {**KEY, "content-type": content_type}
+    response = client.post("/api/v1/execute", content=b"garbage{", headers=headers)
+    assert refused(response) == "the request body is not valid JSON: an unexpected character at byte 1"
+    response = client.put(
+        "/api/v1/secrets/API_TOKEN", content=b'{"value":"CHANGED","bogus":1}', headers=headers
+    )
+    assert refused(response) == 'unknown field "bogus" (the fields are value, description)'
+    response = client.post(
+        "/api/register", content=b'{"email": "a@b.co", "password": "x", "admin": true}', headers=headers
+    )
+    assert refused(response) == 'unknown field "admin" (the fields are email, password)'
+    assert refused(client.delete("/api/v1/secrets/A%00B", headers=headers)) == NUL_IN_NAME
+    # Envoy's own replies to it are REST ones too.
+    assert refused(client.get("/nope", headers=headers), 404, 5) == "no route for /nope"
+    nothing_reached_a_service(doubles)  # no secret changed, no user created, nothing run
+
+
 # --- wrong methods ---------------------------------------------------------------------------
 
 
@@ -365,7 +514,7 @@ def test_every_answer_carries_a_request_id(client, doubles):
 
 def test_a_path_envoy_refuses_before_any_filter_still_gets_a_request_id(client, doubles):
     response = client.get("/api/v1/secrets/A%00B", headers=KEY)
-    assert refused(response) == "the request is malformed"
+    assert refused(response) == NUL_IN_NAME
     assert re.fullmatch(
         r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
         response.headers["x-request-id"],
@@ -376,7 +525,7 @@ def test_an_empty_request_id_counts_as_none_and_a_fresh_one_is_generated(client,
     uuid4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
     # Refused by Envoy before any filter runs (the fuzzer's find: an empty id was echoed).
     refused_early = client.get("/api/v1/packages/%00", headers={**KEY, "x-request-id": ""})
-    assert refused(refused_early) == "the request is malformed"
+    assert refused(refused_early) == NUL_IN_NAME
     assert re.fullmatch(uuid4, refused_early.headers["x-request-id"])
     # A call that goes through: the service sees the generated id, not an empty one.
     served = client.get("/api/info", headers={"x-request-id": ""})
@@ -411,3 +560,15 @@ def test_native_grpc_with_a_request_id_the_audit_log_cannot_hold_is_invalid_argu
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith("x-request-id: expected 1 to 128")
     assert doubles.system.recorder.calls == []
+
+
+@pytest.mark.parametrize("content_type", ["application/grpc", "application/grpc+proto"])
+def test_what_envoy_counts_as_grpc_stays_native_grpc(client, doubles, content_type):
+    # Not transcoded: a REST path is no gRPC method, so Envoy answers UNIMPLEMENTED the gRPC way.
+    response = client.post(
+        "/api/v1/execute", content=b"garbage{", headers={**KEY, "content-type": content_type}
+    )
+    assert response.status_code == 200
+    assert response.headers["grpc-status"] == "12"
+    assert response.headers["content-type"] == "application/grpc"
+    nothing_reached_a_service(doubles)
