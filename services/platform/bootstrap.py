@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.platform import telemetry
+from services.platform import service_graph, telemetry
 from services.platform.access import AccessPolicy
 from services.platform.audit import wait_for_units_of_work
 from services.platform.identity import IdentityVerifier
@@ -27,6 +27,8 @@ from services.platform.structured_logs import configure_logging
 S = TypeVar("S")
 log = logging.getLogger("pythonon.bootstrap")
 
+# What a service sends (and, through connect(), receives) at most; what it receives from a caller
+# is service_graph.MAX_DECODED_REQUEST_BYTES.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
@@ -74,7 +76,7 @@ async def start_server(
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", service_graph.MAX_DECODED_REQUEST_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )

@@ -311,6 +311,32 @@ def test_invalid_requests_are_400_with_a_clear_message(
     assert error_message(response, 400, 3) == message
 
 
+@pytest.mark.parametrize(
+    ("secrets", "status", "code", "message"),
+    [
+        (["A"] * 850_000, 400, 3, "secrets: at most 1000 names"),
+        # 4 MB of JSON, 22 MB as protobuf: past the edge's buffer for the transcoded message.
+        ([0] * 2_000_000, 413, 8, "request body larger than 4194304 bytes"),
+    ],
+)
+def test_a_body_under_the_cap_that_grows_once_decoded_is_refused_for_its_size_not_rated(
+    client: httpx.Client, user: dict, secrets: list, status: int, code: int, message: str
+) -> None:
+    """Lists under the edge's 4 MiB body cap that grow past gRPC's usual 4 MiB once transcoded
+    (a one-letter name is 4 bytes of JSON and 5 of protobuf, a 0 2 and 11): gRPC refused them with
+    RESOURCE_EXHAUSTED, a 429 that clients retry; the executor now takes them and names the field,
+    or the edge refuses the transcoded message as too large."""
+    body = json.dumps({"code": "print('never')", "secrets": secrets}, separators=(",", ":"))
+    assert len(body) < 4 * 1_048_576
+    response = client.post(
+        "/api/v1/execute",
+        content=body,
+        headers={"x-api-key": user["apiKey"], "content-type": "application/json"},
+    )
+    assert error_message(response, status, code) == message
+    assert "retry-after" not in response.headers
+
+
 def test_the_limits_themselves_are_accepted(client: httpx.Client, user: dict) -> None:
     biggest = "#" * (256 * 1024 - len("print('big')\n")) + "\nprint('big')"
     assert len(biggest.encode()) == 256 * 1024
