@@ -13,7 +13,11 @@ verified or while the audit service is called; each transaction is one short ste
 - refresh: the rotation (old token spent, new one stored) is committed, then recorded; if the
   record cannot be written the rotation is undone (old token live again, new one deleted). A reused
   token's family is revoked whether or not the audit log can record it: safety comes first, and
-  the answer then says exactly that."""
+  the answer then says exactly that.
+
+A login's refresh-token family is its session: every access token names it (`sid`), and the edge
+check refuses an access token whose session was revoked, from the moment the revocation commits,
+on every replica (it reads the database; nothing is cached)."""
 
 from __future__ import annotations
 
@@ -54,6 +58,15 @@ _EMAIL = re.compile(
 )
 LOGIN_REFUSED = "invalid email or password"
 EMAIL_TAKEN = "a user with this email already exists"
+SESSION_REVOKED = (
+    "invalid credentials: the access token's session has been revoked; log in again at /api/login"
+)
+# Access tokens issued before they named their session cannot be tied to one, so whether their
+# session was revoked is unknown: refused, like a revoked one. Their refresh token still works.
+SESSIONLESS_TOKEN = (
+    "invalid credentials: the access token names no session (issued before sessions were checked); "
+    "get a new one at /api/refresh or log in again at /api/login"
+)
 REVOKED_UNRECORDED = (
     "refresh token was already used; its session has been revoked, log in again (the audit log "
     "could not record the revocation)"
@@ -77,12 +90,20 @@ class Credentials:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A credential refused for a reason the caller should be told (rather than the generic one)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class _Rotation:
     """What presenting a refresh token led to: `refresh_token` is set only when it was rotated."""
 
     outcome: str  # "rotated", "unknown", "expired" or "reused"
     user: User | None = None
     refresh_token: str = ""
+    session_id: str = ""
     revoked: int = 0
     # What undoes a rotation: the spent token, when it was spent, and the new token's id.
     spent_token_id: str = ""
@@ -137,7 +158,7 @@ class Accounts:
         api_key = self._api_keys.new()
         identity = Identity(str(uuid.uuid4()), email)
 
-        def create(session: Session) -> tuple[UserView, str]:
+        def create(session: Session) -> tuple[UserView, str, str]:
             repository = AuthRepository(session)
             user = User(
                 id=identity.user_id,
@@ -148,12 +169,12 @@ class Accounts:
                 created_at=utc_now(),
             )
             repository.add_user(user)
-            refresh_token = self._start_refresh_family(repository, identity.user_id)[1]
-            return _view(user), refresh_token
+            _, refresh_token, session_id = self._start_refresh_family(repository, identity.user_id)
+            return _view(user), refresh_token, session_id
 
         await self._events.record(identity, "auth.register", SUCCESS)
         try:
-            user, refresh_token = await self._db.run(create)
+            user, refresh_token, session_id = await self._db.run(create)
         except EmailTaken:
             # Another registration of this email won the race after the check above.
             await self._record_quietly(identity, "auth.register", FAILURE, {"reason": "email_taken"})
@@ -162,7 +183,7 @@ class Accounts:
         except Exception:
             await self._record_quietly(identity, "auth.register", FAILURE, {"reason": "not_stored"})
             raise
-        return self._credentials(user, api_key, refresh_token)
+        return self._credentials(user, api_key, refresh_token, session_id)
 
     async def login(self, email: str, password: str) -> Credentials:
         try:
@@ -183,7 +204,7 @@ class Accounts:
 
     async def _open_session(self, user: User) -> Credentials:
         """Store a new refresh token, then record the login; without the record, no token."""
-        token_id, refresh_token = await self._db.run(
+        token_id, refresh_token, session_id = await self._db.run(
             lambda s: self._start_refresh_family(AuthRepository(s), user.id)
         )
         try:
@@ -192,7 +213,7 @@ class Accounts:
             await self._forget_tokens(token_id)
             raise
         api_key = self._api_keys.decrypt(user.api_key_ciphertext, user.id)
-        return self._credentials(_view(user), api_key, refresh_token)
+        return self._credentials(_view(user), api_key, refresh_token, session_id)
 
     async def refresh(self, presented: str) -> Credentials:
         return await run_to_completion(self._refresh(presented), action="auth.refresh")
@@ -213,7 +234,7 @@ class Accounts:
             if token.expires_at <= now:
                 return _Rotation("expired", user)
             new_token_id, new_token = self._issue_refresh_token(repository, user.id, token.family_id, now)
-            return _Rotation("rotated", user, new_token, 0, token.id, now, new_token_id)
+            return _Rotation("rotated", user, new_token, token.family_id, 0, token.id, now, new_token_id)
 
         rotation = await self._db.run(rotate)
         user = rotation.user
@@ -243,7 +264,7 @@ class Accounts:
         if user is None:
             raise Unauthenticated("invalid refresh token")
         api_key = self._api_keys.decrypt(user.api_key_ciphertext, user.id)
-        return self._credentials(_view(user), api_key, rotation.refresh_token)
+        return self._credentials(_view(user), api_key, rotation.refresh_token, rotation.session_id)
 
     async def _undo_rotation(self, rotation: _Rotation) -> None:
         """Make the presented token live again and delete the one issued for it (never shown)."""
@@ -297,16 +318,30 @@ class Accounts:
         self._recent_keys.put(digest, identity)
         return identity
 
-    async def identify_access_token(self, token: str) -> Identity | None:
+    async def identify_access_token(self, token: str) -> Identity | Refusal | None:
+        """The token's user while its session lasts; a Refusal when its session was revoked (or it
+        names none); None when the token is not valid (forged, expired, or its user or session is
+        unknown). One indexed read of the database per call, nothing cached: a revocation committed
+        by any replica is refused by every replica's next check."""
         try:
             claims = self._access_tokens.verify(token)
         except InvalidToken:
             return None
-        user = await self._db.run(lambda s: AuthRepository(s).user_by_id(claims.user_id))
-        return Identity(user_id=user.id, email=user.email) if user else None
+        session_id = claims.session_id
+        if session_id is None:
+            return Refusal(SESSIONLESS_TOKEN)
+        state = await self._db.run(lambda s: AuthRepository(s).session_state(claims.user_id, session_id))
+        if state is None or not state.known:
+            return None
+        if state.revoked:
+            return Refusal(SESSION_REVOKED)
+        return Identity(user_id=state.user_id, email=state.email)
 
-    def _start_refresh_family(self, repository: AuthRepository, user_id: str) -> tuple[str, str]:
-        return self._issue_refresh_token(repository, user_id, str(uuid.uuid4()), utc_now())
+    def _start_refresh_family(self, repository: AuthRepository, user_id: str) -> tuple[str, str, str]:
+        """Open a session: its first refresh token. Returns the token's id, the token, the session id."""
+        family_id = str(uuid.uuid4())
+        token_id, token = self._issue_refresh_token(repository, user_id, family_id, utc_now())
+        return token_id, token, family_id
 
     def _issue_refresh_token(
         self, repository: AuthRepository, user_id: str, family_id: str, now: datetime
@@ -326,9 +361,9 @@ class Accounts:
         )
         return token_id, token
 
-    def _credentials(self, user: UserView, api_key: str, refresh_token: str) -> Credentials:
+    def _credentials(self, user: UserView, api_key: str, refresh_token: str, session_id: str) -> Credentials:
         return Credentials(
-            access_token=self._access_tokens.issue(user.id, user.email),
+            access_token=self._access_tokens.issue(user.id, user.email, session_id=session_id),
             refresh_token=refresh_token,
             api_key=api_key,
             expires_in=self._access_tokens.ttl_seconds,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.auth.accounts import Accounts
+from services.auth.accounts import Accounts, Refusal
 from services.auth.api_keys import PREFIX as API_KEY_PREFIX
 from services.auth.rate_limits import TokenBuckets
 from services.platform.access import is_limited_by_client_ip, is_public
@@ -40,6 +40,8 @@ class EdgeCheck:
         if is_public(path):
             return Decision(True)
         identity = await self._identify(headers)
+        if isinstance(identity, Refusal):
+            return Decision(False, http_status=401, message=identity.message)
         if identity is None:
             return Decision(False, http_status=401, message=_refusal(headers))
         wait = self._user_limits.take(identity.user_id)
@@ -49,7 +51,7 @@ class EdgeCheck:
             )
         return Decision(True, identity=identity)
 
-    async def _identify(self, headers: dict[str, str]) -> Identity | None:
+    async def _identify(self, headers: dict[str, str]) -> Identity | Refusal | None:
         api_key = headers.get("x-api-key", "").strip()
         if api_key:
             return await self._accounts.identify_api_key(api_key)

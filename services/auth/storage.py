@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -13,6 +14,34 @@ from services.auth.models import RefreshToken, User
 
 class EmailTaken(Exception):
     """Another user already has this email."""
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """What the edge check needs to know about an access token's user and session."""
+
+    user_id: str
+    email: str
+    # The session has a token of this user (it was opened and not deleted since).
+    known: bool
+    # A token of the session was revoked: the session is over.
+    revoked: bool
+
+
+def _session_state_statement() -> sa.Select[str, str, bool, bool]:
+    """The edge check's one read: the user by primary key, and two probes of the refresh tokens'
+    (family_id, revoked_at) index that stop at the first row found, so its cost does not grow with
+    the session's rotations. Built once (the check runs on every request)."""
+    family = sa.select(RefreshToken.id).where(RefreshToken.family_id == sa.bindparam("session_id"))
+    return sa.select(
+        User.id,
+        User.email,
+        family.where(RefreshToken.user_id == sa.bindparam("user_id")).exists(),
+        family.where(RefreshToken.revoked_at.is_not(None)).exists(),
+    ).where(User.id == sa.bindparam("user_id"))
+
+
+_SESSION_STATE = _session_state_statement()
 
 
 class AuthRepository:
@@ -39,6 +68,14 @@ class AuthRepository:
 
     def user_by_api_key_digest(self, digest: str) -> User | None:
         return self._session.scalar(sa.select(User).where(User.api_key_digest == digest))
+
+    def session_state(self, user_id: str, session_id: str) -> SessionState | None:
+        """The user (None: no such user) and their session `session_id`, in one statement (see
+        `_SESSION_STATE`)."""
+        row = self._session.execute(_SESSION_STATE, {"user_id": user_id, "session_id": session_id}).first()
+        if row is None:
+            return None
+        return SessionState(user_id=row[0], email=row[1], known=bool(row[2]), revoked=bool(row[3]))
 
     def add_refresh_token(self, token: RefreshToken) -> None:
         self._session.add(token)
@@ -76,6 +113,7 @@ class AuthRepository:
         self._session.execute(sa.delete(RefreshToken).where(RefreshToken.id.in_(token_ids)))
 
     def revoke_family(self, family_id: str, now: datetime) -> int:
+        """Revoke every live token of the family, which ends its session (see `session_state`)."""
         result = self._session.execute(
             sa.update(RefreshToken)
             .where(RefreshToken.family_id == family_id, RefreshToken.revoked_at.is_(None))

@@ -26,6 +26,9 @@ class InvalidToken(Exception):
 class AccessClaims:
     user_id: str
     email: str
+    # The session (refresh-token family) the token was issued for; None for a token issued before
+    # tokens carried one (the edge check refuses those).
+    session_id: str | None
 
 
 class AccessTokens:
@@ -39,13 +42,15 @@ class AccessTokens:
         self._public = key.public_key()
         self.ttl_seconds = ttl_seconds
 
-    def issue(self, user_id: str, email: str, *, now: float | None = None) -> str:
+    def issue(self, user_id: str, email: str, *, session_id: str, now: float | None = None) -> str:
+        """A token of the user's session `session_id` (its refresh-token family), as claim `sid`."""
         issued = int(time.time() if now is None else now)
         claims = {
             "iss": ISSUER,
             "aud": AUDIENCE,
             "sub": user_id,
             "email": email,
+            "sid": session_id,
             "typ": "access",
             "iat": issued,
             "exp": issued + self.ttl_seconds,
@@ -68,7 +73,12 @@ class AccessTokens:
             raise InvalidToken(str(error)) from None
         if claims.get("typ") != "access":
             raise InvalidToken("not an access token")
-        return AccessClaims(user_id=str(claims["sub"]), email=str(claims.get("email", "")))
+        session_id = claims.get("sid")
+        if session_id is not None and not isinstance(session_id, str):
+            raise InvalidToken("sid is not a string")
+        return AccessClaims(
+            user_id=str(claims["sub"]), email=str(claims.get("email", "")), session_id=session_id or None
+        )
 
 
 def new_refresh_token() -> str:

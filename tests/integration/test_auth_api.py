@@ -11,6 +11,7 @@ from datetime import datetime
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from services.auth.tokens import AccessTokens
 from services.platform.identity import Identity, IdentitySigner, generate_private_key_pem
@@ -127,10 +128,12 @@ def _forgeries(user: dict, mesh_access_key: bytes) -> dict[str, str]:
     other_claims = {**claims, "sub": "00000000-0000-0000-0000-000000000000"}
     return {
         "alg none": f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{payload}.",
-        "another key": AccessTokens(generate_private_key_pem(), 900).issue(claims["sub"], claims["email"]),
+        "another key": AccessTokens(generate_private_key_pem(), 900).issue(
+            claims["sub"], claims["email"], session_id=claims["sid"]
+        ),
         "changed payload": f"{header}.{_b64(other_claims)}.{signature}",
         "expired": AccessTokens(mesh_access_key, 900).issue(
-            claims["sub"], claims["email"], now=time.time() - 3600
+            claims["sub"], claims["email"], session_id=claims["sid"], now=time.time() - 3600
         ),
         "HS256": jwt.encode(claims, "a-guessable-shared-secret-long-enough", algorithm="HS256"),
         "garbage": "not.a.jwt",
@@ -186,6 +189,68 @@ def test_refresh_rotates_and_reuse_revokes_the_family(client: httpx.Client, user
     assert (
         client.post("/api/refresh", json={"refreshToken": other_session["refreshToken"]}).status_code == 200
     )
+
+
+SESSION_REVOKED = {
+    "code": 16,
+    "message": "invalid credentials: the access token's session has been revoked; log in again at /api/login",
+    "details": [],
+}
+
+
+def test_refresh_token_reuse_refuses_the_sessions_access_tokens_at_once(
+    client: httpx.Client, user: dict
+) -> None:
+    """The attack: a stolen refresh token is used, the theft is detected on reuse, and from then on
+    neither the access token of before the rotation nor the one it issued works (not 15 minutes
+    later: at once), while a separate session of the same user goes on."""
+
+    def secrets(token: str) -> httpx.Response:
+        return client.get("/api/v1/secrets", headers={"authorization": f"Bearer {token}"})
+
+    other_session = client.post(
+        "/api/login", json={"email": user["user"]["email"], "password": PASSWORD}
+    ).json()
+    first_token, first_refresh = user["token"], user["refreshToken"]
+    rotated = client.post("/api/refresh", json={"refreshToken": first_refresh})
+    assert rotated.status_code == 200, rotated.text
+    second_token = rotated.json()["token"]
+    assert secrets(first_token).status_code == secrets(second_token).status_code == 200
+
+    replay = client.post("/api/refresh", json={"refreshToken": first_refresh})
+    assert error_message(replay, 401, 16) == (
+        "refresh token was already used; its session has been revoked, log in again"
+    )
+    for token in (first_token, second_token):
+        refused = secrets(token)
+        assert refused.status_code == 401, refused.text
+        assert refused.headers["content-type"].startswith("application/json")
+        assert refused.json() == SESSION_REVOKED
+        verify = client.post("/api/verify", headers={"authorization": f"Bearer {token}"}, json={})
+        assert verify.status_code == 401 and verify.json() == SESSION_REVOKED
+
+    assert secrets(other_session["token"]).status_code == 200
+    assert client.post("/api/verify", headers={"x-api-key": user["apiKey"]}, json={}).status_code == 200
+
+
+def test_an_access_token_that_names_no_session_is_refused_with_the_reason(
+    client: httpx.Client, user: dict, mesh
+) -> None:
+    """A token signed with the mesh's real key in the form issued before tokens named their session
+    (no `sid`): its session cannot be checked, so it is refused; its refresh token still works."""
+    access_key = (data_dir_of(mesh) / "keys" / "access-token.key").read_bytes()
+    claims = jwt.decode(user["token"], options={"verify_signature": False})
+    claims.pop("sid", None)
+    legacy = jwt.encode(claims, serialization.load_pem_private_key(access_key, None), algorithm="EdDSA")
+    response = client.get("/api/v1/secrets", headers={"authorization": f"Bearer {legacy}"})
+    assert error_message(response, 401, 16) == (
+        "invalid credentials: the access token names no session (issued before sessions were "
+        "checked); get a new one at /api/refresh or log in again at /api/login"
+    )
+    renewed = client.post("/api/refresh", json={"refreshToken": user["refreshToken"]})
+    assert renewed.status_code == 200, renewed.text
+    again = client.get("/api/v1/secrets", headers={"authorization": f"Bearer {renewed.json()['token']}"})
+    assert again.status_code == 200, again.text
 
 
 def test_refresh_with_an_unknown_token_is_401(client: httpx.Client) -> None:

@@ -31,12 +31,12 @@ def tokens() -> AccessTokens:
 
 
 def test_a_fresh_token_verifies(tokens: AccessTokens) -> None:
-    claims = tokens.verify(tokens.issue("user-1", "a@example.com"))
-    assert (claims.user_id, claims.email) == ("user-1", "a@example.com")
+    claims = tokens.verify(tokens.issue("user-1", "a@example.com", session_id="session-1"))
+    assert (claims.user_id, claims.email, claims.session_id) == ("user-1", "a@example.com", "session-1")
 
 
 def test_alg_none_is_refused(tokens: AccessTokens) -> None:
-    genuine = tokens.issue("user-1", "a@example.com")
+    genuine = tokens.issue("user-1", "a@example.com", session_id="session-1")
     payload = genuine.split(".")[1]
     forged = f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{payload}."
     with pytest.raises(InvalidToken):
@@ -60,11 +60,11 @@ def test_hs256_with_the_public_key_as_secret_is_refused(tokens: AccessTokens) ->
 def test_another_key_is_refused(tokens: AccessTokens) -> None:
     other = AccessTokens(generate_private_key_pem(), ttl_seconds=900)
     with pytest.raises(InvalidToken):
-        tokens.verify(other.issue("user-1", "a@example.com"))
+        tokens.verify(other.issue("user-1", "a@example.com", session_id="session-1"))
 
 
 def test_a_changed_payload_is_refused(tokens: AccessTokens) -> None:
-    header, payload, signature = tokens.issue("user-1", "a@example.com").split(".")
+    header, payload, signature = tokens.issue("user-1", "a@example.com", session_id="session-1").split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
     claims["sub"] = "user-2"
     with pytest.raises(InvalidToken):
@@ -72,7 +72,7 @@ def test_a_changed_payload_is_refused(tokens: AccessTokens) -> None:
 
 
 def test_an_expired_token_is_refused(tokens: AccessTokens) -> None:
-    expired = tokens.issue("user-1", "a@example.com", now=time.time() - 3600)
+    expired = tokens.issue("user-1", "a@example.com", session_id="session-1", now=time.time() - 3600)
     with pytest.raises(InvalidToken, match="expired"):
         tokens.verify(expired)
 
