@@ -63,9 +63,11 @@ class RecordingEnvironment(Environment):
         self._note(name, default)
         return super().text(name, default)
 
-    def integer(self, name: str, default: int | None = None, *, minimum: int = 0) -> int:
+    def integer(
+        self, name: str, default: int | None = None, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
         self._note(name, default)
-        return super().integer(name, default, minimum=minimum)
+        return super().integer(name, default, minimum=minimum, maximum=maximum)
 
     def optional(self, name: str) -> str | None:
         self._note(name, None)
