@@ -15,6 +15,7 @@ skipped with that reason."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -32,6 +33,7 @@ from typing import Any
 from services.executor import encrypted_runs
 from services.executor.sandbox import zk_decryptor
 from services.executor.sandbox.bwrap import find_bwrap
+from services.executor.sandbox.process import children_of
 from tests.sandbox.conftest import BackendFactory, Sandbox, started_backend
 from tests.sandbox.mock_kubernetes import MockKubernetes, Object
 
@@ -42,6 +44,43 @@ POD_IP = "127.0.0.1"
 # The claim of the package environments' store in the sandbox namespace (k8s/base/sandbox/).
 PACKAGES_CLAIM = "package-environments"
 # What every container status has (the client's models require these fields).
+# Every pod process any local cluster started, whatever became of its cluster: killed when the
+# test process ends, so that none outlives it (a pod's outer bwrap has no parent-death signal; two
+# were once found with parent 1, their runner waiting for an executor long gone).
+_STARTED: list[subprocess.Popen[bytes]] = []
+_STARTED_LOCK = threading.Lock()
+
+
+def _kill_pod(process: subprocess.Popen[bytes]) -> None:
+    """Kill a pod's bwrap and everything under it. Killing bwrap alone is not enough: its child,
+    when caught waiting for bwrap to write its user namespace's uid map (a read of an eventfd, which
+    no death ends), would wait forever with parent 1. So bwrap is stopped first (it can start no
+    more), its descendants are found and killed, then bwrap."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(process.pid, signal.SIGSTOP)
+        pending, tree = [process.pid], []
+        while pending:
+            pid = pending.pop()
+            children = children_of(pid)
+            tree += children
+            pending += children
+        for pid in tree:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        process.kill()
+
+
+@atexit.register
+def _kill_every_pod_process() -> None:
+    with _STARTED_LOCK:
+        for process in _STARTED:
+            _kill_pod(process)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(5)
+
+
 CONTAINER = {"name": "runner", "image": "pyth-on/sandbox", "imageID": "", "restartCount": 0}
 # What a pod does instead of running its runner (tests of pods that never start, OOM, eviction).
 Behaviour = Callable[["LocalCluster", Object], bool]
@@ -76,6 +115,7 @@ class LocalCluster:
     # Pods deleted before their process was started (the API answers before the kubelet acts).
     deleted: set[str] = field(default_factory=set)
     closed: bool = False  # no pod process starts after close (it would outlive the test)
+    _started: list[subprocess.Popen[bytes]] = field(default_factory=list)
     runner_stderr: dict[str, bytes] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -203,6 +243,9 @@ class LocalCluster:
                 stderr=subprocess.PIPE,
             )
             self.processes[name] = process
+            self._started.append(process)
+            with _STARTED_LOCK:
+                _STARTED.append(process)
         _, stderr = process.communicate()
         self.runner_stderr[name] = stderr
         code = process.returncode
@@ -212,9 +255,8 @@ class LocalCluster:
         with self._lock:
             self.deleted.add(pod["metadata"]["name"])
             process = self.processes.get(pod["metadata"]["name"])
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGKILL)
+        if process is not None:
+            _kill_pod(process)
 
     def live_processes(self) -> list[str]:
         with self._lock:
@@ -223,10 +265,10 @@ class LocalCluster:
     def close(self) -> None:
         with self._lock:
             self.closed = True
-            for process in self.processes.values():
-                if process.poll() is None:
-                    process.kill()
-            for process in self.processes.values():
+            # Every process started, also one whose pod name a later pod took in `processes`.
+            for process in self._started:
+                _kill_pod(process)
+            for process in self._started:
                 process.wait()
         self.api.close()
         shutil.rmtree(self._scratch, ignore_errors=True)
