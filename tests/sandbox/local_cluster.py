@@ -33,7 +33,7 @@ from typing import Any
 from services.executor import encrypted_runs
 from services.executor.sandbox import zk_decryptor
 from services.executor.sandbox.bwrap import find_bwrap
-from services.executor.sandbox.process import children_of
+from services.executor.sandbox.process import descendants_of
 from tests.sandbox.conftest import BackendFactory, Sandbox, started_backend
 from tests.sandbox.mock_kubernetes import MockKubernetes, Object
 
@@ -60,13 +60,7 @@ def _kill_pod(process: subprocess.Popen[bytes]) -> None:
         return
     with contextlib.suppress(OSError):
         os.kill(process.pid, signal.SIGSTOP)
-        pending, tree = [process.pid], []
-        while pending:
-            pid = pending.pop()
-            children = children_of(pid)
-            tree += children
-            pending += children
-        for pid in tree:
+        for pid in descendants_of(process.pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         process.kill()
