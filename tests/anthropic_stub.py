@@ -4,7 +4,11 @@ real API does (a message with tool_use content blocks and usage; errors with the
 overloaded, ...), checks the key and version headers, and records every request exactly as the SDK
 sent it, so a test can read what the model was told.
 
-A test scripts the next answers (`reply`); with none scripted, each request gets `default_answer`."""
+A test scripts the next answers (`reply`); with none scripted, each request gets `default_answer`.
+
+To try /api/v1/generate by hand without an Anthropic key: `python -m tests.anthropic_stub --port 8089`
+serves the default answer (a program printing "hello") until Ctrl-C, for a mesh started with
+ANTHROPIC_API_KEY=stub-key ANTHROPIC_BASE_URL=http://127.0.0.1:8089."""
 
 from __future__ import annotations
 
@@ -118,7 +122,7 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 class AnthropicStub:
     """The server; `url` is what ANTHROPIC_BASE_URL should be."""
 
-    def __init__(self, api_key: str) -> None:
+    def __init__(self, api_key: str, port: int = 0) -> None:
         self.api_key = api_key
         self.default_answer = tool_answer(
             {"code": "print('hello')\n", "packages": [], "explanation": "Prints hello."}
@@ -126,7 +130,7 @@ class AnthropicStub:
         self._script: list[Reply] = []
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -209,9 +213,24 @@ class AnthropicStub:
 
 
 @contextmanager
-def running_stub(api_key: str) -> Iterator[AnthropicStub]:
-    stub = AnthropicStub(api_key).start()
+def running_stub(api_key: str, port: int = 0) -> Iterator[AnthropicStub]:
+    stub = AnthropicStub(api_key, port).start()
     try:
         yield stub
     finally:
         stub.stop()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A local stand-in for the Anthropic Messages API.")
+    parser.add_argument("--port", type=int, default=8089)
+    parser.add_argument("--key", default="stub-key", help="the ANTHROPIC_API_KEY it accepts")
+    arguments = parser.parse_args()
+    with running_stub(arguments.key, arguments.port) as served:
+        print(f"ANTHROPIC_API_KEY={arguments.key} ANTHROPIC_BASE_URL={served.url}", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
