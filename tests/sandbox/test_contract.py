@@ -1012,6 +1012,25 @@ def test_encrypted_code_is_decrypted_and_run_inside_the_sandbox(sandbox: Sandbox
     )
 
 
+@pytest.mark.parametrize("parallelism", [2, 4])
+def test_encrypted_code_of_several_lanes_decrypts_and_a_wrong_password_is_refused(
+    sandbox: Sandbox, parallelism: int
+) -> None:
+    """Argon2id with parallelism above 1 ends its threads with pthread_exit, for which glibc loads
+    libgcc_s at run time (no ldd of a runtime lists it): without it in the root, every such run
+    aborted (134) with "libgcc_s.so.1 must be installed", a wrong password's too."""
+    needs(sandbox, encrypted_runs.DECRYPTING_RUNTIME["python"])
+    kdf = replace(ZK_KDF, parallelism=parallelism)
+    for password, expected in ((ZK_PASSWORD, "lanes ok"), ("not the password", None)):
+        code = encrypted_runs.SealedCode(recipe.encrypt("print('lanes ok')", ZK_PASSWORD, kdf), password)
+        result = sandbox.run(code.spec(RunSpec("python", ""), sandbox.backend.languages()))
+        if expected is None:
+            refusal = code.refusal(result)
+            assert refusal is not None and refusal[0] == "wrong-password", result
+        else:
+            assert (code.refusal(result), result.stdout, result.stderr) == (None, "lanes ok\n", ""), result
+
+
 def test_an_encrypted_programs_traceback_is_its_own(sandbox: Sandbox) -> None:
     code = sealed("def divide(x):\n    return x / 0\n\ndivide(1)\n")
     result = sandbox.run(code.spec(RunSpec("python", ""), sandbox.backend.languages()))

@@ -104,6 +104,10 @@ def system_library_links() -> list[tuple[str, str]]:
 
 _LINKED: dict[tuple[str, float], frozenset[str]] = {}
 LDD_BATCH = 32
+# What glibc itself loads while a program runs, so no ldd lists it: libgcc_s, for unwinding a
+# thread that ends with pthread_exit or is cancelled (Argon2id with parallelism above 1 does; without
+# it the program aborts: "libgcc_s.so.1 must be installed for pthread_exit to work").
+LOADED_BY_LIBC = ("libgcc_s.so.1",)
 
 
 def linked_libraries(files: Iterable[str]) -> list[tuple[str, str]]:
@@ -142,6 +146,11 @@ def linked_libraries(files: Iterable[str]) -> list[tuple[str, str]]:
         for stamped in members:
             _LINKED[stamped] = found.get(members[0][0], frozenset())
     libraries = set().union(*(_LINKED[stamped] for stamped in wanted))
+    for libc in [library for library in libraries if os.path.basename(library) == "libc.so.6"]:
+        for name in LOADED_BY_LIBC:
+            beside = os.path.join(os.path.dirname(libc), name)
+            if os.path.isfile(beside):
+                libraries.add(beside)
     binds = []
     for library in sorted(libraries):
         inside = os.path.join(os.path.realpath(os.path.dirname(library)), os.path.basename(library))
