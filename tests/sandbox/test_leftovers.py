@@ -10,6 +10,7 @@ is SIGKILLed, against both backends (skipped where one cannot run).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -28,7 +29,8 @@ BACKENDS = ["bwrap", "gvisor"]
 
 
 def processes_naming(text: str) -> list[tuple[int, bytes]]:
-    """Live (not zombie) processes whose command line contains `text`."""
+    """Live (not zombie) processes whose command line contains `text`, or whose working directory
+    does (bwrap starts as ./bwrap from its backend's runtime directory)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -38,9 +40,29 @@ def processes_naming(text: str) -> list[tuple[int, bytes]]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if stat[stat.rfind(")") + 2 :][:1] != "Z" and text.encode() in cmdline:
+        try:
+            directory = os.readlink(entry / "cwd")
+        except OSError:
+            directory = ""
+        if stat[stat.rfind(")") + 2 :][:1] != "Z" and (text.encode() in cmdline or text in directory):
             found.append((int(entry.name), cmdline[:100]))
     return found
+
+
+def test_reaping_finds_a_process_by_its_working_directory(tmp_path: Path) -> None:
+    """A dead owner's bwrap names its runtime directory only as its working directory."""
+    stale = tmp_path / "pythonon-bwrap-gone"
+    stale.mkdir()
+    (stale / leftovers.OWNER_FILE).write_text(json.dumps({"pid": 2**22 + 1, "start": 1, "boot": ""}))
+    assert leftovers.runtime_dir_is_stale(stale)
+    sleeper = subprocess.Popen(["sleep", "60"], cwd=stale)  # noqa: S607 - coreutils' sleep
+    try:
+        reaped = leftovers.reap(temp_dir=tmp_path, cgroup_root=tmp_path / "no-cgroups")
+        assert sleeper.wait(5) == -signal.SIGKILL
+        assert sleeper.pid in reaped.processes and str(stale) in reaped.directories
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def cgroups_of(pid: int) -> list[Path]:

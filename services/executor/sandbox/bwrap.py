@@ -170,6 +170,10 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
             if self._setpriv:
                 tools.append((self._setpriv, f"{TOOLS_INSIDE}/setpriv"))
             self._tool_binds = tools + runtimes.linked_libraries(host for host, _ in tools)
+            # Sandboxes start bwrap through this link, as ./bwrap from the runtime directory (see
+            # _spawn); a link, not a copy: the wheel's bwrap finds its libraries beside itself.
+            self._started_bwrap = self._runtime_dir / "bwrap"
+            self._started_bwrap.symlink_to(os.path.realpath(self._bwrap))
             self._cgroups = cgroups.detect(
                 self._runtime_dir.name.rpartition("-")[2],
                 parent=Path(options.cgroup_parent) if options.cgroup_parent else None,
@@ -226,18 +230,20 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
                 cgroup = self._cgroups.create(f"sandbox-{uid if uid is not None else os.urandom(6).hex()}")
             # The sandbox's first process enters the cgroup before bwrap starts, so that each of
             # its processes (bwrap's own two included) is in it from the start and dies with it.
-            # Its options (every host path of the root) through a descriptor; the command after
-            # "--" stays on the command line, where bwrap looks for it.
-            bwrap, *arguments = self._argv(runtime, profile, uid)
+            # bwrap's command line is the sandbox's /proc/1/cmdline: its options (every host path
+            # of the root) come through a descriptor, and it starts as ./bwrap from the runtime
+            # directory, which a successor's reap then finds as its working directory (and in the
+            # starting shell's arguments) rather than in its command line.
+            _bwrap, *arguments = self._argv(runtime, profile, uid)
             split = arguments.index("--")
             inputs = {fd: data for fd, data in enumerate(self._etc_files.values(), start=ETC_FD)}
             inputs[ARGS_FD] = b"".join(option.encode() + b"\0" for option in arguments[:split])
             process = spawn(
-                [bwrap, "--args", str(ARGS_FD), *arguments[split:]],
+                [str(self._started_bwrap), "--args", str(ARGS_FD), *arguments[split:]],
                 self._seccomp,
                 owner=uid,
                 inputs=inputs,
-                hide_path=True,
+                from_directory=True,
                 cgroup_procs=self._cgroups.procs_files(cgroup) if cgroup is not None else (),
             )
         except OSError as error:

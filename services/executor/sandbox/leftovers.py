@@ -12,7 +12,8 @@ what survives a reboot:
 - a block of sandbox uids is held by an flock that the kernel releases when its holder dies.
 
 `reap` removes only what belongs to an owner that is gone, so that it never touches another live
-executor's sandboxes: processes that name a dead owner's runtime directory (bwrap, runsc), processes
+executor's sandboxes: processes that name a dead owner's runtime directory in their command line
+(runsc, the shell that starts bwrap) or have it as their working directory (bwrap), processes
 in its cgroups, processes of a uid block nobody holds, and then the directories themselves."""
 
 from __future__ import annotations
@@ -238,7 +239,9 @@ def _remove_cgroup_tree(group: Path) -> bool:
 
 
 def _processes_naming(markers: Iterable[str]) -> Iterator[int]:
-    """Processes whose command line names one of `markers` (a runtime directory's path)."""
+    """Processes whose command line names one of `markers` (a runtime directory's path, ending in
+    "/"), or whose working directory is one (bwrap, started from there as ./bwrap)."""
+    markers = list(markers)
     wanted = [marker.encode() for marker in markers]
     for entry in _entries(Path("/proc")):
         if not entry.name.isdigit():
@@ -249,6 +252,11 @@ def _processes_naming(markers: Iterable[str]) -> Iterator[int]:
             continue
         if any(marker in cmdline for marker in wanted):
             yield int(entry.name)
+            continue
+        with contextlib.suppress(OSError):
+            directory = os.readlink(entry / "cwd") + "/"
+            if any(directory.startswith(marker) for marker in markers):
+                yield int(entry.name)
 
 
 def _reap_free_uid_blocks(uid_base: int, uid_block: int, locks: Path) -> list[int]:

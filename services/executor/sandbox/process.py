@@ -46,31 +46,24 @@ def spawn(
     owner: int | None = None,
     cgroup_procs: Sequence[str] = (),
     inputs: Mapping[int, bytes] | None = None,
-    hide_path: bool = False,
+    from_directory: bool = False,
 ) -> SandboxProcess:
     """Start argv (bwrap or runsc) with a clean environment and the descriptors above. `owner` is
     the uid the program will run as, given the payload pipe so that it may reopen it
     (Bash reads it through /dev/fd/4). `cgroup_procs`: cgroup.procs files the process enters before
     it runs argv. `inputs`: more descriptors (above SECCOMP_FD), each a pipe holding the bytes given
     (small: they must fit in a pipe's buffer), e.g. files bwrap copies into the sandbox.
-    `hide_path`: the program's argv[0] names no directory (bwrap's command line is the sandbox's
-    /proc/1/cmdline, which every process in it can read)."""
-    executable = argv[0]
-    shown = f"./{os.path.basename(executable)}" if hide_path else executable
-    argv = [shown, *argv[1:]]
-    if cgroup_procs:
-        directory = os.path.dirname(executable) if hide_path else "/"
+    `from_directory`: the program starts in its own directory as ./<name>, so that its argv[0]
+    names no directory (bwrap's command line is the sandbox's /proc/1/cmdline, which every process
+    in it can read) and its working directory is where it lies."""
+    if cgroup_procs or from_directory:
+        directory = os.path.dirname(argv[0]) if from_directory else "/"
+        shown = f"./{os.path.basename(argv[0])}" if from_directory else argv[0]
         argv = [
-            "/bin/sh",
-            "-c",
-            _ENTER_CGROUPS,
-            "sh",
-            str(len(cgroup_procs)),
-            *cgroup_procs,
-            directory,
-            *argv,
-        ]
-        executable = argv[0]
+            "/bin/sh", "-c", _ENTER_CGROUPS, "sh", str(len(cgroup_procs)), *cgroup_procs, directory,
+            shown, *argv[1:],
+        ]  # fmt: skip
+    executable = argv[0]
     opened: list[int] = []
 
     def pipe() -> tuple[int, int]:
