@@ -25,8 +25,9 @@ def check_name(name: str) -> str:
         raise InvalidArgument("a name is required")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidArgument(f"names are at most {MAX_NAME_LENGTH} characters")
-    folded = name.lower()
-    if not folded.isascii() or not _NAME.fullmatch(folded):
+    # ASCII before folding: "K".lower() is "k" (the Kelvin sign), which would alias another name.
+    folded = name.lower() if name.isascii() else ""
+    if not _NAME.fullmatch(folded):
         raise InvalidArgument(
             "a name is letters, digits, dots, underscores and hyphens, starting with a letter or a "
             "digit (e.g. report.py); names are case-insensitive"

@@ -244,6 +244,15 @@ def test_names_and_languages(client: httpx.Client, user: dict) -> None:
     assert [i["name"] for i in client.get("/api/v1/zk/code", headers=headers(user)).json()["items"]] == [
         "same.name"
     ]
+    # The Kelvin sign lower-cases to "k": refused, not an alias of "ak" (which it overwrote).
+    assert put(client, user, "ak", payload).status_code == 200
+    for request in (
+        put(client, user, "a%E2%84%AA", payload),
+        client.delete("/api/v1/zk/code/a%E2%84%AA", headers=headers(user)),
+    ):
+        assert "name" in error_message(request, 400, 3)
+    names = [i["name"] for i in client.get("/api/v1/zk/code", headers=headers(user)).json()["items"]]
+    assert names == ["ak", "same.name"]
 
 
 def test_another_users_names_are_404(client: httpx.Client, user: dict) -> None:
