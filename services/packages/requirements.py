@@ -18,6 +18,10 @@ from services.platform.errors import InvalidArgument
 MAX_PACKAGES = 50
 MAX_NAME_CHARACTERS = 100
 MAX_SPEC_CHARACTERS = 200
+# The longest number in a version the installer takes (uv: below 2**64 - 1, so 19 digits may not
+# fit); packaging takes any, and a longer one would fail the whole set's build in uv's words.
+MAX_VERSION_DIGITS = 18
+_DIGITS = re.compile(r"[0-9]+")
 # A name as PEP 508 spells it (and nothing else: no path separators, no option dashes first).
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 # Anything that means "fetch from somewhere else" or "run something", whatever the parser makes of it.
@@ -66,6 +70,11 @@ def parse(entry: str) -> PackageSpec:
     for extra in requirement.extras:
         if not _NAME.fullmatch(extra):
             raise InvalidArgument(f"package {shown}: {extra!r} is not an extra's name")
+    for specifier in requirement.specifier:
+        if any(len(number.lstrip("0")) > MAX_VERSION_DIGITS for number in _DIGITS.findall(specifier.version)):
+            raise InvalidArgument(
+                f"package {shown}: a number in a version has at most {MAX_VERSION_DIGITS} digits"
+            )
     extras = f"[{','.join(sorted(canonicalize_name(extra) for extra in requirement.extras))}]"
     specifiers = ",".join(sorted(str(specifier) for specifier in requirement.specifier))
     name = canonicalize_name(requirement.name)

@@ -142,6 +142,8 @@ def test_lifecycle_set_add_remove_list_and_audit(http: httpx.Client) -> None:
 
 
 REFUSED = [
+    ("requests>=9999999999999999999999999999999", "a number in a version has at most 18 digits"),
+    ("tiny-greet==1.0.9999999999999999999", "a number in a version has at most 18 digits"),
     ("https://example.com/x.whl", "only a name and version specifiers"),
     ("tiny-greet @ https://example.com/x.whl", "only a name and version specifiers"),
     ("./local/path", "only a name and version specifiers"),
