@@ -37,6 +37,7 @@ DECRYPTING_RUNTIME = {"python": "python", "javascript": "bash", "bash": "bash"}
 REFUSALS: dict[str, tuple[type[PermissionDenied | InvalidArgument], str]] = {
     "wrong-password": (PermissionDenied, recipe.WRONG_PASSWORD_MESSAGE),
     "malformed": (InvalidArgument, "the payload is not as the recipe describes"),
+    "not-text": (InvalidArgument, "the decrypted code is not UTF-8 text"),
     "kdf-memory": (
         InvalidArgument,
         "the payload's key derivation could not get its memory within the run's memory limit",

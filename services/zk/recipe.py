@@ -52,6 +52,10 @@ class PayloadError(ValueError):
     """The payload is malformed or outside the recipe's bounds; the message says which field."""
 
 
+class NotText(PayloadError):
+    """Authentic, but the decrypted bytes are not UTF-8 text: someone encrypted other bytes."""
+
+
 class DecryptionFailed(Exception):
     """The password is wrong or the payload was altered (the two cannot be told apart)."""
 
@@ -181,7 +185,7 @@ def decrypt(payload: ZkPayload, password: str) -> str:
         return plain.decode("utf-8")
     except UnicodeDecodeError:
         # Authentic, but not what this recipe encrypts: someone encrypted other bytes.
-        raise PayloadError("the decrypted code is not UTF-8 text") from None
+        raise NotText("the decrypted code is not UTF-8 text") from None
 
 
 def _b64(data: bytes) -> str:

@@ -79,6 +79,11 @@ def _resource(name: str) -> str:
     return f"zk/code/{name}"
 
 
+def _reason(error: DomainError) -> str:
+    """A refusal as an audit reason: its kind and what it said (never code or a password)."""
+    return f"{error.code.name.lower().replace('_', '-')}: {error.message}"
+
+
 def _metadata(row: StoredCode) -> CodeMetadata:
     return CodeMetadata(
         name=row.name,
@@ -204,9 +209,13 @@ class EncryptedCode:
         }
         try:
             response = await self._executor.ExecuteEncrypted(request)
-        except PermissionDenied:
-            await self._audit.record(
-                EXECUTE, _resource(name), FAILURE, {**details, "reason": "wrong-password"}
+        except DomainError as error:
+            # Every refusal is recorded with why: a wrong password, or the executor's answer
+            # (a payload it cannot decrypt to code, its memory, its limits, its absence).
+            reason = "wrong-password" if isinstance(error, PermissionDenied) else _reason(error)
+            await run_to_completion(
+                self._audit.record(EXECUTE, _resource(name), FAILURE, {**details, "reason": reason}),
+                action=EXECUTE,
             )
             raise
         details.update(executionId=response.execution_id, exitCode=response.exit_code)

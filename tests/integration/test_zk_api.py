@@ -205,6 +205,31 @@ def test_a_wrong_password_or_an_altered_payload_is_403_never_runs_and_is_audited
     assert executed == [("failure", "wrong-password"), ("failure", "wrong-password")]
 
 
+@pytest.mark.parametrize("language", ["python", "bash"])
+def test_code_that_decrypts_to_other_than_text_is_a_precise_400_and_audited(
+    client: httpx.Client, user: dict, language: str
+) -> None:
+    """Authentic ciphertext of bytes that are not UTF-8 (another client's bug): the executor says
+    so, and zk.execute records the refusal as it records a wrong password."""
+    from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
+
+    good = recipe.encrypt("print(1)", PASSWORD, FAST)
+    key = recipe.derive_key(PASSWORD, good.salt, FAST)
+    plain = b"print('x')\n\xff\xfe# \xc3"
+    ciphertext = crypto_aead_xchacha20poly1305_ietf_encrypt(plain, None, good.nonce, key)
+    payload = {**good.to_json(), "ciphertext": base64.b64encode(ciphertext).decode()}
+    name = f"bytes-{language}"
+    assert put(client, user, name, payload, language).status_code == 200
+    answer = execute(client, user, name)
+    assert error_message(answer, 400, 3) == "the decrypted code is not UTF-8 text"
+    recorded = [(r, o, d.get("reason")) for _, r, o, d in audit_of(client, user, "zk.execute")]
+    assert (
+        f"zk/code/{name}",
+        "failure",
+        "invalid-argument: the decrypted code is not UTF-8 text",
+    ) in recorded
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

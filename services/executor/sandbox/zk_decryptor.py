@@ -63,6 +63,8 @@ def _decrypt(request):
             return zk_recipe.decrypt(payload, request["password"])
         except zk_recipe.DecryptionFailed:
             _refuse(token, "wrong-password")
+        except zk_recipe.NotText:
+            _refuse(token, "not-text")
         except zk_recipe.PayloadError:
             _refuse(token, "malformed")
         except (HashingError, MemoryError):
