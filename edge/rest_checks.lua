@@ -483,7 +483,15 @@ check_message = function(name, v, prefix, depth, taken)
       if message.names == "" then
         fail(format('unknown field "%s": this call takes no fields', where))
       end
-      fail(format('unknown field "%s" (the fields are %s)', where, message.names))
+      local names = message.names
+      if taken then  -- the body's fields: those the path binds are not among them
+        local listed = {}
+        for _, field in ipairs(message.fields) do
+          if not taken[field.proto] then listed[#listed + 1] = field.json end
+        end
+        names = concat(listed, ", ")
+      end
+      fail(format('unknown field "%s" (the fields are %s)', where, names))
     end
     if taken and taken[spec.proto] then
       fail(format('%s%s: given in the path; leave it out of the body', prefix, spec.json))

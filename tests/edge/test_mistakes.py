@@ -81,6 +81,17 @@ def nothing_reached_a_service(doubles) -> None:
             'unknown field "name" (the fields are email, password)',
         ),
         ("/api/verify", {"anything": 1}, 'unknown field "anything": this call takes no fields'),
+        # The fields listed are the body's: "name" comes from the path (and is refused in the body).
+        (
+            "/api/v1/zk/execute/job.py",
+            {"password": "pw", "language": "bash"},
+            'unknown field "language" (the fields are password, stdin, timeout, env, secrets)',
+        ),
+        (
+            "/api/v1/zk/execute/job.py",
+            {"password": "pw", "name": "x"},
+            "name: given in the path; leave it out of the body",
+        ),
         # Wrong types and shapes, named with the form expected.
         ("/api/v1/execute", {"code": 5}, "code: expected a string, got 5"),
         ("/api/v1/execute", {"code": "1", "timeout": "abc"}, 'timeout: expected a number, got "abc"'),
