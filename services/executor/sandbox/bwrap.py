@@ -234,7 +234,7 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
             # of the root) come through a descriptor, and it starts as ./bwrap from the runtime
             # directory, which a successor's reap then finds as its working directory (and in the
             # starting shell's arguments) rather than in its command line.
-            _bwrap, *arguments = self._argv(runtime, profile, uid)
+            arguments = self._argv(runtime, profile, uid)[1:]  # after bwrap's own path
             split = arguments.index("--")
             inputs = {fd: data for fd, data in enumerate(self._etc_files.values(), start=ETC_FD)}
             inputs[ARGS_FD] = b"".join(option.encode() + b"\0" for option in arguments[:split])
