@@ -65,6 +65,35 @@ def test_reaping_finds_a_process_by_its_working_directory(tmp_path: Path) -> Non
         sleeper.wait()
 
 
+def test_reaping_finds_a_sandbox_start_that_has_not_yet_entered_its_cgroup(tmp_path: Path) -> None:
+    """The shell that starts bwrap names its runtime directory in its arguments from its first
+    instant: one whose owner died before it entered its cgroup (held there by a FIFO standing for a
+    cgroup.procs file) is found and killed, not left to start a sandbox after the reap."""
+    from services.executor.sandbox.process import spawn
+
+    stale = tmp_path / "pythonon-bwrap-gone"
+    stale.mkdir()
+    (stale / leftovers.OWNER_FILE).write_text(json.dumps({"pid": 2**22 + 1, "start": 1, "boot": ""}))
+    procs = tmp_path / "cgroup.procs"
+    os.mkfifo(procs)
+
+    async def start_and_reap() -> None:
+        starting = spawn([str(stale / "bwrap"), "--version"], cgroup_procs=[str(procs)], from_directory=True)
+        try:
+            deadline = time.monotonic() + 5
+            while not processes_naming(str(procs)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # until the shell has started and waits on the FIFO
+            assert processes_naming(str(procs))
+            reaped = leftovers.reap(temp_dir=tmp_path, cgroup_root=tmp_path / "no-cgroups")
+            assert starting.pid in reaped.processes
+            assert not processes_naming(str(procs))
+        finally:
+            starting.kill()
+            starting.close()
+
+    asyncio.run(start_and_reap())
+
+
 def cgroups_of(pid: int) -> list[Path]:
     return [
         path

@@ -57,7 +57,9 @@ def spawn(
     names no directory (bwrap's command line is the sandbox's /proc/1/cmdline, which every process
     in it can read) and its working directory is where it lies."""
     if cgroup_procs or from_directory:
-        directory = os.path.dirname(argv[0]) if from_directory else "/"
+        # With its trailing "/": the shell names the directory as a reap's markers do, from its
+        # first instant, before it has entered its cgroups or moved there.
+        directory = os.path.dirname(argv[0]) + "/" if from_directory else "/"
         shown = f"./{os.path.basename(argv[0])}" if from_directory else argv[0]
         argv = [
             "/bin/sh", "-c", _ENTER_CGROUPS, "sh", str(len(cgroup_procs)), *cgroup_procs, directory,
