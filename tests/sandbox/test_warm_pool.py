@@ -29,8 +29,14 @@ class Processes:
         self.started: list[Sleeper] = []
         self.disposed: list[Sleeper] = []
         self.failures_left = 0
+        # While set, each start waits until the gate opens (a start under way).
+        self.gate: asyncio.Event | None = None
+        self.calls = 0
 
     async def start(self, key: str) -> Sleeper:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
         if self.failures_left:
             self.failures_left -= 1
             raise SandboxError("cannot start (on purpose)")
@@ -158,6 +164,69 @@ async def test_a_take_that_empties_the_pool_refills_at_once(processes: Processes
     await pool.fill(1)  # without replenish: the take found the pool dry and started a refill
     assert pool.ready("python") == 1
     await pool.close()
+
+
+async def _emptied_with_a_start_under_way(processes: Processes) -> WarmPool[str, Sleeper]:
+    """A pool of one, taken: its refill's start is under way, held at the gate."""
+    pool = make_pool(processes, size=1)
+    pool.keep_warm(["python"])
+    await pool.fill(1)
+    processes.gate = asyncio.Event()
+    assert pool.take("python") is not None  # the last one: the refill starts at once
+    await asyncio.sleep(0.01)
+    return pool
+
+
+@in_a_loop
+async def test_a_run_that_finds_the_pool_empty_waits_for_the_start_under_way(processes: Processes) -> None:
+    """It gets the first sandbox that is up, and one more start is made for the pool beside the
+    refill's (not more, whoever waits); a second run meanwhile (that start is promised) is told to
+    start its own."""
+    pool = await _emptied_with_a_start_under_way(processes)
+    waiting = asyncio.ensure_future(pool.take_or_wait("python"))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    assert processes.calls == 3  # the fill's, the refill's, and the extra one for the pool
+    assert await pool.take_or_wait("python") is None  # one run waits for each start under way
+    assert processes.gate is not None
+    processes.gate.set()
+    handed = await asyncio.wait_for(waiting, 5)
+    assert handed in processes.started[1:] and handed.process.returncode is None
+    # The refill goes on (deeper now: a take found the pool empty, a burst).
+    assert pool.size_of("python") == BURST_DEPTH
+    await pool.fill(1)
+    assert pool.ready("python") >= 1 and handed not in processes.disposed
+    await pool.close()
+
+
+@in_a_loop
+async def test_a_waiting_run_that_is_cancelled_leaves_its_sandbox_to_the_pool(processes: Processes) -> None:
+    pool = await _emptied_with_a_start_under_way(processes)
+    waiting = asyncio.ensure_future(pool.take_or_wait("python"))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    assert processes.gate is not None
+    processes.gate.set()
+    await pool.fill(2)
+    assert pool.ready("python") >= 2 and processes.disposed == []  # the refill's and the extra: kept
+    await pool.close()
+
+
+@in_a_loop
+async def test_a_waiting_run_hears_none_when_the_start_fails_or_the_pool_closes(processes: Processes) -> None:
+    pool = await _emptied_with_a_start_under_way(processes)
+    processes.failures_left = 2  # the refill's start and the extra one
+    waiting = asyncio.ensure_future(pool.take_or_wait("python"))
+    await asyncio.sleep(0.01)
+    assert processes.gate is not None
+    processes.gate.set()
+    assert await asyncio.wait_for(waiting, 5) is None  # it starts its own, and hears why
+    processes.gate = asyncio.Event()
+    await asyncio.sleep(0.6)  # the refill retries after its delay, and is held at the gate again
+    waiting = asyncio.ensure_future(pool.take_or_wait("python"))
+    await asyncio.sleep(0.01)
+    await pool.close()
+    assert await asyncio.wait_for(waiting, 5) is None
 
 
 @in_a_loop

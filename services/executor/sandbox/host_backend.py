@@ -248,7 +248,7 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
             raise SandboxError("the sandbox backend is closed")
         async with self._admission.slot(spec.owner):
             profile = self._profile(spec.language, spec.limits, spec.readonly_paths)
-            sandbox = self._pool.take(profile)
+            sandbox = await self._pool.take_or_wait(profile)
             if sandbox is None:
                 log.debug("no warm sandbox for this run's profile; starting one")
                 sandbox = await self._spawn(profile)

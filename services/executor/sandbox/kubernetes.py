@@ -363,7 +363,7 @@ class KubernetesBackend:
         if self._closed:
             raise SandboxError("the sandbox backend is closed")
         async with self._admission.slot(spec.owner):
-            sandbox = self._pool.take(profile)
+            sandbox = await self._pool.take_or_wait(profile)
             if sandbox is None:
                 sandbox = await self._spawn(profile)
             try:

@@ -10,6 +10,14 @@ with the run itself, or at once when a take found the key's pool empty. A pooled
 while it waits is dropped and replaced. `close` disposes of every pooled sandbox and of any that
 finishes starting afterwards.
 
+A run that finds its key's pool empty while a refill's start is under way waits for that sandbox
+(`take_or_wait`) rather than starting one of its own: the refill's start is already part done,
+so back-to-back runs that outpace the refill no longer get their slowest answers from starting a
+sandbox from nothing beside it. One run waits for each start under way; another starts its own.
+A run that waits also has one more sandbox started for the pool beside the refill's next (at most
+one such extra start per key at a time), so that the pool can get ahead of back-to-back runs
+again rather than each waiting for the start before it.
+
 A burst deepens a key's pool: a take that finds it empty makes that key's depth BURST_DEPTH times
 the pool's size, so that sustained concurrency finds sandboxes ready instead of starting them on the runs'
 path; once no take has found it empty for `burst_seconds`, the key is back to its size and the
@@ -61,6 +69,11 @@ class WarmPool(Generic[K, S]):
         self._ready: dict[K, deque[S]] = {}
         self._sizes: dict[K, int] = {}  # keys kept at another size than `size`
         self._refills: dict[K, asyncio.Task[None]] = {}
+        # Keys whose refill is starting a sandbox now (not waiting to retry after a failure), and
+        # the run waiting for that sandbox, if one is.
+        self._starting: set[K] = set()
+        self._waiting: dict[K, asyncio.Future[S | None]] = {}
+        self._extras: dict[K, asyncio.Task[None]] = {}  # the extra start of a key whose run waits
         self._recent: dict[K, None] = {}  # keep_recently_used's keys, least recently used first
         # Keys in a burst: when a take last found each empty.
         self._dry_at: dict[K, float] = {}
@@ -100,9 +113,9 @@ class WarmPool(Generic[K, S]):
 
     def forget(self, key: K) -> None:
         """Stop keeping `key` warm and dispose of its sandboxes."""
-        task = self._refills.pop(key, None)
-        if task is not None:
-            task.cancel()
+        for task in (self._refills.pop(key, None), self._extras.pop(key, None)):
+            if task is not None:
+                task.cancel()
         self._sizes.pop(key, None)
         self._dry_at.pop(key, None)
         for sandbox in self._ready.pop(key, deque()):
@@ -141,6 +154,52 @@ class WarmPool(Generic[K, S]):
         self._refill(key)
         return None
 
+    async def take_or_wait(self, key: K) -> S | None:
+        """`take`; or, when the pool is empty but its refill is starting a sandbox that no other run
+        waits for, that sandbox once it is up. None: there is none to be had (start one)."""
+        sandbox = self.take(key)
+        if sandbox is not None or key not in self._starting or key in self._waiting:
+            return sandbox
+        waiter: asyncio.Future[S | None] = asyncio.get_running_loop().create_future()
+        self._waiting[key] = waiter
+        self._start_extra(key)
+        try:
+            sandbox = await waiter
+        except asyncio.CancelledError:
+            if self._waiting.get(key) is waiter:
+                del self._waiting[key]
+            if waiter.done() and not waiter.cancelled() and (handed := waiter.result()) is not None:
+                self.add(key, handed)  # handed over as the run was cancelled: back to the pool
+            raise
+        if sandbox is not None and self._exited(sandbox).done():
+            self._dispose(sandbox)
+            return None
+        return sandbox
+
+    def _start_extra(self, key: K) -> None:
+        if key in self._extras or self._closed:
+            return
+
+        async def extra() -> None:
+            try:
+                sandbox = await self._start(key)
+            except SandboxError:
+                return  # the refill's own starts report and retry what fails
+            if self._closed or not self._hand_over(key, sandbox):
+                self.add(key, sandbox)
+
+        task = asyncio.get_running_loop().create_task(extra())
+        self._extras[key] = task
+        task.add_done_callback(lambda _: self._extras.pop(key, None))
+
+    def _hand_over(self, key: K, sandbox: S | None) -> bool:
+        """Give a refill's sandbox (None: its start failed) to the run waiting for it, if one is."""
+        waiter = self._waiting.pop(key, None)
+        if waiter is None or waiter.done():
+            return False
+        waiter.set_result(sandbox)
+        return True
+
     def replenish(self) -> None:
         """Start, in the background, what every key lacks; let a burst's extra depth go once no
         take has found its key empty for `burst_seconds`."""
@@ -172,7 +231,9 @@ class WarmPool(Generic[K, S]):
 
     async def close(self) -> None:
         self._closed = True
-        refills = list(self._refills.values())
+        for key in list(self._waiting):
+            self._hand_over(key, None)
+        refills = [*self._refills.values(), *self._extras.values()]
         for task in refills:
             task.cancel()
         await asyncio.gather(*refills, return_exceptions=True)
@@ -190,16 +251,24 @@ class WarmPool(Generic[K, S]):
 
     async def _refill_loop(self, key: K) -> None:
         delay = self._retry_delay
-        while not self._closed and key in self._ready and len(self._ready[key]) < self.size_of(key):
-            try:
-                sandbox = await self._start(key)
-            except SandboxError as error:
-                log.warning("cannot refill the warm pool (%s): %s", key, error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._max_retry_delay)
-                continue
-            delay = self._retry_delay
-            self.add(key, sandbox)
+        try:
+            while not self._closed and key in self._ready and len(self._ready[key]) < self.size_of(key):
+                self._starting.add(key)
+                try:
+                    sandbox = await self._start(key)
+                except SandboxError as error:
+                    self._starting.discard(key)
+                    self._hand_over(key, None)  # the waiting run starts its own, and hears why
+                    log.warning("cannot refill the warm pool (%s): %s", key, error)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._max_retry_delay)
+                    continue
+                delay = self._retry_delay
+                if self._closed or not self._hand_over(key, sandbox):
+                    self.add(key, sandbox)
+        finally:
+            self._starting.discard(key)
+            self._hand_over(key, None)
 
     def _drop_dead(self, key: K, sandbox: S) -> None:
         """A pooled sandbox that died while waiting (killed from outside) leaves the pool."""
