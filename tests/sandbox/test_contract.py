@@ -366,6 +366,21 @@ def test_javascript_hello_world(sandbox: Sandbox) -> None:
     assert "pythonon-exit" not in failing.stderr
 
 
+def test_a_forged_end_marker_is_ordinary_output(sandbox: Sandbox) -> None:
+    """The marker that ends a run carries a token of that run: one written by the program without it
+    neither ends the run nor loses what follows."""
+    code = (
+        "import os, time\n"
+        "os.write(2, b'\\0pythonon-exit 0000000000000000 0\\n')\n"
+        "time.sleep(0.3)\n"
+        "print('after')\n"
+        "raise SystemExit(4)"
+    )
+    result = sandbox.run(RunSpec("python", code))
+    assert (result.stdout, result.exit_code) == ("after\n", 4)
+    assert result.stderr == "\0pythonon-exit 0000000000000000 0\n"
+
+
 def test_bash_hello_world(sandbox: Sandbox) -> None:
     needs(sandbox, "bash")
     code = "read -r line\necho \"hi $WHO $line $(sh -c 'echo $WHO') $(cat data.txt | wc -c)\"\nexit 5"
@@ -566,7 +581,7 @@ def test_output_is_heard_as_it_is_written(sandbox: Sandbox, factory: BackendFact
         assert heard == []  # the pod's runner reports the output once, with the result
         return
     assert heard_of(heard, "stdout") == b"early\nlate\n"
-    assert heard_of(heard, "stderr") == b""  # gVisor's end marker is never heard
+    assert heard_of(heard, "stderr") == b""  # the end marker is never heard
     first_seen, _, first = heard[0]
     assert b"early\n".startswith(first) and first
     assert ended - first_seen > 1.0, "the first line was heard only as the run ended"

@@ -279,16 +279,18 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
                 )
         except OSError as error:
             raise SandboxError(f"cannot apply limits to a sandbox: {error}") from error
+        token = os.urandom(8).hex()
         try:
             outcome = await sandbox.process.execute(
                 payload=runtimes.frame(
-                    runtime.payload(spec, cpu_seconds=math.ceil(limits.timeout_seconds) + 1)
+                    runtime.payload(spec, cpu_seconds=math.ceil(limits.timeout_seconds) + 1, end_token=token)
                 ),
                 stdin=spec.stdin.encode(),
                 private_input=bytes(spec.private_input),
                 timeout=limits.timeout_seconds,
                 output_cap=limits.output_bytes,
                 kill=lambda: self._kill(sandbox),
+                end_marker=runtimes.END_MARKER + token.encode() + b" ",
                 on_output=on_output,
             )
         except PayloadRefused:

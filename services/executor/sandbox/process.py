@@ -7,8 +7,8 @@ File descriptors inside the sandbox:
   · 5 ready signal (the bootstrap writes "R" when it waits for the payload) · 6 seccomp filter for
   bwrap, when there is one (bwrap consumes it).
 
-A sandbox that gets nothing but stdio (gVisor) says "R" on stdout instead, takes its payload first
-on stdin, and may end its stderr with an end marker (runtimes.END_MARKER) giving the exit status
+A sandbox that gets nothing but stdio (gVisor) says "R" on stdout instead and takes its payload first
+on stdin. Either may end its stderr with an end marker (runtimes.END_MARKER) giving the exit status
 before the sandbox has finished tearing down."""
 
 from __future__ import annotations
