@@ -47,7 +47,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PYTHONON_EXECUTOR_TMP_MIB", "64", "Size of a run's /tmp, in MiB."),
     Setting(
         "PYTHONON_EXECUTOR_POOL_SIZE",
-        "2",
+        "4",
         "Warm sandboxes kept started per language, waiting for a run (0: none).",
     ),
     Setting(
@@ -156,7 +156,7 @@ class ExecutorSettings:
             tmp_bytes=env.integer("PYTHONON_EXECUTOR_TMP_MIB", 64, minimum=1) * MiB,
         )
         options: dict[str, Any] = {
-            "pool_size": env.integer("PYTHONON_EXECUTOR_POOL_SIZE", 2),
+            "pool_size": env.integer("PYTHONON_EXECUTOR_POOL_SIZE", 4),
             "max_concurrent": max_concurrent or None,
             "runs_per_core": float(env.integer("PYTHONON_EXECUTOR_RUNS_PER_CORE", 4, minimum=1)),
             "max_runs_per_user": max_runs_per_user or None,

@@ -36,7 +36,6 @@ from pathlib import Path
 from services.executor.mount_namespace import in_own_mount_namespace
 from services.executor.sandbox import cgroups, runtimes, seccomp, staged_root
 from services.executor.sandbox.host_backend import (
-    MOUNT_POOL_DEPTH,
     NOBODY,
     RECENT_MOUNT_PROFILES,
     BackendOptions,
@@ -157,8 +156,8 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
                 2 * self.max_concurrent  # the runs', and those of finished runs still being reaped
                 # the pools, each BURST_DEPTH times its size in a burst
                 + BURST_DEPTH * options.pool_size * len(self._runtimes)
-                # the pools of the package environments used last (deeper, or as deep in a burst)
-                + RECENT_MOUNT_PROFILES * max(MOUNT_POOL_DEPTH, BURST_DEPTH) * options.pool_size
+                # the pools of the package environments used last (as deep in a burst)
+                + RECENT_MOUNT_PROFILES * BURST_DEPTH * options.pool_size
                 + len(self._runtimes)  # the start-up checks
                 + 8
             )

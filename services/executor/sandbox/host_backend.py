@@ -40,8 +40,6 @@ from services.executor.sandbox.warm_pool import WarmPool
 
 # Warm pools kept for profiles with read-only mounts (package environments), the most recent ones.
 RECENT_MOUNT_PROFILES = 4
-# Their pools hold this many times a language's pool size.
-MOUNT_POOL_DEPTH = 2
 
 log = logging.getLogger("pythonon.executor.sandbox")
 
@@ -56,7 +54,7 @@ class BackendOptionError(ValueError):
 class BackendOptions:
     """Options every host backend takes; a backend adds its own in a subclass."""
 
-    pool_size: int = 2  # warm sandboxes per language (0: none)
+    pool_size: int = 4  # warm sandboxes per language (0: none)
     # Admission (see admission.py). Runs at once; default: sized by memory and cores.
     max_concurrent: int | None = None
     runs_per_core: float = 4.0  # runs sharing a core when max_concurrent is sized (most sleep or wait)
@@ -280,11 +278,9 @@ class HostBackend(ABC, Generic[OptionsT, SandboxT]):
         """Keep a warm pool for each of the RECENT_MOUNT_PROFILES profiles with read-only mounts (a
         user's package environment) used last, so that a run with packages starts warm too."""
         if not self._closed:
-            # Deeper than a language's pool: one user's runs come back to back, and each takes a
-            # sandbox that a replacement must start for (refilled one at a time, after the answer).
-            self._pool.keep_recently_used(
-                profile, RECENT_MOUNT_PROFILES, size=MOUNT_POOL_DEPTH * self.options.pool_size
-            )
+            # As deep as a language's pool (one user's back-to-back runs wait for the refill's
+            # start under way, and have one more started: warm_pool.take_or_wait).
+            self._pool.keep_recently_used(profile, RECENT_MOUNT_PROFILES)
 
     def _default_profile(self, language: str) -> Hashable:
         return self._profile(language, self.options.default_limits, ())
