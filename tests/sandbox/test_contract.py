@@ -573,6 +573,21 @@ def heard_of(heard: list[tuple[float, str, bytes]], stream: str) -> bytes:
     return b"".join(data for _, name, data in heard if name == stream)
 
 
+def test_stderr_is_heard_as_it_is_written_though_the_end_marker_follows_on_it(
+    sandbox: Sandbox, factory: BackendFactory
+) -> None:
+    """The backend holds back only what may be the start of the end marker (from a NUL on): a
+    short line on stderr is heard at once, not with the marker at the end."""
+    code = "import sys, time\nprint('err 1', file=sys.stderr, flush=True)\ntime.sleep(1.5)\nprint('out 1')"
+    result, heard, ended = run_listening(sandbox, RunSpec("python", code))
+    assert (result.stdout, result.stderr, result.exit_code) == ("out 1\n", "err 1\n", 0)
+    if factory.name == "kubernetes":
+        assert heard == []  # the pod's runner reports the output once, with the result
+        return
+    early = b"".join(data for when, stream, data in heard if stream == "stderr" and ended - when > 1.0)
+    assert early == b"err 1\n", "the stderr line was heard only as the run ended"
+
+
 def test_output_is_heard_as_it_is_written(sandbox: Sandbox, factory: BackendFactory) -> None:
     code = "import sys, time\nprint('early', flush=True)\ntime.sleep(1.5)\nprint('late')\nsys.exit(4)"
     result, heard, ended = run_listening(sandbox, RunSpec("python", code))

@@ -359,7 +359,7 @@ class _Capture:
     """Reads one output pipe into memory up to a cap; past it, reports once and discards. With an
     end marker, `ended` gets the status once the stream ends with the marker (which is stripped).
     `on_data` hears the kept bytes as they arrive, less a tail that could be the start of the
-    marker (that tail is heard only once more follows)."""
+    marker, from a NUL on (that tail is heard only once more follows)."""
 
     def __init__(
         self,
@@ -423,11 +423,20 @@ class _Capture:
     def _tell(self) -> None:
         if self._on_data is None:
             return
-        told_up_to = len(self.data) - self._held_back
+        told_up_to = len(self.data) - self._marker_start()
         if told_up_to > self._told:
             piece = bytes(self.data[self._told : told_up_to])
             self._told = told_up_to
             self._on_data(piece)
+
+    def _marker_start(self) -> int:
+        """How many of the last kept bytes may be the beginning of the end marker (from its NUL on):
+        those are told only once more follows. Output without a NUL near its end is told at once."""
+        if not self._held_back:
+            return 0
+        window = self.data[-self._held_back :]
+        start = window.rfind(b"\0")
+        return 0 if start < 0 else len(window) - start
 
     def drain(self) -> None:
         """Read, without waiting, what the pipe holds now."""
