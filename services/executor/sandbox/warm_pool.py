@@ -190,7 +190,12 @@ class WarmPool(Generic[K, S]):
 
         task = asyncio.get_running_loop().create_task(extra())
         self._extras[key] = task
-        task.add_done_callback(lambda _: self._extras.pop(key, None))
+
+        def ended(done: asyncio.Task[None]) -> None:
+            if self._extras.get(key) is done:  # not one started after a forget of the key
+                del self._extras[key]
+
+        task.add_done_callback(ended)
 
     def _hand_over(self, key: K, sandbox: S | None) -> bool:
         """Give a refill's sandbox (None: its start failed) to the run waiting for it, if one is."""
