@@ -112,7 +112,11 @@ def test_a_shell_fork_bomb_is_contained(client: httpx.Client, user: dict) -> Non
     body, elapsed = timed(client, user, code="id -u\n:(){ :|:& };:\nwait", language="bash", timeout=2)
     assert re.fullmatch(r"\d+\n", body["output"]), body  # the script did start
     assert elapsed < 5
-    assert body["timedOut"] or "fork: retry: Resource temporarily unavailable" in body["error"], body
+    # Held by the process limit (bash's fork messages), by the timeout, or ended first: `wait`
+    # answers 0 at once (the bomb's processes are not the shell's children), the run ends at the
+    # bootstrap's end marker and the sandbox, bomb and all, is killed.
+    contained = body["timedOut"] or "fork: retry: Resource temporarily unavailable" in body["error"]
+    assert contained or (body["exitCode"], body["error"]) == (0, ""), body
     assert no_process_left(int(body["output"]))
     assert_answers_normally(client, user)
 
