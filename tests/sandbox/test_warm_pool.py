@@ -188,6 +188,7 @@ async def test_a_run_that_finds_the_pool_empty_waits_for_the_start_under_way(pro
     assert not waiting.done()
     assert processes.calls == 3  # the fill's, the refill's, and the extra one for the pool
     assert await pool.take_or_wait("python") is None  # one run waits for each start under way
+    assert processes.calls == 3  # and no other extra start for it
     assert processes.gate is not None
     processes.gate.set()
     handed = await asyncio.wait_for(waiting, 5)
@@ -222,9 +223,13 @@ async def test_a_waiting_run_hears_none_when_the_start_fails_or_the_pool_closes(
     processes.gate.set()
     assert await asyncio.wait_for(waiting, 5) is None  # it starts its own, and hears why
     processes.gate = asyncio.Event()
-    await asyncio.sleep(0.6)  # the refill retries after its delay, and is held at the gate again
+    for _ in range(500):  # the refill retries after its delay, and is held at the gate again
+        if processes.calls == 4:
+            break
+        await asyncio.sleep(0.01)
     waiting = asyncio.ensure_future(pool.take_or_wait("python"))
     await asyncio.sleep(0.01)
+    assert not waiting.done()  # waiting for that start, until the pool closes
     await pool.close()
     assert await asyncio.wait_for(waiting, 5) is None
 

@@ -21,9 +21,9 @@ again rather than each waiting for the start before it.
 A burst deepens a key's pool: a take that finds it empty makes that key's depth BURST_DEPTH times
 the pool's size, so that sustained concurrency finds sandboxes ready instead of starting them on the runs'
 path; once no take has found it empty for `burst_seconds`, the key is back to its size and the
-extra sandboxes are disposed of, so an idle mesh holds only its base pools (`make bench`: a base of
-2 deepened to 8 gave 42-46 runs/s at concurrency 8 where a fixed 4 gave 44 and a fixed 2 gave 37,
-while the idle mesh holds 593 MiB of PSS against 613 with a fixed 4)."""
+extra sandboxes are disposed of, so an idle mesh holds only its base pools (`make bench`, third
+session: a base of 2 deepened to 8 gave 42-46 runs/s at concurrency 8 where a fixed 2 gave 37; the
+executor's default base is 4 since the ninth, see the README's Speed)."""
 
 from __future__ import annotations
 
@@ -185,8 +185,7 @@ class WarmPool(Generic[K, S]):
                 sandbox = await self._start(key)
             except SandboxError:
                 return  # the refill's own starts report and retry what fails
-            if self._closed or not self._hand_over(key, sandbox):
-                self.add(key, sandbox)
+            self._deliver(key, sandbox)
 
         task = asyncio.get_running_loop().create_task(extra())
         self._extras[key] = task
@@ -196,6 +195,12 @@ class WarmPool(Generic[K, S]):
                 del self._extras[key]
 
         task.add_done_callback(ended)
+
+    def _deliver(self, key: K, sandbox: S) -> None:
+        """A started sandbox: to the run waiting for one, else to the pool (which disposes of it
+        once closed or full)."""
+        if self._closed or not self._hand_over(key, sandbox):
+            self.add(key, sandbox)
 
     def _hand_over(self, key: K, sandbox: S | None) -> bool:
         """Give a refill's sandbox (None: its start failed) to the run waiting for it, if one is."""
@@ -269,8 +274,7 @@ class WarmPool(Generic[K, S]):
                     delay = min(delay * 2, self._max_retry_delay)
                     continue
                 delay = self._retry_delay
-                if self._closed or not self._hand_over(key, sandbox):
-                    self.add(key, sandbox)
+                self._deliver(key, sandbox)
         finally:
             self._starting.discard(key)
             self._hand_over(key, None)
