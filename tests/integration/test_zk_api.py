@@ -291,6 +291,38 @@ def test_another_users_names_are_404(client: httpx.Client, user: dict) -> None:
     assert error_message(client.get("/api/v1/zk/code"), 401, 16)
 
 
+def test_execute_injects_the_secrets_it_names_and_honours_its_timeout(
+    client: httpx.Client, user: dict
+) -> None:
+    for name, value in (("ZK_ONE", "one-" + uuid.uuid4().hex), ("ZK_TWO", "two-" + uuid.uuid4().hex)):
+        stored = client.put(f"/api/v1/secrets/{name}", json={"value": value}, headers=headers(user))
+        assert stored.status_code == 200, stored.text
+    one, two = (
+        client.get("/api/v1/secrets", headers=headers(user)).json()["secrets"][i]["name"] for i in (0, 1)
+    )
+    assert (one, two) == ("ZK_ONE", "ZK_TWO")
+    code = "import os, time\nprint(os.environ.get('ZK_ONE', '-')[:4], os.environ.get('ZK_TWO', '-')[:4])\n"
+    code += "time.sleep(float(input() or 0))\n"
+    assert put(client, user, "env", recipe.encrypt(code, PASSWORD, FAST).to_json()).status_code == 200
+    outputs = {
+        "absent: all": execute(client, user, "env").json()["output"],
+        "one named": execute(client, user, "env", secrets=["ZK_TWO"]).json()["output"],
+        "none": execute(client, user, "env", secrets=[]).json()["output"],
+    }
+    assert outputs == {"absent: all": "one- two-\n", "one named": "- two-\n", "none": "- -\n"}
+
+    started = time.monotonic()
+    slow = execute(client, user, "env", stdin="30", timeout=1)
+    elapsed = time.monotonic() - started
+    assert slow.status_code == 200, slow.text
+    body = slow.json()
+    assert (body["timedOut"], body["exitCode"]) == (True, 137)
+    assert elapsed < 10, f"a 1 s timeout answered after {elapsed:.1f} s"
+    assert error_message(execute(client, user, "env", timeout=0), 400, 3).startswith("timeout")
+    injected = [d.get("secrets") for a, _, _, d in audit_of(client, user, "executor.execute")]
+    assert injected[:3] == [["ZK_ONE", "ZK_TWO"], ["ZK_TWO"], []]
+
+
 def test_a_kdf_larger_than_the_runs_memory_is_a_clear_400(client: httpx.Client, user: dict) -> None:
     payload = recipe.encrypt("print('RAN')", PASSWORD, recipe.KdfParams(1024 * 1024, 1, 1)).to_json()
     assert put(client, user, "huge", payload).status_code == 200
