@@ -112,7 +112,10 @@ class DatabaseProbe:
             connect_args["timeout"] = self._timeout
         elif engine_url.get_backend_name() == "postgresql":
             connect_args["connect_timeout"] = max(1, round(self._timeout))
-        return sa.create_engine(engine_url, poolclass=NullPool, connect_args=connect_args)
+        # Parameters hidden as in every engine of the mesh (platform.db), though this one binds none.
+        return sa.create_engine(
+            engine_url, poolclass=NullPool, connect_args=connect_args, hide_parameters=True
+        )
 
     @staticmethod
     def _select_one(engine: Engine) -> None:

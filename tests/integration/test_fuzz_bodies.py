@@ -22,6 +22,9 @@ from services.platform.service_graph import built_services
 
 INTERNAL = re.compile(
     r"google\.protobuf|googleapis|TYPE_[A-Z]|\bproto(buf)?\b|Envoy|envoy|<class|Traceback|Error'|grpc_"
+    # Python's own exception names, bare ("ValueError: ..."), as str(exception) would spell them
+    r"|\b(Value|Type|Key|Attribute|Index|Runtime|Overflow|Assertion|Unicode(De|En)code|Decode|Operational"
+    r"|Integrity|Lookup|OS|Recursion|ZeroDivision)Error\b|\bException\b"
 )
 _FILES = config._load(config.DESCRIPTOR_SET).file
 ROUTES = rest_contract.routes(_FILES, [service.full_name for service in config.services()])
