@@ -3,8 +3,10 @@ a restart: each on a mesh of its own, because each changes the mesh's state."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -20,30 +22,55 @@ from tests.integration.conftest import PASSWORD, new_email
 from tests.mesh_identity import mesh_channel
 
 
-def test_register_and_login_are_rate_limited_per_client_ip(tmp_path: Path) -> None:
+def _concurrent_posts(url: str, path: str, bodies: list[dict]) -> tuple[list[httpx.Response], float]:
+    """The bodies posted all at once from one client address; the answers in order, and how long
+    the last one took."""
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            return list(await asyncio.gather(*(http.post(path, json=body) for body in bodies)))
+
+    started = time.monotonic()
+    answers = asyncio.run(burst())
+    return answers, time.monotonic() - started
+
+
+def test_register_and_login_are_rate_limited_per_client_ip_in_a_concurrent_burst(tmp_path: Path) -> None:
     tight = {
         "auth": {"PYTHONON_AUTH_CLIENT_IP_RATE_BURST": "3", "PYTHONON_AUTH_CLIENT_IP_RATE_PER_MINUTE": "1"}
     }
+    too_many = {"code": 8, "message": "too many requests; retry later", "details": []}
     with (
         Mesh(MeshConfig(port=0, data_dir=tmp_path, service_env=tight)) as mesh,
         httpx.Client(base_url=mesh.url, timeout=30) as client,
     ):
-        email = new_email()
-        statuses = [
-            client.post("/api/register", json={"email": new_email(), "password": PASSWORD}).status_code
-            for _ in range(3)
-        ]
-        assert statuses == [201, 201, 201]
-        refused = client.post("/api/register", json={"email": email, "password": PASSWORD})
-        assert refused.status_code == 429
-        assert int(refused.headers["retry-after"]) >= 1
-        assert refused.json() == {"code": 8, "message": "too many requests; retry later", "details": []}
-        # Refused before it reached the service: the email was not taken.
-        login = client.post("/api/login", json={"email": email, "password": PASSWORD})
-        assert login.status_code == 401  # login has its own bucket, and the user does not exist
+        emails = [new_email() for _ in range(20)]
+        answers, took = _concurrent_posts(
+            mesh.url, "/api/register", [{"email": email, "password": PASSWORD} for email in emails]
+        )
+        statuses = [answer.status_code for answer in answers]
+        assert sorted(statuses) == [201] * 3 + [429] * 17, statuses
+        assert took < 10, f"20 registrations at once took {took:.1f} s"
+        for answer in answers:
+            if answer.status_code == 429:
+                assert int(answer.headers["retry-after"]) >= 1
+                assert answer.json() == too_many
+        created = [email for email, status in zip(emails, statuses, strict=True) if status == 201]
+        refused = [email for email, status in zip(emails, statuses, strict=True) if status == 429]
+        # Login has its own bucket: 20 logins of one account at once, 3 answered, 17 refused. The
+        # refused registrations were refused before they reached the service: their emails are free.
+        logins, took = _concurrent_posts(
+            mesh.url, "/api/login", [{"email": created[0], "password": PASSWORD}] * 20
+        )
+        assert sorted(login.status_code for login in logins) == [200] * 3 + [429] * 17
+        assert took < 10, f"20 logins at once took {took:.1f} s"
+        with sqlite3.connect(mesh.database_url("auth").removeprefix("sqlite:///")) as db:
+            stored = {email for (email,) in db.execute("SELECT email FROM auth_users")}
+        assert stored == set(created) and not stored & set(refused)
         # Authenticated calls are not limited per IP.
-        health = client.get("/health")
-        assert health.status_code == 200
+        key = answers[statuses.index(201)].json()["apiKey"]
+        assert client.post("/api/verify", headers={"x-api-key": key}, json={}).status_code == 200
+        assert client.get("/health").status_code == 200
 
 
 def test_authenticated_calls_are_rate_limited_per_user(tmp_path: Path) -> None:
