@@ -1,8 +1,10 @@
 """A local stand-in for the Anthropic Messages API, on loopback: POST /v1/messages answers as the
-real API does (a message with tool_use content blocks and usage; errors with their real status codes,
+real API does (a message with a thinking block and the structured answer's JSON as text, and usage;
+errors with their real status codes,
 `{"type": "error", "error": {...}, "request_id": ...}` bodies and headers: 429 with retry-after, 529
-overloaded, ...), checks the key and version headers, and records every request exactly as the SDK
-sent it, so a test can read what the model was told.
+overloaded, ...), checks the key and version headers, refuses forced tool use as current models do
+(400), and records every request exactly as the SDK sent it, so a test can read what the model was
+told.
 
 A test scripts the next answers (`reply`); with none scripted, each request gets `default_answer`.
 
@@ -52,31 +54,20 @@ class RecordedRequest:
     body: Mapping[str, Any]
 
 
-def tool_answer(
-    tool_input: Mapping[str, Any],
-    *,
-    tool_name: str = "submit_code",
-    input_tokens: int = 321,
-    output_tokens: int = 123,
-    text: str | None = None,
+def structured_answer(
+    answer: Mapping[str, Any], *, input_tokens: int = 321, output_tokens: int = 123
 ) -> Reply:
-    """A message whose content is (optionally a text block and) one tool_use block."""
-    content: list[dict[str, Any]] = []
-    if text is not None:
-        content.append({"type": "text", "text": text})
-    content.append(
-        {
-            "type": "tool_use",
-            "id": f"toolu_{uuid.uuid4().hex[:24]}",
-            "name": tool_name,
-            "input": dict(tool_input),
-        }
-    )
-    return Reply(200, _message(content, "tool_use", input_tokens, output_tokens))
+    """A message as a structured output comes: the model's (here empty, as the API shows adaptive
+    thinking by default) thinking block, then one text block holding the answer as JSON."""
+    content = [
+        {"type": "thinking", "thinking": "", "signature": f"sig_{uuid.uuid4().hex[:16]}"},
+        {"type": "text", "text": json.dumps(dict(answer))},
+    ]
+    return Reply(200, _message(content, "end_turn", input_tokens, output_tokens))
 
 
 def text_answer(text: str, *, stop_reason: str = "end_turn") -> Reply:
-    """A message with only text (what a model that ignored the tool would send)."""
+    """A message with only this text (not the structured answer, or cut off, or a refusal)."""
     return Reply(200, _message([{"type": "text", "text": text}], stop_reason, 100, 20))
 
 
@@ -124,7 +115,7 @@ class AnthropicStub:
 
     def __init__(self, api_key: str, port: int = 0) -> None:
         self.api_key = api_key
-        self.default_answer = tool_answer(
+        self.default_answer = structured_answer(
             {"code": "print('hello')\n", "packages": [], "explanation": "Prints hello."}
         )
         self._script: list[Reply] = []
@@ -164,6 +155,8 @@ class AnthropicStub:
                 return error(401, "invalid x-api-key")
             if not request.headers.get("anthropic-version"):
                 return error(400, "anthropic-version: header is required")
+            if request.body.get("tool_choice", {}).get("type") in ("any", "tool"):
+                return error(400, "tool_choice: forced tool use is not supported with thinking")
             return self._script.pop(0) if self._script else self.default_answer
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:

@@ -9,7 +9,6 @@ import grpc
 
 from services.platform.errors import DomainError
 
-TOOL_NAME = "submit_code"
 NOT_CONFIGURED_MESSAGE = "generation is not configured: set ANTHROPIC_API_KEY"
 
 

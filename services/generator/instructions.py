@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.generator.answers import TOOL_NAME
-
 MiB = 1024 * 1024
 
 
@@ -53,8 +51,8 @@ def system_prompt(facts: RunFacts) -> str:
     runtime = f"{language.runtime} {facts.runtime_version}".strip()
     lines = [
         "You write programs for Pyth-On, a code-execution service. The user describes a task; you "
-        f"answer only by calling the {TOOL_NAME} tool with the complete program, the third-party "
-        "packages it needs, and a short explanation.",
+        "answer with the complete program (code), the third-party packages it needs (packages), and "
+        "a short explanation (explanation).",
         "",
         "Where the program runs:",
         f"- Language: {language.title}, run by {runtime}.",

@@ -1,5 +1,8 @@
-"""The generator's client of Claude: the official Anthropic SDK (async), asked for one forced tool
-call whose input is the answer (code, packages, explanation), validated before anyone sees it.
+"""The generator's client of Claude: the official Anthropic SDK (async), asked for a structured
+output (the API's `output_config.format`, a JSON schema the answer must follow: code, packages,
+explanation), validated before anyone sees it. Structured output rather than a forced tool call:
+current models think before they answer, and the API refuses forced tool use with thinking (Claude
+Sonnet 5.5 and later refuse it outright).
 
 Every failure of the model API becomes a domain error here, in one place, with a message of our own:
 the SDK's exceptions carry the request and its headers, so neither they nor their text reach a log
@@ -8,6 +11,7 @@ or an answer (nothing here ever logs the API key, the prompt or the code)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import re
@@ -15,11 +19,10 @@ from typing import Any
 
 import anthropic
 from anthropic import APIRequest, AsyncAnthropic, AsyncAPIResponse, AsyncCallNext, Middleware
-from anthropic.types import MessageParam, ToolChoiceToolParam, ToolParam
+from anthropic.types import MessageParam, OutputConfigParam
 
 from services.generator.answers import (  # noqa: F401 - NOT_CONFIGURED_MESSAGE is re-exported
     NOT_CONFIGURED_MESSAGE,
-    TOOL_NAME,
     ModelAnswer,
     ModelTimeout,
     Usage,
@@ -34,33 +37,30 @@ MAX_PACKAGES = 50
 _PACKAGE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?(?:\[[A-Za-z0-9._,-]+\])?"
                       r"(?:\s*(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+(?:\s*,\s*(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+)*)?")  # fmt: skip
 
-# The one tool the model is made to call: its input schema is the shape of the answer.
-ANSWER_TOOL: ToolParam = {
-    "name": TOOL_NAME,
-    "description": "Submit the program that does what the user asked, ready to run as it is.",
-    "input_schema": {
-        "type": "object",
-        "properties": {
-            "code": {"type": "string", "description": "The complete program, nothing else."},
-            "packages": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "Third-party packages the program imports, as PEP 508 requirements "
-                "(e.g. requests or numpy>=2); empty when it needs only the standard library.",
-            },
-            "explanation": {
-                "type": "string",
-                "description": "A short explanation of what the program does and how to use it.",
-            },
+# The shape of the answer: the API makes the model's text a JSON object of this schema.
+ANSWER_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "properties": {
+        "code": {"type": "string", "description": "The complete program, ready to run as it is."},
+        "packages": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Third-party packages the program imports, as PEP 508 requirements "
+            "(e.g. requests or numpy>=2); empty when it needs only the standard library.",
         },
-        "required": ["code", "packages", "explanation"],
-        "additionalProperties": False,
+        "explanation": {
+            "type": "string",
+            "description": "A short explanation of what the program does and how to use it.",
+        },
     },
+    "required": ["code", "packages", "explanation"],
+    "additionalProperties": False,
 }
 
-_FORCED_TOOL: ToolChoiceToolParam = {"type": "tool", "name": TOOL_NAME}
+OUTPUT_CONFIG: OutputConfigParam = {"format": {"type": "json_schema", "schema": ANSWER_SCHEMA}}
 
 MALFORMED_MESSAGE = "the model's answer was malformed ({why}); retry"
+DECLINED_MESSAGE = "the model declined to write this program; change the prompt"
 OVERLOADED_MESSAGE = "the model is overloaded or unavailable right now; retry later"
 
 
@@ -125,8 +125,7 @@ class ClaudeCodeWriter:
                     max_tokens=self._max_tokens,
                     system=system_prompt,
                     messages=[user_message],
-                    tools=[ANSWER_TOOL],
-                    tool_choice=_FORCED_TOOL,
+                    output_config=OUTPUT_CONFIG,
                 )
         except TimeoutError:
             raise ModelTimeout(f"the model did not answer within {self._timeout:g} seconds; retry") from None
@@ -169,18 +168,23 @@ def _status_error(error: anthropic.APIStatusError) -> DomainError:
 
 
 def parse_answer(message: Any) -> ModelAnswer:
-    """The tool call's input, checked field by field; Unavailable naming what is wrong otherwise."""
-    calls = [
-        block
-        for block in message.content
-        if getattr(block, "type", None) == "tool_use" and getattr(block, "name", None) == TOOL_NAME
-    ]
-    if not calls:
-        why = "it ran out of tokens" if message.stop_reason == "max_tokens" else f"no {TOOL_NAME} call"
-        raise Unavailable(MALFORMED_MESSAGE.format(why=why))
-    answer = calls[0].input
+    """The structured answer (the message's text, thinking blocks aside), checked field by field;
+    Unavailable naming what is wrong otherwise."""
+    if message.stop_reason == "refusal":
+        raise Unavailable(DECLINED_MESSAGE)
+    if message.stop_reason == "max_tokens":
+        raise Unavailable(MALFORMED_MESSAGE.format(why="it ran out of tokens"))
+    text = "".join(
+        str(getattr(block, "text", "")) for block in message.content if getattr(block, "type", None) == "text"
+    )
+    if not text.strip():
+        raise Unavailable(MALFORMED_MESSAGE.format(why="it holds no text"))
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        raise Unavailable(MALFORMED_MESSAGE.format(why="its text is not JSON")) from None
     if not isinstance(answer, dict):
-        raise Unavailable(MALFORMED_MESSAGE.format(why="its input is not an object"))
+        raise Unavailable(MALFORMED_MESSAGE.format(why="it is not a JSON object"))
     code, packages, explanation = answer.get("code"), answer.get("packages"), answer.get("explanation")
     if not isinstance(code, str) or not code.strip():
         raise Unavailable(MALFORMED_MESSAGE.format(why="code is missing or empty"))

@@ -23,7 +23,7 @@ from services.platform.settings import (
 
 API_KEY_VARIABLE = "ANTHROPIC_API_KEY"
 BASE_URL_VARIABLE = "ANTHROPIC_BASE_URL"
-DEFAULT_MODEL = "claude-sonnet-4-5"
+DEFAULT_MODEL = "claude-sonnet-5-5"
 
 SETTINGS: tuple[Setting, ...] = (
     *wiring_settings("generator"),

@@ -5,6 +5,7 @@ tests/integration/test_generate_api.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from services.generator.settings import GeneratorSettings
 from services.generator.user_packages import package_name
 from services.platform.errors import ResourceExhausted, Unavailable
 from services.platform.settings import Environment, SettingsError
-from tests.anthropic_stub import Reply, error, running_stub, tool_answer
+from tests.anthropic_stub import Reply, error, running_stub, structured_answer
 
 WIRING = {
     "PYTHONON_EXECUTOR_ADDRESS": "127.0.0.1:1",
@@ -29,7 +30,7 @@ WIRING = {
 def test_without_a_key_the_settings_say_not_configured_and_no_repr_shows_a_key() -> None:
     assert GeneratorSettings.load(Environment(WIRING)).api_key is None
     configured = GeneratorSettings.load(Environment({**WIRING, "ANTHROPIC_API_KEY": "sk-ant-secret"}))
-    assert configured.api_key == "sk-ant-secret" and configured.model == "claude-sonnet-4-5"
+    assert configured.api_key == "sk-ant-secret" and configured.model == "claude-sonnet-5-5"
     assert "sk-ant-secret" not in repr(configured) and "sk-ant-secret" not in str(configured)
 
 
@@ -39,7 +40,7 @@ def test_without_a_key_the_settings_say_not_configured_and_no_repr_shows_a_key()
         ({"ANTHROPIC_BASE_URL": "ftp://x"}, "ANTHROPIC_BASE_URL must be an http:// or https:// URL"),
         (
             {"PYTHONON_GENERATOR_MODEL": "two words"},
-            "PYTHONON_GENERATOR_MODEL must be a model name such as claude-sonnet-4-5",
+            "PYTHONON_GENERATOR_MODEL must be a model name such as claude-sonnet-5-5",
         ),
         (
             {"PYTHONON_GENERATOR_TIMEOUT_SECONDS": "0"},
@@ -53,12 +54,14 @@ def test_bad_settings_are_refused_by_name(extra: dict[str, str], message: str) -
     assert str(refused.value) == message
 
 
-def _message(
-    tool_input: object, *, name: str = "submit_code", stop_reason: str = "tool_use"
-) -> SimpleNamespace:
-    block = SimpleNamespace(type="tool_use", name=name, input=tool_input)
+def _message(answer: object, *, stop_reason: str = "end_turn", text: str | None = None) -> SimpleNamespace:
+    """A message as the SDK gives a structured output: a thinking block, then the answer's JSON."""
+    blocks = [
+        SimpleNamespace(type="thinking", thinking="", signature="sig"),
+        SimpleNamespace(type="text", text=json.dumps(answer) if text is None else text),
+    ]
     return SimpleNamespace(
-        content=[block],
+        content=blocks,
         stop_reason=stop_reason,
         model="m-1",
         usage=SimpleNamespace(input_tokens=5, output_tokens=7),
@@ -84,9 +87,9 @@ def test_a_valid_answer_is_cleaned() -> None:
 
 
 @pytest.mark.parametrize(
-    ("tool_input", "why"),
+    ("answer", "why"),
     [
-        (["code"], "its input is not an object"),
+        (["code"], "it is not a JSON object"),
         ({"code": "", "packages": [], "explanation": ""}, "code is missing or empty"),
         ({"code": "a\x00b", "packages": [], "explanation": ""}, "code contains NUL characters"),
         ({"code": "x", "packages": [1], "explanation": ""}, "packages is not a list of strings"),
@@ -102,10 +105,37 @@ def test_a_valid_answer_is_cleaned() -> None:
         ({"code": "x", "packages": [], "explanation": None}, "explanation is not a string"),
     ],
 )
-def test_a_malformed_answer_is_unavailable_saying_why(tool_input: object, why: str) -> None:
+def test_a_malformed_answer_is_unavailable_saying_why(answer: object, why: str) -> None:
     with pytest.raises(Unavailable) as refused:
-        parse_answer(_message(tool_input))
+        parse_answer(_message(answer))
     assert refused.value.message == f"the model's answer was malformed ({why}); retry"
+
+
+@pytest.mark.parametrize(
+    ("message", "said"),
+    [
+        (
+            _message(None, text='{"code": "print(1)"'),
+            "the model's answer was malformed (its text is not JSON); retry",
+        ),
+        (_message(None, text=" "), "the model's answer was malformed (it holds no text); retry"),
+        (
+            _message(None, text='{"code": "pri', stop_reason="max_tokens"),
+            "the model's answer was malformed (it ran out of tokens); retry",
+        ),
+        (
+            _message(None, text="", stop_reason="refusal"),
+            "the model declined to write this program; change the prompt",
+        ),
+    ],
+    ids=["not-json", "no-text", "max-tokens", "refusal"],
+)
+def test_an_answer_that_is_not_the_structured_output_is_unavailable_saying_why(
+    message: SimpleNamespace, said: str
+) -> None:
+    with pytest.raises(Unavailable) as refused:
+        parse_answer(message)
+    assert refused.value.message == said
 
 
 @pytest.mark.parametrize(
@@ -181,7 +211,7 @@ def test_the_client_retries_overload_then_gives_503_and_a_slow_model_504() -> No
             with pytest.raises(Unavailable):
                 await writer.write("s", "p")
             assert len(stub.requests) == 2
-            slow = tool_answer({"code": "x", "packages": [], "explanation": ""})
+            slow = structured_answer({"code": "x", "packages": [], "explanation": ""})
             stub.reply(Reply(slow.status, slow.body, delay_seconds=3))
             quick = _writer(stub.url, "k", retries=0, timeout=1)
             with pytest.raises(ModelTimeout):

@@ -16,11 +16,18 @@ import httpx
 import pytest
 
 from services.generator.instructions import RunFacts, system_prompt
-from services.generator.model import ANSWER_TOOL
+from services.generator.model import OUTPUT_CONFIG
 from services.generator.settings import DEFAULT_MODEL
 from services.platform import service_graph
 from services.runner.mesh import Mesh, MeshConfig
-from tests.anthropic_stub import AnthropicStub, error, presented_key, running_stub, text_answer, tool_answer
+from tests.anthropic_stub import (
+    AnthropicStub,
+    error,
+    presented_key,
+    running_stub,
+    structured_answer,
+    text_answer,
+)
 from tests.integration.conftest import GENEROUS_LIMITS, PASSWORD, error_message, new_email
 
 API_KEY = f"sk-ant-test-{uuid.uuid4().hex}"
@@ -79,7 +86,7 @@ def _audit(client: httpx.Client, user: dict, action: str) -> list[dict]:
     return [entry for entry in page.json()["entries"] if entry["action"] == action]
 
 
-def test_the_model_is_told_the_facts_and_answers_through_the_tool(
+def test_the_model_is_told_the_facts_and_answers_in_the_structured_output(
     client: httpx.Client, user: dict, stub: AnthropicStub
 ) -> None:
     for name, value in (("API_TOKEN", "tok-value-1"), ("DB_PASSWORD", "db-value-2")):
@@ -87,9 +94,7 @@ def test_the_model_is_told_the_facts_and_answers_through_the_tool(
             f"/api/v1/secrets/{name}", json={"value": value}, headers={"x-api-key": user["apiKey"]}
         )
         assert put.status_code == 200, put.text
-    stub.reply(
-        tool_answer(_answer("import requests\nprint(1)\n", ["requests>=2"], "Prints one."), text="Here.")
-    )
+    stub.reply(structured_answer(_answer("import requests\nprint(1)\n", ["requests>=2"], "Prints one.")))
     before = len(stub.requests)
     prompt = "print the number one, using requests"
 
@@ -130,9 +135,9 @@ def test_the_model_is_told_the_facts_and_answers_through_the_tool(
         "max_tokens": 8192,
         "system": expected_system,
         "messages": [{"role": "user", "content": prompt}],
-        "tools": [ANSWER_TOOL],
-        "tool_choice": {"type": "tool", "name": "submit_code"},
+        "output_config": OUTPUT_CONFIG,
     }
+    assert OUTPUT_CONFIG["format"]["schema"]["required"] == ["code", "packages", "explanation"]
     # What that prompt says, in its own words (not only "what the code builds").
     system = request.body["system"]
     assert f"Language: Python, run by CPython {platform.python_version()}." in system
@@ -154,7 +159,7 @@ def test_execute_runs_the_code_with_the_users_secrets_and_is_audited(
     code = (
         "import os\nprint(os.environ['GREETING'])\nimport sys\nprint('warn', file=sys.stderr)\nsys.exit(3)\n"
     )
-    stub.reply(tool_answer(_answer(code), input_tokens=1111, output_tokens=222))
+    stub.reply(structured_answer(_answer(code), input_tokens=1111, output_tokens=222))
     prompt = "print my GREETING secret " + "x" * 100
 
     response = _generate(client, user, prompt=prompt, execute=True, timeout=5)
@@ -178,7 +183,7 @@ def test_execute_runs_the_code_with_the_users_secrets_and_is_audited(
 
 
 def test_the_runs_timeout_is_honoured(client: httpx.Client, user: dict, stub: AnthropicStub) -> None:
-    stub.reply(tool_answer(_answer("import time\nprint('start', flush=True)\ntime.sleep(30)\n")))
+    stub.reply(structured_answer(_answer("import time\nprint('start', flush=True)\ntime.sleep(30)\n")))
     started = time.monotonic()
     response = _generate(client, user, prompt="sleep a while", execute=True, timeout=1)
     assert response.status_code == 200, response.text
@@ -188,7 +193,7 @@ def test_the_runs_timeout_is_honoured(client: httpx.Client, user: dict, stub: An
 
 
 def test_without_execute_nothing_runs(client: httpx.Client, user: dict, stub: AnthropicStub) -> None:
-    stub.reply(tool_answer(_answer("print('never')\n")))
+    stub.reply(structured_answer(_answer("print('never')\n")))
     response = _generate(client, user, prompt="print never")
     assert response.status_code == 200 and response.json()["output"] == ""
     assert _audit(client, user, "executor.execute") == []
@@ -240,7 +245,7 @@ def test_install_packages_adds_what_the_code_needs_and_the_prompt_names_the_user
     client: httpx.Client, user: dict, stub: AnthropicStub
 ) -> None:
     headers = {"x-api-key": user["apiKey"]}
-    stub.reply(tool_answer(_answer("import six\n", ["six==1.16.0"])))
+    stub.reply(structured_answer(_answer("import six\n", ["six==1.16.0"])))
     response = _generate(client, user, prompt="use six", installPackages=True)
     assert response.status_code == 200, response.text
     assert response.json()["packages"] == ["six==1.16.0"]  # what the user lacked
@@ -249,7 +254,7 @@ def test_install_packages_adds_what_the_code_needs_and_the_prompt_names_the_user
     [generation] = _audit(client, user, "generator.generate")
     assert generation["details"]["installed"] == ["six==1.16.0"]
 
-    stub.reply(tool_answer(_answer("import six\n", ["six==1.16.0"])))
+    stub.reply(structured_answer(_answer("import six\n", ["six==1.16.0"])))
     again = _generate(client, user, prompt="use six again")
     assert again.status_code == 200 and again.json()["packages"] == []  # the user has it now
     assert "Installed third-party packages (importable): six==1.16.0." in stub.requests[-1].body["system"]
@@ -285,7 +290,7 @@ def test_overloaded_or_failing_after_the_sdks_retries_is_503(
 
 
 def test_a_retry_that_succeeds_answers_200(client: httpx.Client, user: dict, stub: AnthropicStub) -> None:
-    stub.reply(error(529), tool_answer(_answer("print(2)\n")))
+    stub.reply(error(529), structured_answer(_answer("print(2)\n")))
     response = _generate(client, user, prompt="print two")
     assert response.status_code == 200 and response.json()["code"] == "print(2)\n"
 
@@ -293,7 +298,7 @@ def test_a_retry_that_succeeds_answers_200(client: httpx.Client, user: dict, stu
 def test_a_model_that_does_not_answer_in_time_is_504(
     client: httpx.Client, user: dict, stub: AnthropicStub
 ) -> None:
-    slow = tool_answer(_answer("print(3)\n"))
+    slow = structured_answer(_answer("print(3)\n"))
     stub.reply(type(slow)(slow.status, slow.body, slow.headers, delay_seconds=MODEL_TIMEOUT_SECONDS + 3))
     started = time.monotonic()
     message = error_message(_generate(client, user, prompt="hello"), 504, 4)
@@ -304,19 +309,19 @@ def test_a_model_that_does_not_answer_in_time_is_504(
 @pytest.mark.parametrize(
     ("reply", "why"),
     [
-        (tool_answer({"packages": [], "explanation": "no code"}), "code is missing or empty"),
-        (tool_answer({"code": 42, "packages": [], "explanation": ""}), "code is missing or empty"),
+        (structured_answer({"packages": [], "explanation": "no code"}), "code is missing or empty"),
+        (structured_answer({"code": 42, "packages": [], "explanation": ""}), "code is missing or empty"),
         (
-            tool_answer({"code": "print(1)", "packages": "numpy", "explanation": ""}),
+            structured_answer({"code": "print(1)", "packages": "numpy", "explanation": ""}),
             "packages is not a list of strings",
         ),
         (
-            tool_answer({"code": "print(1)", "packages": ["--index-url http://x"], "explanation": ""}),
+            structured_answer({"code": "print(1)", "packages": ["--index-url http://x"], "explanation": ""}),
             "a package is not a PEP 508 name and version",
         ),
-        (tool_answer({"code": "print(1)", "packages": []}), "explanation is not a string"),
-        (tool_answer(_answer("print(1)"), tool_name="other_tool"), "no submit_code call"),
-        (text_answer("Here is your code: print(1)"), "no submit_code call"),
+        (structured_answer({"code": "print(1)", "packages": []}), "explanation is not a string"),
+        (text_answer("Here is your code: print(1)"), "its text is not JSON"),
+        (text_answer("[1, 2]"), "it is not a JSON object"),
         (text_answer("print(", stop_reason="max_tokens"), "it ran out of tokens"),
     ],
     ids=[
@@ -325,8 +330,8 @@ def test_a_model_that_does_not_answer_in_time_is_504(
         "packages-not-list",
         "package-option",
         "no-explanation",
-        "other-tool",
-        "text-only",
+        "text-not-json",
+        "not-an-object",
         "max-tokens",
     ],  # fmt: skip
 )

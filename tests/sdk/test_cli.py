@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from services.runner.mesh import Mesh
-from tests.anthropic_stub import AnthropicStub, tool_answer
+from tests.anthropic_stub import AnthropicStub, structured_answer
 from tests.sdk.conftest import register, stream_endpoint_missing
 
 COMMAND = str(Path(sys.executable).parent / "pyth-on")
@@ -232,7 +232,7 @@ def test_generate_prints_the_code_or_runs_it(
     sdk_mesh: Mesh, tmp_path: Path, key: str, stub: AnthropicStub
 ) -> None:
     answer = {"code": "import sys\nprint(6 * 7)\nsys.exit(3)", "packages": [], "explanation": "Answers."}
-    stub.reply(tool_answer(answer), tool_answer(answer))
+    stub.reply(structured_answer(answer), structured_answer(answer))
     written = pyth_on(sdk_mesh, tmp_path, "generate", "print six times seven", key=key)
     assert (written.returncode, written.stdout) == (0, "import sys\nprint(6 * 7)\nsys.exit(3)\n")
     ran = pyth_on(sdk_mesh, tmp_path, "generate", "print six times seven", "--execute", key=key)

@@ -20,7 +20,7 @@ from pyth_on import ApiError, OutputEvent, ResultEvent, RetryPolicy
 
 from services.runner.mesh import Mesh
 from services.zk import recipe
-from tests.anthropic_stub import AnthropicStub, tool_answer
+from tests.anthropic_stub import AnthropicStub, structured_answer
 from tests.sdk.conftest import stream_endpoint_missing
 from tests.sdk.scripted_server import Reply, ScriptedServer, scripted_server
 
@@ -191,7 +191,7 @@ def test_zk_put_list_run_delete(client: pyth_on.Client) -> None:
 
 def test_generate_with_and_without_execution(client: pyth_on.Client, stub: AnthropicStub) -> None:
     answer = {"code": "print(6 * 7)\n", "packages": ["humanize>=4"], "explanation": "Multiplies."}
-    stub.reply(tool_answer(answer), tool_answer(answer))
+    stub.reply(structured_answer(answer), structured_answer(answer))
 
     written = client.generate("print six times seven")
     assert (written.code, written.language, written.packages, written.explanation) == (
