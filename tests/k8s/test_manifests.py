@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -675,6 +676,64 @@ def test_the_sandbox_image_starts_what_the_pod_template_runs() -> None:
     user = [args for op, args in instructions if op == "USER"][-1]
     assert user.split(":")[0] == str(template["securityContext"]["runAsUser"])
     assert runner["image"].split(":")[0].endswith("pyth-on/sandbox")
+
+
+def _with_dependencies(names: set[str]) -> set[str]:
+    """The distributions pip installs for `names`: them and, through their metadata, what they
+    require on this interpreter (extras aside), as this environment has them."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    wanted, seen = list(names), set()
+    while wanted:
+        name = wanted.pop()
+        if name.lower() in seen:
+            continue
+        seen.add(name.lower())
+        for line in importlib.metadata.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                wanted.append(requirement.name)
+    return seen
+
+
+def test_the_sandbox_images_packages_are_all_its_runner_imports(tmp_path: Path) -> None:
+    """The runner starts with only what the image installs for it (found by the stand-in kubelet,
+    which runs it with the project's environment, never): its distributions, at the lock's pins,
+    and their dependencies, linked alone into a folder, with the image's PYTHONPATH and no site."""
+    import importlib.metadata
+
+    runs = " ".join(
+        args for op, args in _instructions(ROOT / "containers" / "sandbox.Containerfile") if op == "RUN"
+    )
+    found = re.search(r"pip install --quiet \$\(grep -E '\^\(([^)]*)\)==' /tmp/requirements.lock\)", runs)
+    assert found is not None, "the sandbox image installs no runner packages"
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    for name in _with_dependencies(set(found[1].split("|"))):
+        distribution = importlib.metadata.distribution(name)
+        # File by file: a namespace package (google.*) is shared by several distributions.
+        for file in distribution.files or []:
+            source = Path(str(distribution.locate_file(file)))
+            if not str(file).startswith("..") and source.is_file():
+                (site / file).parent.mkdir(parents=True, exist_ok=True)
+                (site / file).symlink_to(source)
+    template = by_name("production", "PodTemplate", "pythonon-sandbox-runner")["template"]["spec"]
+    module = template["containers"][0]["command"][2]
+    started = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            f"import sys; sys.path[:0] = {[str(site), str(ROOT), str(ROOT / 'gen')]!r}; import {module}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 0, started.stderr[-2000:]
 
 
 def test_the_sandbox_runner_module_exists_once_the_kubernetes_backend_does() -> None:
