@@ -1,7 +1,7 @@
-"""Supervision under traffic: every part of a real mesh (each service, OpenBao, Envoy) is SIGKILLed in
-turn while a few clients keep listing secrets, writing secrets and running code. The runner must
-start it again, every route must answer normally again within 5 s, /health must name the part while
-it is down, and no write that was acknowledged may be lost.
+"""Supervision under traffic: every part of a real mesh (each of the eight services, OpenBao, Envoy) is
+SIGKILLed in turn while a few clients keep listing secrets, writing secrets and running code. The
+runner must start it again, every route (a route of each service) must answer normally again within
+5 s, /health must name the part while it is down, and no write that was acknowledged may be lost.
 
 One mesh for the whole test (parts are killed one after the other). The recovery time of each part is
 printed (run with -s to see it) and asserted."""
@@ -29,6 +29,7 @@ from services.runner.mesh import Mesh, MeshConfig
 from tests.mesh_identity import mesh_channel
 
 RECOVERY_TARGET_SECONDS = 5.0
+NOT_CONFIGURED = "generation is not configured: set ANTHROPIC_API_KEY"
 PASSWORD = "correct horse battery staple"
 CLIENTS = 3
 NAMES_PER_CLIENT = 10
@@ -38,6 +39,9 @@ PARTS: list[tuple[str, str | None]] = [
     ("audit", "audit"),
     ("secrets", "secrets"),
     ("executor", "executor"),
+    ("packages", "packages"),
+    ("zk", "zk"),
+    ("generator", "generator"),
     ("system", None),  # /health is the system service's answer
     ("openbao", "vault"),
     ("envoy", None),  # nothing answers on the edge's port
@@ -105,12 +109,18 @@ def _first_failing_route(client: httpx.Client, probe: int) -> str | None:
                 200,
             ),
             ("GET /api/v1/audit", lambda: client.get("/api/v1/audit", params={"limit": 1}), 200),
+            ("GET /api/v1/packages", lambda: client.get("/api/v1/packages"), 200),
+            ("GET /api/v1/zk/code", lambda: client.get("/api/v1/zk/code"), 200),
+            # This mesh has no Anthropic key: the generator's own answer is its designed 503.
+            ("POST /api/v1/generate", lambda: client.post("/api/v1/generate", json={"prompt": "p"}), 503),
         ]
         for route, call, status in routes:
             response = call()
             if response.status_code != status:
                 return f"{route}: {response.status_code} {response.text[:200]}"
             if route.startswith("POST /api/v1/execute") and response.json().get("output") != "probe\n":
+                return f"{route}: {response.text[:200]}"
+            if route.startswith("POST /api/v1/generate") and response.json().get("message") != NOT_CONFIGURED:
                 return f"{route}: {response.text[:200]}"
     except httpx.HTTPError as error:
         return f"{type(error).__name__}: {error}"
@@ -223,6 +233,9 @@ STILL_ANSWERING = {
     "audit": "/api/v1/secrets",
     "secrets": "/api/v1/audit",
     "executor": "/api/v1/secrets",
+    "packages": "/api/v1/secrets",
+    "zk": "/api/v1/secrets",
+    "generator": "/api/v1/secrets",
     "system": "/api/v1/secrets",
     "openbao": "/api/v1/audit",
 }
