@@ -1,7 +1,8 @@
 """A change and its audit record cannot be split by a caller that gives up or an edge that dies.
 
-Clients that hang up after 5-80 ms, and an Envoy killed with requests in flight, must leave the
-secret store exactly as the audit log tells it: replaying every user's `secrets.put` and
+Clients that hang up after 5-80 ms, and an Envoy killed with changes in flight (held between their
+Vault write and their record by a stopped audit service), must leave the secret store exactly as the
+audit log tells it: replaying every user's `secrets.put` and
 `secrets.delete` entries gives the secrets that exist, at their versions. The store and the log
 are read directly (OpenBao with the root token, the audit database), so the check does not depend
 on the edge coming back."""
@@ -160,23 +161,41 @@ def test_killing_envoy_mid_put_leaves_no_change_without_its_record(mesh: Mesh) -
             assert response.status_code == 200, response.text
 
     async def in_flight() -> None:
-        async def change(user: dict, index: int) -> None:
-            headers = {"x-api-key": user["apiKey"]}
-            name = NAMES[index % len(NAMES)]
+        # One client per user, made before the requests (an httpx client takes milliseconds to make:
+        # thirty made on the way would send nothing before Envoy dies).
+        clients = [
+            httpx.AsyncClient(
+                base_url=mesh.url,
+                headers={"x-api-key": user["apiKey"]},
+                timeout=10,
+                limits=httpx.Limits(max_connections=20),
+            )
+            for user in users
+        ]
+
+        async def change(http: httpx.AsyncClient, index: int) -> None:
             try:
-                async with httpx.AsyncClient(base_url=mesh.url, headers=headers, timeout=10) as http:
-                    if index % 3 == 0:
-                        await http.delete(f"/api/v1/secrets/{name}")
-                    else:
-                        await http.put(f"/api/v1/secrets/{name}", json={"value": os.urandom(8).hex()})
+                if index % 3 == 0:
+                    await http.delete(f"/api/v1/secrets/{NAMES[index % 3]}")
+                else:
+                    await http.put(f"/api/v1/secrets/NEW_{index}", json={"value": os.urandom(8).hex()})
             except httpx.HTTPError:
                 pass
 
-        changes = [asyncio.create_task(change(user, index)) for user in users for index in range(15)]
-        await asyncio.sleep(random.uniform(0.03, 0.08))
+        changes = [asyncio.create_task(change(http, index)) for http in clients for index in range(15)]
+        # The audit service, stopped, holds the changes between their Vault write and their record
+        # while Envoy dies: a handler that the cancellation stopped there would leave a change
+        # without its record (or a deletion without its entry) once audit goes on.
+        await asyncio.sleep(0.3)
         os.kill(mesh.pids["envoy"], signal.SIGKILL)
         await asyncio.gather(*changes)
+        for http in clients:
+            await http.aclose()
 
-    asyncio.run(in_flight())
+    os.kill(mesh.pids["audit"], signal.SIGSTOP)
+    try:
+        asyncio.run(in_flight())
+    finally:
+        os.kill(mesh.pids["audit"], signal.SIGCONT)
     time.sleep(SETTLE_SECONDS)
     assert_store_matches_the_log(mesh, users)
