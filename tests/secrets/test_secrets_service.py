@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from pythonon.secrets.v1 import secrets_pb2
 from pythonon.system.v1 import system_pb2, system_pb2_grpc
 
+from services.platform.audit import CHANGE_KEPT_UNRECORDED
 from services.platform.bootstrap import start_server
 from services.platform.identity import Identity
 from services.platform.service_graph import HTTP_STATUS_HEADER
@@ -386,6 +387,42 @@ def test_nothing_changes_when_the_audit_log_cannot_record_it(bao: OpenBao, keys:
         assert [action for action, _, _ in svc.audit.of(user)] == ["secrets.put", "secrets.put"]
 
     with_service(bao, keys, test)
+
+
+def test_a_change_that_can_be_neither_recorded_nor_undone_is_answered_as_kept_and_logged(
+    bao: OpenBao, keys: Keys, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit log refuses the record and Vault then refuses the undo: the answer says the change
+    was carried out but is not in the audit log (not "not carried out"), and the service's log says
+    so for the operator, naming the secret but not its value."""
+
+    def vault_refuses(*_args: object, **_kwargs: object) -> None:
+        raise hvac.exceptions.VaultError("sealed")
+
+    async def test(svc: Service) -> None:
+        user = new_user()
+        await put(svc, user, "KEPT", value="original")
+        svc.audit.failing = True
+        monkeypatch.setattr(VaultSecretStore, "purge", vault_refuses)
+        monkeypatch.setattr(VaultSecretStore, "revert", vault_refuses)
+        kept = (grpc.StatusCode.UNAVAILABLE, CHANGE_KEPT_UNRECORDED)
+        assert await refused(put(svc, user, "NEW_ONE", value="new value")) == kept
+        assert await refused(put(svc, user, "KEPT", value="changed value")) == kept
+        monkeypatch.undo()
+        assert await resolve(svc, user, everything=True) == {"KEPT": "changed value", "NEW_ONE": "new value"}
+
+    caplog.set_level(logging.ERROR)
+    with_service(bao, keys, test)
+    undone = [
+        r for r in caplog.records if r.getMessage() == "a change the audit log refused could not be undone"
+    ]
+    assert [(r.__dict__["action"], r.__dict__["secret"]) for r in undone] == [
+        ("secrets.put", "NEW_ONE"),
+        ("secrets.put", "KEPT"),
+    ]
+    assert all(
+        "new value" not in str(vars(r)) and "changed value" not in str(vars(r)) for r in caplog.records
+    )
 
 
 def test_every_change_and_every_undo_writes_the_user_a_new_stamp(
