@@ -1,7 +1,7 @@
 """Nothing is left behind: a real mesh is started and stopped many times while clients run code in
 every language, and after each stop no trace of its executor's sandboxes remains on the host — no
-process of the sandboxes' uids, no bwrap or runsc naming its runtime directory (the orphaned root
-bwrap of issue 9 was one), no runtime directory and no cgroup of it.
+process of the sandboxes' uids, no bwrap or runsc naming its runtime directory or working in it (the
+orphaned root bwrap of issue 9 was one), no runtime directory and no cgroup of it.
 
 The stops come at the moments that used to leave something: right after a run's answer (the warm
 pool is refilling then), in the middle of runs, and after the executor was SIGKILLed (the runner
@@ -136,6 +136,9 @@ def _what_is_left(traces: list[ExecutorTrace], running: int | None = None) -> li
             problems.append(f"process {pid} of sandbox uid {uid} (state {state}): {cmdline[:120]!r}")
         elif any(d in cmdline for d in dirs):
             problems.append(f"process {pid} names a runtime directory: {cmdline[:120]!r}")
+        elif any(_works_in(pid).startswith(d) for d in dirs):
+            # bwrap starts as ./bwrap in its runtime directory: its command line names no directory.
+            problems.append(f"process {pid} works in a runtime directory: {cmdline[:120]!r}")
     names = tuple(f"{prefix}{trace.pid}-" for trace in traces for prefix in leftovers.CGROUP_PREFIXES)
     for trace in traces:
         problems += [f"runtime directory {d}" for d in trace.runtime_dirs if d.exists()]
@@ -144,6 +147,15 @@ def _what_is_left(traces: list[ExecutorTrace], running: int | None = None) -> li
     for folder, subfolders, _ in os.walk("/sys/fs/cgroup", onerror=lambda _error: None):
         problems += [f"cgroup {folder}/{name}" for name in subfolders if name.startswith(names)]
     return problems
+
+
+def _works_in(pid: int) -> bytes:
+    """The process's working directory with a trailing "/" (empty when it cannot be read); a removed
+    directory's, as it was named."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd").removesuffix(" (deleted)").encode() + b"/"
+    except OSError:
+        return b""
 
 
 def _what_stays(traces: list[ExecutorTrace], running: int | None = None, seconds: float = 3.0) -> list[str]:
