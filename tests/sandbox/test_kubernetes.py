@@ -549,6 +549,32 @@ def test_the_watch_resumes_from_where_it_was(cluster: LocalCluster, monkeypatch:
         assert sandbox.python("print(2)").stdout == "2\n"
 
 
+def test_a_watch_whose_resource_version_expired_starts_again_from_now(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API server compacted its history past where the watch was (410 Gone): the watch starts
+    again without a resourceVersion, listing the pods as they are, and runs go on."""
+    monkeypatch.setattr(kubernetes, "WATCH_SECONDS", 1)
+    with backend(cluster) as sandbox:
+        assert sandbox.python("print(1)").stdout == "1\n"
+        wait_for(
+            lambda: any("resourceVersion" in r.query for r in cluster.api.requests if r.query.get("watch"))
+        )
+        with cluster.api._changed:  # the history compacted: only a far newer event is left
+            cluster.api._version += 100
+            cluster.api.events[:] = [
+                (cluster.api._version, "ADDED", {"metadata": {"namespace": "elsewhere"}})
+            ]
+        compacted = len(cluster.api.requests)
+        wait_for(
+            lambda: any(
+                r.query.get("watch") and "resourceVersion" not in r.query
+                for r in cluster.api.requests[compacted:]
+            )
+        )
+        assert sandbox.python("print(2)").stdout == "2\n"
+
+
 def test_orphans_of_this_executor_are_reaped_at_start_and_other_executors_pods_are_not(
     cluster: LocalCluster,
 ) -> None:
