@@ -324,6 +324,8 @@ kubernetes_factory = LocalClusterFactory(
         "test_readonly_paths_are_mounted_read_only": "a host path of the executor means nothing in a "
         "pod: the backend refuses read-only mounts but the package environment (from its volume)",
         "test_only_the_usual_socket_families_can_be_opened": "the families a pod can open are gVisor's",
+        "test_a_routing_socket_reads_but_cannot_change_the_network": "a pod's network is its own (gVisor's "
+        "netstack); the local stand-in shares the host's",
         "test_the_root_holds_only_what_the_runtime_needs": "a pod's root is the sandbox image's",
         "test_mountinfo_shows_no_path_of_the_mesh": "a pod's mounts are the image's and its volumes; the "
         "local stand-in binds the repository",

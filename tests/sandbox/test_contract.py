@@ -886,6 +886,51 @@ def test_only_the_usual_socket_families_can_be_opened(sandbox: Sandbox, factory:
     sandbox.assert_healthy()
 
 
+NETLINK_PROBE = """
+import errno, json, socket, struct
+ADDRESS = socket.inet_aton("10.9.9.9")
+def request(kind, flags, body):
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+    s.bind((0, 0))
+    s.send(struct.pack("IHHII", 16 + len(body), kind, 1 | flags, 1, 0) + body)
+    replies = b""
+    while True:
+        reply = s.recv(65536)
+        replies += reply
+        kind_seen = struct.unpack("IHHII", reply[:16])[1]
+        if kind_seen in (2, 3):  # NLMSG_ERROR (an ack or an error), NLMSG_DONE (a dump's end)
+            break
+    s.close()
+    return replies
+def addresses():
+    return request(22, 0x300, struct.pack("BBBBI", socket.AF_INET, 0, 0, 0, 0))  # RTM_GETADDR, dump
+# RTM_NEWADDR of 10.9.9.9/32 on lo (index 1), acknowledged: NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+body = struct.pack("BBBBI", socket.AF_INET, 32, 0, 0, 1) + struct.pack("HH4s", 8, 2, ADDRESS)
+try:
+    reply = request(20, 0x4 | 0x400 | 0x200, body)
+    code = struct.unpack("i", reply[16:20])[0]
+    write = "ok" if code == 0 else errno.errorcode.get(-code, str(code))
+except OSError as error:
+    write = errno.errorcode.get(error.errno, str(error.errno))
+listed = addresses()
+print(json.dumps({
+    "read": "ok" if socket.inet_aton("127.0.0.1") in listed else "no loopback address listed",
+    "write": write,
+    "added": ADDRESS in listed,
+}))
+"""
+
+
+def test_a_routing_socket_reads_but_cannot_change_the_network(sandbox: Sandbox) -> None:
+    """AF_NETLINK is allowed for routing reads only (a program may list its addresses): adding an
+    address is refused and nothing changes."""
+    result = sandbox.python(NETLINK_PROBE)
+    outcome = json.loads(result.stdout)
+    assert outcome["read"] == "ok" and outcome["added"] is False, (outcome, result.stderr)
+    assert outcome["write"] in ("EPERM", "EACCES", "EOPNOTSUPP"), outcome
+    sandbox.assert_healthy()
+
+
 CPU_HOG = """
 import os, resource, time
 started = time.monotonic()
