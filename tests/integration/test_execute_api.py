@@ -173,10 +173,24 @@ def test_info_names_each_runtime_version_and_alias_and_an_alias_runs(
     if "javascript" in runtimes:
         assert re.fullmatch(r"\d+\.\d+\.\d+", runtimes["javascript"]["version"])
         assert {"js", "node"} <= set(runtimes["javascript"]["aliases"])
-        assert ran(execute(client, user, code="console.log(6 * 7)", language="js"))["output"] == "42\n"
+        for alias in ("js", "node"):
+            assert ran(execute(client, user, code="console.log(6 * 7)", language=alias))["output"] == "42\n"
+        assert ran(execute(client, user, code="console.log(process.versions.node)", language="node"))[
+            "output"
+        ] == (runtimes["javascript"]["version"] + "\n")
     if "bash" in runtimes:
         assert "sh" in runtimes["bash"]["aliases"]
         assert ran(execute(client, user, code="echo $((6 * 7))", language="sh"))["output"] == "42\n"
+        assert re.fullmatch(r"\d+\.\d+\.\d+", runtimes["bash"]["version"])
+        bash_version = ran(
+            execute(
+                client,
+                user,
+                code='echo "${BASH_VERSINFO[0]}.${BASH_VERSINFO[1]}.${BASH_VERSINFO[2]}"',
+                language="bash",
+            )
+        )
+        assert bash_version["output"] == runtimes["bash"]["version"] + "\n"
 
 
 def test_a_language_this_host_lacks_is_400(client: httpx.Client, user: dict) -> None:
