@@ -280,6 +280,11 @@ def test_a_run_waits_for_a_build_then_is_refused_with_progress(http: httpx.Clien
     message = error_message(_run(http, key, "import tiny_slow"), 400, 9)
     assert time.monotonic() - started >= RUN_WAIT_SECONDS - 0.5
     assert message == "the package environment is still building: 0 of 1 ready; retry shortly"
+    # Its download still under way (8 s): listed as building, no version yet.
+    building = http.get("/api/v1/packages", headers=key).json()["packages"]
+    assert [(p["name"], p["status"], p.get("version", "")) for p in building] == [
+        ("tiny-slow", "building", "")
+    ]
     [package] = _settled(http, key)
     assert package["status"] == "ready"
     assert _run(http, key, "import tiny_slow\nprint(tiny_slow.SLOW)").json()["output"] == "True\n"
