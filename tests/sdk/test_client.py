@@ -362,6 +362,25 @@ def test_a_run_that_ran_but_was_not_recorded_is_not_run_again(scripted: Scripted
     assert error.value.message == message and len(scripted.requests) == 1
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        "the audit log is unavailable and the change could not be undone: it was carried out but is not "
+        "in the audit log; an operator has been alerted in the service's log",
+        "generation is not configured: set ANTHROPIC_API_KEY",
+    ],
+    ids=["carried-out-unrecorded", "not-configured"],
+)
+def test_a_503_that_sending_again_would_repeat_or_not_help_is_not_retried(
+    scripted: ScriptedServer, message: str
+) -> None:
+    scripted.reply(Reply(503, json.dumps({"code": 14, "message": message, "details": []}).encode()), _ok())
+    with pyth_on.Client(scripted.url, api_key="po_x") as client:
+        with pytest.raises(ApiError) as error:
+            client.secrets.list()
+    assert error.value.message == message and len(scripted.requests) == 1
+
+
 def test_errors_that_are_not_json_and_the_async_retry(scripted: ScriptedServer) -> None:
     scripted.reply(Reply(404, b"<html>nope</html>", {"content-type": "text/html"}))
     with pyth_on.Client(scripted.url, api_key="po_x") as client:

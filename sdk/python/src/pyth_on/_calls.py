@@ -51,8 +51,11 @@ class RetryPolicy:
     ApiError is raised at once, its `retry_after` saying how long the server asked for. Retries stop
     after the first event of a stream. `RetryPolicy(max_retries=0)` turns retrying off.
 
-    Both statuses mean the call was not carried out, with one exception: an execute answered 503
-    "the code ran, but the audit log could not confirm its record"; that one is never retried.
+    Both statuses mean the call was not carried out and may be sent again, except three 503s that
+    are never retried: an execute's "the code ran, but the audit log could not confirm its record"
+    and a change's "... it was carried out but is not in the audit log" (sending either again
+    would do it twice), and generate's "generation is not configured" (it stays so until the
+    operator sets a key).
     """
 
     max_retries: int = 3
@@ -65,7 +68,7 @@ class RetryPolicy:
         read), or None."""
         if response.status_code not in self.statuses or attempt >= self.max_retries:
             return None
-        if _ran_but_unrecorded(response):
+        if _final(response):
             return None
         wait = retry_after(response.headers)
         if wait is None:
@@ -73,9 +76,14 @@ class RetryPolicy:
         return wait if wait <= self.max_wait else None
 
 
-def _ran_but_unrecorded(response: httpx.Response) -> bool:
-    """The executor's 503 after a run whose audit record was not confirmed (the body has been read)."""
-    return "the code ran" in response.content.decode("utf-8", "replace")
+# What the server's 503s say when sending the call again would repeat what was done, or cannot help.
+_FINAL_503 = ("the code ran", "it was carried out but", "generation is not configured")
+
+
+def _final(response: httpx.Response) -> bool:
+    """A 503 not to send again (see RetryPolicy; the body has been read)."""
+    body = response.content.decode("utf-8", "replace")
+    return response.status_code == 503 and any(words in body for words in _FINAL_503)
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
