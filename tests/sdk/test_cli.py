@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,21 +34,25 @@ def pyth_on(
     new_session: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """The CLI in a clean environment: the mesh's URL, the key (if any), a home of the test's own."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTHONON_")}
-    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / "config"), PYTHONON_URL=mesh.url)
-    if key is not None:
-        env["PYTHONON_API_KEY"] = key
     return subprocess.run(
         [COMMAND, *args],
         input=stdin,
         capture_output=True,
         text=True,
-        env=env,
+        env=cli_env(mesh, home, key),
         cwd=home,
         pass_fds=pass_fds,
         start_new_session=new_session,  # True: no controlling terminal, as under CI or cron
         timeout=180,
     )
+
+
+def cli_env(mesh: Mesh, home: Path, key: str | None) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTHONON_")}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / "config"), PYTHONON_URL=mesh.url)
+    if key is not None:
+        env["PYTHONON_API_KEY"] = key
+    return env
 
 
 def password_fd(password: str) -> int:
@@ -100,6 +105,23 @@ def test_run_stream_prints_as_it_goes(sdk_mesh: Mesh, tmp_path: Path, key: str) 
     (tmp_path / "job.py").write_text("import sys\nprint('out')\nprint('err', file=sys.stderr)\nsys.exit(3)\n")
     ran = pyth_on(sdk_mesh, tmp_path, "run", "job.py", "--stream", key=key)
     assert (ran.returncode, ran.stdout, ran.stderr) == (3, "out\n", "err\n")
+    # As it goes: the first line is printed while the program still sleeps.
+    (tmp_path / "slow.py").write_text(
+        "import time\nprint('first', flush=True)\ntime.sleep(3)\nprint('second')\n"
+    )
+    with subprocess.Popen(
+        [COMMAND, "run", "slow.py", "--stream"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=cli_env(sdk_mesh, tmp_path, key),
+        cwd=tmp_path,
+    ) as running:
+        assert running.stdout is not None
+        assert running.stdout.readline() == "first\n"
+        first_at = time.monotonic()
+        assert running.stdout.readline() == "second\n"
+        assert time.monotonic() - first_at > 2.0  # the first line came ~3 s before the second
+        assert running.wait(timeout=30) == 0
 
 
 def test_secrets_set_from_stdin_list_and_delete(sdk_mesh: Mesh, tmp_path: Path, key: str) -> None:
