@@ -595,6 +595,35 @@ def test_orphans_of_this_executor_are_reaped_at_start_and_other_executors_pods_a
         assert {j["metadata"]["name"] for j in cluster.api.jobs()} == {"sandbox-other"}
 
 
+def test_two_replicas_share_one_cluster_each_with_its_own_pods(cluster: LocalCluster) -> None:
+    """Two executor replicas on one sandbox namespace: runs of both at once go to their own pods,
+    and one replica closing (a rollout) deletes its own Jobs only, while the other runs on."""
+
+    def owners() -> set[str]:
+        return {j["metadata"]["labels"][kubernetes.EXECUTOR_LABEL] for j in cluster.api.jobs()}
+
+    with backend(cluster, pool_size=1, executor_id="executor-test-1") as second:
+        with backend(cluster, pool_size=1) as first:
+            results: dict[str, str] = {}
+
+            def run(name: str, sandbox: Any) -> None:
+                results[name] = sandbox.python(f"print('{name}')").stdout
+
+            threads = [
+                threading.Thread(target=run, args=(f"{name}-{i}", sandbox))
+                for i in range(3)
+                for name, sandbox in (("first", first), ("second", second))
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            assert results == {f"{n}-{i}": f"{n}-{i}\n" for i in range(3) for n in ("first", "second")}
+            wait_for(lambda: owners() == {"executor-test-0", "executor-test-1"})  # each one's warm pod
+        wait_for(lambda: owners() == {"executor-test-1"})
+        assert second.python("print('still')").stdout == "still\n"
+
+
 def test_a_missing_permission_is_named(cluster: LocalCluster) -> None:
     cluster.api.forbid("get", "podtemplates")
     denied = create_backend("kubernetes", **cluster.options(**FAST))
