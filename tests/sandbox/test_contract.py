@@ -1056,6 +1056,7 @@ ZK_PROGRAMS = {
         "import os, sys\n"
         "print('clear', sys.stdin.read().strip(), os.environ['WHO'], __name__, sorted(os.listdir('/proc/self/fd')))\n"
         "print(open('/proc/self/environ','rb').read().count(b'zk contract'), open('/proc/self/cmdline','rb').read().count(b'zk contract'))\n"
+        "print(sum('zk contract' in value for value in os.environ.values()), 'zk contract' in repr(globals()))\n"
     ),
     "javascript": (
         "const fs = require('fs');\n"
@@ -1065,7 +1066,7 @@ ZK_PROGRAMS = {
     "bash": 'read -r line\necho "clear $line $WHO $0: $(head -1 "$0")"\nexit 3\n',
 }
 ZK_EXPECTED = {
-    "python": ("clear in zk __main__ ['0', '1', '2', '3']\n0 0\n", 0),
+    "python": ("clear in zk __main__ ['0', '1', '2', '3']\n0 0\n0 False\n", 0),
     "javascript": ("clear in zk true main.js\n", 0),
     "bash": ("clear in zk /workspace/main.sh: read -r line\n", 3),
 }
