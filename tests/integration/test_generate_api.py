@@ -65,11 +65,15 @@ def client(mesh: Mesh) -> Iterator[httpx.Client]:
         yield http
 
 
-@pytest.fixture()
-def user(client: httpx.Client) -> dict:
+def user_of(client: httpx.Client) -> dict:
     response = client.post("/api/register", json={"email": new_email("gen"), "password": PASSWORD})
     assert response.status_code == 201, response.text
     return response.json()
+
+
+@pytest.fixture()
+def user(client: httpx.Client) -> dict:
+    return user_of(client)
 
 
 def _generate(client: httpx.Client, user: dict, **body: object) -> httpx.Response:
@@ -253,11 +257,28 @@ def test_install_packages_adds_what_the_code_needs_and_the_prompt_names_the_user
     assert [package["name"] for package in listed] == ["six"]
     [generation] = _audit(client, user, "generator.generate")
     assert generation["details"]["installed"] == ["six==1.16.0"]
+    [added] = _audit(client, user, "packages.add")
+    assert (added["resource"], added["outcome"], added["details"]) == (
+        "package/six",
+        "success",
+        {"package": "six==1.16.0"},
+    )
 
     stub.reply(structured_answer(_answer("import six\n", ["six==1.16.0"])))
     again = _generate(client, user, prompt="use six again")
     assert again.status_code == 200 and again.json()["packages"] == []  # the user has it now
     assert "Installed third-party packages (importable): six==1.16.0." in stub.requests[-1].body["system"]
+
+    # Installed and run in one call: the run waits for the new package's build, then imports it.
+    newcomer = user_of(client)
+    stub.reply(structured_answer(_answer("import six\nprint(six.__version__)\n", ["six==1.16.0"])))
+    ran = _generate(client, newcomer, prompt="print six's version", installPackages=True, execute=True)
+    assert ran.status_code == 200, ran.text
+    assert (ran.json()["output"], ran.json()["exitCode"], ran.json()["packages"]) == (
+        "1.16.0\n",
+        0,
+        ["six==1.16.0"],
+    )
 
 
 def test_exactly_32_kib_is_accepted(client: httpx.Client, user: dict, stub: AnthropicStub) -> None:
