@@ -273,6 +273,22 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
+def wait_until_running(marker: str) -> None:
+    """Until a process whose command line holds `marker` (the sandboxed program) runs."""
+    deadline = time.monotonic() + 10
+    while not _processes_with(marker):
+        assert time.monotonic() < deadline, "the sandboxed program never showed"
+        time.sleep(0.05)
+
+
+def seconds_until_gone(marker: str, since: float) -> float:
+    """Until no process holds `marker` (at most 5 s after `since`, the hang-up); the seconds taken."""
+    while _processes_with(marker):
+        assert time.monotonic() - since < 5, "the sandbox outlived its caller"
+        time.sleep(0.05)
+    return time.monotonic() - since
+
+
 def test_a_client_that_hangs_up_ends_the_run(mesh: Mesh, client: httpx.Client, user: dict) -> None:
     # The program becomes a process whose command line the host can see, then sleeps.
     marker = f"stream-marker-{uuid.uuid4().hex}"
@@ -286,15 +302,9 @@ def test_a_client_that_hangs_up_ends_the_run(mesh: Mesh, client: httpx.Client, u
         ) as response:
             lines = response.iter_lines()  # kept: a dropped iterator closes the connection
             assert "stdout" in json.loads(next(lines))
-            deadline = time.monotonic() + 10
-            while not _processes_with(marker):
-                assert time.monotonic() < deadline, "the sandboxed program never showed"
-                time.sleep(0.1)
+            wait_until_running(marker)
         hung_up = time.monotonic()
-    while _processes_with(marker):
-        assert time.monotonic() - hung_up < 5, "the sandbox outlived its caller"
-        time.sleep(0.05)
-    print(f"\nthe sandboxed program was gone {time.monotonic() - hung_up:.2f} s after the hang-up")
+    print(f"\nthe sandboxed program was gone {seconds_until_gone(marker, hung_up):.2f} s after the hang-up")
     (entry,) = wait_for_records(client, user)
     assert (entry["outcome"], entry["details"]["reason"]) == ("cancelled", "caller_gone")
     assert marker not in json.dumps(entry)

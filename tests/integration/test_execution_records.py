@@ -21,7 +21,7 @@ import pytest
 from services.executor.execution import RECORD_DEADLINE_SECONDS
 from services.runner.mesh import Mesh, MeshConfig
 from tests.integration.conftest import GENEROUS_LIMITS, PASSWORD, new_email
-from tests.integration.test_execute_stream import _processes_with
+from tests.integration.test_execute_stream import seconds_until_gone, wait_until_running
 
 
 @pytest.fixture(scope="module")
@@ -64,23 +64,15 @@ def test_a_run_whose_client_hangs_up_is_stopped_and_recorded_as_cancelled(mesh: 
             + f"x-api-key: {user['apiKey']}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        deadline = time.monotonic() + 10
-        while not _processes_with(marker):
-            assert time.monotonic() < deadline, "the sandboxed program never showed"
-            time.sleep(0.05)
-    hung_up = time.monotonic()
-    while _processes_with(marker):
-        assert time.monotonic() - hung_up < 5, "the sandbox outlived its caller"
-        time.sleep(0.05)
+        wait_until_running(marker)
+    gone_after = seconds_until_gone(marker, time.monotonic())
     deadline = time.monotonic() + 10
     while not executions(mesh, user):
         assert time.monotonic() < deadline, "the abandoned run was never recorded"
         time.sleep(0.2)
     (entry,) = executions(mesh, user)
     assert (entry["outcome"], entry["details"]["reason"]) == ("cancelled", "caller_gone")
-    print(
-        f"\nthe sandboxed program was gone {time.monotonic() - hung_up:.2f} s after the hang-up, and recorded"
-    )
+    print(f"\nthe sandboxed program was gone {gone_after:.2f} s after the hang-up, and recorded")
 
 
 def _paused(pid: int, seconds: float) -> threading.Thread:
