@@ -1,6 +1,6 @@
 """A local stand-in for the Anthropic Messages API, on loopback: POST /v1/messages answers as the
-real API does (a message with a thinking block and the structured answer's JSON as text, and usage;
-errors with their real status codes,
+real API does (a message with a thinking block and the structured answer's JSON as text, or with
+tool_use content blocks, and usage; errors with their real status codes,
 `{"type": "error", "error": {...}, "request_id": ...}` bodies and headers: 429 with retry-after, 529
 overloaded, ...), checks the key and version headers, refuses forced tool use as current models do
 (400), and records every request exactly as the SDK sent it, so a test can read what the model was
@@ -64,6 +64,17 @@ def structured_answer(
         {"type": "text", "text": json.dumps(dict(answer))},
     ]
     return Reply(200, _message(content, "end_turn", input_tokens, output_tokens))
+
+
+def tool_answer(tool_input: Mapping[str, Any], *, tool_name: str = "submit_code") -> Reply:
+    """A message whose content is one tool_use block (what a model that calls a tool sends)."""
+    block = {
+        "type": "tool_use",
+        "id": f"toolu_{uuid.uuid4().hex[:24]}",
+        "name": tool_name,
+        "input": dict(tool_input),
+    }
+    return Reply(200, _message([block], "tool_use", 321, 123))
 
 
 def text_answer(text: str, *, stop_reason: str = "end_turn") -> Reply:

@@ -27,6 +27,7 @@ from tests.anthropic_stub import (
     running_stub,
     structured_answer,
     text_answer,
+    tool_answer,
 )
 from tests.integration.conftest import GENEROUS_LIMITS, PASSWORD, error_message, new_email
 
@@ -343,6 +344,7 @@ def test_a_model_that_does_not_answer_in_time_is_504(
         (structured_answer({"code": "print(1)", "packages": []}), "explanation is not a string"),
         (text_answer("Here is your code: print(1)"), "its text is not JSON"),
         (text_answer("[1, 2]"), "it is not a JSON object"),
+        (tool_answer(_answer("print(1)")), "it holds no text"),
         (text_answer("print(", stop_reason="max_tokens"), "it ran out of tokens"),
     ],
     ids=[
@@ -353,6 +355,7 @@ def test_a_model_that_does_not_answer_in_time_is_504(
         "no-explanation",
         "text-not-json",
         "not-an-object",
+        "a-tool-call",
         "max-tokens",
     ],  # fmt: skip
 )
