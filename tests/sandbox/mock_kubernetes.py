@@ -99,6 +99,13 @@ class MockKubernetes:
     def made(self, method: str, resource: str) -> list[Request]:
         return [r for r in self.requests if r.method == method and _resource(r.path) == resource]
 
+    def compact(self) -> None:
+        """Forget the history of pod events, as an API server's compaction does: a watch from an
+        older resourceVersion is then answered 410 Gone."""
+        with self._changed:
+            self._version += 100
+            self.events[:] = [(self._version, "ADDED", {"metadata": {"namespace": "compacted"}})]
+
     def close(self) -> None:
         with self._changed:
             self._stopping = True
