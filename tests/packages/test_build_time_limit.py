@@ -23,16 +23,15 @@ def test_a_build_past_its_time_limit_fails_saying_so_and_leaves_nothing(tmp_path
     index = standard_index(tmp_path / "index")
     index.slow["tiny_slow-"] = SLOW_SECONDS  # its wheel's download takes this long
     store = EnvironmentStore(tmp_path / "store")
-    installer = Installer(uv=str(Path(sys.executable).parent / "uv"), index_url=None, cache_dir=store.cache)
     target = Target.probe(_base_interpreter())
 
     async def build() -> str:
         deadline = asyncio.get_running_loop().time() + LIMIT_SECONDS
         with index.serve():
-            local = Installer(installer.uv, index.url, installer.cache_dir)
-            lock = await local.resolve(["tiny-slow"], target, deadline)
+            installer = Installer(str(Path(sys.executable).parent / "uv"), index.url, store.cache)
+            lock = await installer.resolve(["tiny-slow"], target, deadline)
             return await store.build(
-                local, lock, target, BuildLimits(1 << 30, LIMIT_SECONDS), deadline, lambda _n: None
+                installer, lock, target, BuildLimits(1 << 30, LIMIT_SECONDS), deadline, lambda _n: None
             )
 
     started = time.monotonic()

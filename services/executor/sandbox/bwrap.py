@@ -278,7 +278,7 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
                 )
         except OSError as error:
             raise SandboxError(f"cannot apply limits to a sandbox: {error}") from error
-        token = os.urandom(8).hex()
+        token, end_marker = runtimes.end_token()
         try:
             outcome = await sandbox.process.execute(
                 payload=runtimes.frame(
@@ -289,7 +289,7 @@ class BwrapBackend(HostBackend[BwrapOptions, _Sandbox]):
                 timeout=limits.timeout_seconds,
                 output_cap=limits.output_bytes,
                 kill=lambda: self._kill(sandbox),
-                end_marker=runtimes.END_MARKER + token.encode() + b" ",
+                end_marker=end_marker,
                 on_output=on_output,
             )
         except PayloadRefused:

@@ -196,7 +196,7 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
     ) -> RunResult:
         runtime = self._runtime(spec.language)
         limits = spec.limits
-        token = os.urandom(8).hex()
+        token, end_marker = runtimes.end_token()
         cpu = math.ceil(limits.timeout_seconds) + 1
         payload = runtime.payload(spec, cpu_seconds=cpu, inline_private=True, end_token=token)
         if sandbox.memory is not None:
@@ -214,7 +214,7 @@ class GvisorBackend(HostBackend[GvisorOptions, _Container]):
                 timeout=limits.timeout_seconds,
                 output_cap=limits.output_bytes,
                 kill=lambda: self._kill_now(sandbox),
-                end_marker=runtimes.END_MARKER + token.encode() + b" ",
+                end_marker=end_marker,
                 on_output=on_output,
             )
         except PayloadRefused:

@@ -92,6 +92,13 @@ class Runtime:
         return self.encoder(self, spec, self.environment(spec), cpu_seconds, inline_private, end_token)
 
 
+def end_token() -> tuple[str, bytes]:
+    """A run's end token, and the marker its bootstrap's last stderr line starts with (the exit
+    status follows): a program cannot forge a marker it does not know the token of."""
+    token = os.urandom(8).hex()
+    return token, END_MARKER + token.encode() + b" "
+
+
 def frame(body: bytes) -> bytes:
     """One payload as the bootstraps read it: its length in decimal, a newline, the bytes."""
     return b"%d\n" % len(body) + body
