@@ -245,6 +245,13 @@ class _Builder:
             if spec["proto"] not in leave_out
         }
         schema: dict[str, Any] = {"type": "object", "properties": properties}
+        required = [
+            str(spec["json"])
+            for spec in self.messages[message].fields
+            if spec.get("required") and spec["proto"] not in leave_out
+        ]
+        if required:
+            schema["required"] = required
         description = self.comments.get(message)
         if description:
             schema["description"] = description

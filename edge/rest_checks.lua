@@ -470,6 +470,22 @@ local function check_field(spec, v, where, depth)
   end
 end
 
+-- A field the proto marks (google.api.field_behavior) = REQUIRED must be given, and not as null:
+-- absent, the transcoder would fill in its default (for PUT /api/v1/packages, an empty list,
+-- which would empty the caller's list). `seen` maps the fields given to their keys in `v` (nil:
+-- no body at all); a field the path binds is given there.
+local function check_required(message, seen, v, prefix, taken)
+  for _, spec in ipairs(message.fields) do
+    if spec.required and not (taken and taken[spec.proto]) then
+      local key = seen and seen[spec.proto]
+      if key == nil or v.values[key] == NULL then
+        local hint = spec.repeated and " (send [] for none)" or ""
+        fail(format("%s%s: required, but missing%s", prefix, spec.json, hint))
+      end
+    end
+  end
+end
+
 -- `prefix` is "" at the top of the body, "secret." inside a field; `taken` the fields bound by
 -- the path (they cannot be given in the body too).
 check_message = function(name, v, prefix, depth, taken)
@@ -509,6 +525,7 @@ check_message = function(name, v, prefix, depth, taken)
     end
     check_field(spec, value, prefix .. spec.json, depth + 1)
   end
+  check_required(message, seen, v, prefix, taken)
 end
 
 -- The query string and the path ------------------------------------------------------------
@@ -608,7 +625,10 @@ local function check_request(route, body, captures, query)
   end
   check_query(route, query, taken)
   local text = body or ""
-  if text == "" then return end -- no body: every field at its default
+  if text == "" then -- no body: every field at its default, unless one is required
+    if route.body == "*" then check_required(MESSAGES[route.input], nil, nil, "", taken) end
+    return
+  end
   if route.body == "" then
     -- The transcoder would read it all the same, as the request message.
     fail("this call takes no request body (its fields come from the path and the query)")

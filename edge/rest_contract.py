@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.api import annotations_pb2, http_pb2
+from google.api import annotations_pb2, field_behavior_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
 _FieldProto = descriptor_pb2.FieldDescriptorProto
@@ -230,6 +230,8 @@ def schemas(
                 spec.update(value_spec(proto))
                 if proto.label == _FieldProto.LABEL_REPEATED:
                     spec["repeated"] = True
+            if field_behavior_pb2.REQUIRED in proto.options.Extensions[field_behavior_pb2.field_behavior]:
+                spec["required"] = True
             if proto.HasField("oneof_index") and not proto.proto3_optional:
                 spec["oneof"] = message.oneof_decl[proto.oneof_index].name
             schema.fields.append(spec)

@@ -116,6 +116,18 @@ def test_body_mistakes_name_the_field(client, doubles, path, body, message):
     nothing_reached_a_service(doubles)
 
 
+def test_a_required_field_must_be_given(client, doubles):
+    # Fields marked (google.api.field_behavior) = REQUIRED: absent, null or with no body at all,
+    # the transcoder would fill in the default (PUT /api/v1/packages: an empty list).
+    for body in ("{}", '{"packages": null}', ""):
+        response = client.put(
+            "/api/v1/packages", content=body, headers={**KEY, "content-type": "application/json"}
+        )
+        assert refused(response) == "packages: required, but missing (send [] for none)", body
+    assert refused(client.post("/api/v1/packages", json={}, headers=KEY)) == "package: required, but missing"
+    nothing_reached_a_service(doubles)
+
+
 def test_a_nested_body_is_checked_too(client, doubles):
     # PUT /api/v1/secrets/{name} takes the SecretInput as its body; "name" comes from the path.
     answers = {

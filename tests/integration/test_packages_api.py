@@ -193,6 +193,26 @@ def test_too_many_and_duplicates_are_refused(http: httpx.Client) -> None:
     assert http.get("/api/v1/packages", headers=key).json() == {"packages": []}
 
 
+def test_a_missing_list_is_refused_and_changes_nothing(http: httpx.Client) -> None:
+    # PUT replaces the whole list: a body without it (a client's typo, an empty object, null, no
+    # body) would otherwise be an empty list and empty the user's list.
+    key = _user(http)
+    assert http.put("/api/v1/packages", json={"packages": ["tiny-other"]}, headers=key).status_code == 200
+    before = _settled(http, key)
+    for body in (b"{}", b'{"packages": null}', b""):
+        response = http.put(
+            "/api/v1/packages", content=body, headers={**key, "content-type": "application/json"}
+        )
+        assert error_message(response, 400, 3) == "packages: required, but missing (send [] for none)", body
+    response = http.post("/api/v1/packages", json={}, headers=key)
+    assert error_message(response, 400, 3) == "package: required, but missing"
+    assert _settled(http, key) == before
+    actions = [e["action"] for e in http.get("/api/v1/audit", headers=key).json()["entries"]]
+    assert actions.count("packages.set") == 1 and "packages.add" not in actions
+    # The explicit empty list still empties it.
+    assert http.put("/api/v1/packages", json={"packages": []}, headers=key).json() == {"packages": []}
+
+
 def test_isolation_between_users_and_a_read_only_environment(http: httpx.Client) -> None:
     alice, bob = _user(http), _user(http)
     http.put("/api/v1/packages", json={"packages": ["tiny-greet"]}, headers=alice)

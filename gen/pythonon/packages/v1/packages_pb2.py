@@ -23,15 +23,20 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pythonon/packages/v1/packages.proto\x12\x14pythonon.packages.v1\x1a\x1cgoogle/api/annotations.proto\"Z\n\x0bPackageInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\x15\n\x13ListPackagesRequest\"B\n\x0bPackageList\x12\x33\n\x08packages\x18\x01 \x03(\x0b\x32!.pythonon.packages.v1.PackageInfo\"&\n\x12SetPackagesRequest\x12\x10\n\x08packages\x18\x01 \x03(\t\"$\n\x11\x41\x64\x64PackageRequest\x12\x0f\n\x07package\x18\x01 \x01(\t\"$\n\x14RemovePackageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"-\n\x15GetEnvironmentRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"y\n\x12PackageEnvironment\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x17\n\x0f\x65nvironment_key\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x05\x12\r\n\x05total\x18\x05 \x01(\x05\x12\x0e\n\x06reason\x18\x06 \x01(\t2\xfa\x03\n\x0fPackagesService\x12v\n\x0cListPackages\x12).pythonon.packages.v1.ListPackagesRequest\x1a!.pythonon.packages.v1.PackageList\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/api/v1/packages\x12w\n\x0bSetPackages\x12(.pythonon.packages.v1.SetPackagesRequest\x1a!.pythonon.packages.v1.PackageList\"\x1b\x82\xd3\xe4\x93\x02\x15\x1a\x10/api/v1/packages:\x01*\x12u\n\nAddPackage\x12\'.pythonon.packages.v1.AddPackageRequest\x1a!.pythonon.packages.v1.PackageList\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/api/v1/packages:\x01*\x12\x7f\n\rRemovePackage\x12*.pythonon.packages.v1.RemovePackageRequest\x1a!.pythonon.packages.v1.PackageList\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/api/v1/packages/{name}2\x82\x01\n\x17PackagesResolverService\x12g\n\x0eGetEnvironment\x12+.pythonon.packages.v1.GetEnvironmentRequest\x1a(.pythonon.packages.v1.PackageEnvironmentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pythonon/packages/v1/packages.proto\x12\x14pythonon.packages.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\"Z\n\x0bPackageInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\x15\n\x13ListPackagesRequest\"B\n\x0bPackageList\x12\x33\n\x08packages\x18\x01 \x03(\x0b\x32!.pythonon.packages.v1.PackageInfo\",\n\x12SetPackagesRequest\x12\x16\n\x08packages\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02\"*\n\x11\x41\x64\x64PackageRequest\x12\x15\n\x07package\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"$\n\x14RemovePackageRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"-\n\x15GetEnvironmentRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"y\n\x12PackageEnvironment\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x17\n\x0f\x65nvironment_key\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x05\x12\r\n\x05total\x18\x05 \x01(\x05\x12\x0e\n\x06reason\x18\x06 \x01(\t2\xfa\x03\n\x0fPackagesService\x12v\n\x0cListPackages\x12).pythonon.packages.v1.ListPackagesRequest\x1a!.pythonon.packages.v1.PackageList\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/api/v1/packages\x12w\n\x0bSetPackages\x12(.pythonon.packages.v1.SetPackagesRequest\x1a!.pythonon.packages.v1.PackageList\"\x1b\x82\xd3\xe4\x93\x02\x15\x1a\x10/api/v1/packages:\x01*\x12u\n\nAddPackage\x12\'.pythonon.packages.v1.AddPackageRequest\x1a!.pythonon.packages.v1.PackageList\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/api/v1/packages:\x01*\x12\x7f\n\rRemovePackage\x12*.pythonon.packages.v1.RemovePackageRequest\x1a!.pythonon.packages.v1.PackageList\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/api/v1/packages/{name}2\x82\x01\n\x17PackagesResolverService\x12g\n\x0eGetEnvironment\x12+.pythonon.packages.v1.GetEnvironmentRequest\x1a(.pythonon.packages.v1.PackageEnvironmentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pythonon.packages.v1.packages_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SETPACKAGESREQUEST'].fields_by_name['packages']._loaded_options = None
+  _globals['_SETPACKAGESREQUEST'].fields_by_name['packages']._serialized_options = b'\342A\001\002'
+  _globals['_ADDPACKAGEREQUEST'].fields_by_name['package']._loaded_options = None
+  _globals['_ADDPACKAGEREQUEST'].fields_by_name['package']._serialized_options = b'\342A\001\002'
   _globals['_PACKAGESSERVICE'].methods_by_name['ListPackages']._loaded_options = None
   _globals['_PACKAGESSERVICE'].methods_by_name['ListPackages']._serialized_options = b'\202\323\344\223\002\022\022\020/api/v1/packages'
   _globals['_PACKAGESSERVICE'].methods_by_name['SetPackages']._loaded_options = None
@@ -40,24 +45,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PACKAGESSERVICE'].methods_by_name['AddPackage']._serialized_options = b'\202\323\344\223\002\025\"\020/api/v1/packages:\001*'
   _globals['_PACKAGESSERVICE'].methods_by_name['RemovePackage']._loaded_options = None
   _globals['_PACKAGESSERVICE'].methods_by_name['RemovePackage']._serialized_options = b'\202\323\344\223\002\031*\027/api/v1/packages/{name}'
-  _globals['_PACKAGEINFO']._serialized_start=91
-  _globals['_PACKAGEINFO']._serialized_end=181
-  _globals['_LISTPACKAGESREQUEST']._serialized_start=183
-  _globals['_LISTPACKAGESREQUEST']._serialized_end=204
-  _globals['_PACKAGELIST']._serialized_start=206
-  _globals['_PACKAGELIST']._serialized_end=272
-  _globals['_SETPACKAGESREQUEST']._serialized_start=274
-  _globals['_SETPACKAGESREQUEST']._serialized_end=312
-  _globals['_ADDPACKAGEREQUEST']._serialized_start=314
-  _globals['_ADDPACKAGEREQUEST']._serialized_end=350
-  _globals['_REMOVEPACKAGEREQUEST']._serialized_start=352
-  _globals['_REMOVEPACKAGEREQUEST']._serialized_end=388
-  _globals['_GETENVIRONMENTREQUEST']._serialized_start=390
-  _globals['_GETENVIRONMENTREQUEST']._serialized_end=435
-  _globals['_PACKAGEENVIRONMENT']._serialized_start=437
-  _globals['_PACKAGEENVIRONMENT']._serialized_end=558
-  _globals['_PACKAGESSERVICE']._serialized_start=561
-  _globals['_PACKAGESSERVICE']._serialized_end=1067
-  _globals['_PACKAGESRESOLVERSERVICE']._serialized_start=1070
-  _globals['_PACKAGESRESOLVERSERVICE']._serialized_end=1200
+  _globals['_PACKAGEINFO']._serialized_start=124
+  _globals['_PACKAGEINFO']._serialized_end=214
+  _globals['_LISTPACKAGESREQUEST']._serialized_start=216
+  _globals['_LISTPACKAGESREQUEST']._serialized_end=237
+  _globals['_PACKAGELIST']._serialized_start=239
+  _globals['_PACKAGELIST']._serialized_end=305
+  _globals['_SETPACKAGESREQUEST']._serialized_start=307
+  _globals['_SETPACKAGESREQUEST']._serialized_end=351
+  _globals['_ADDPACKAGEREQUEST']._serialized_start=353
+  _globals['_ADDPACKAGEREQUEST']._serialized_end=395
+  _globals['_REMOVEPACKAGEREQUEST']._serialized_start=397
+  _globals['_REMOVEPACKAGEREQUEST']._serialized_end=433
+  _globals['_GETENVIRONMENTREQUEST']._serialized_start=435
+  _globals['_GETENVIRONMENTREQUEST']._serialized_end=480
+  _globals['_PACKAGEENVIRONMENT']._serialized_start=482
+  _globals['_PACKAGEENVIRONMENT']._serialized_end=603
+  _globals['_PACKAGESSERVICE']._serialized_start=606
+  _globals['_PACKAGESSERVICE']._serialized_end=1112
+  _globals['_PACKAGESRESOLVERSERVICE']._serialized_start=1115
+  _globals['_PACKAGESRESOLVERSERVICE']._serialized_end=1245
 # @@protoc_insertion_point(module_scope)

@@ -102,7 +102,9 @@ class SetPackagesRequest(_message.Message):
 
     PACKAGES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def packages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def packages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Required, since the list replaces the caller's whole list: [] empties it."""
+
     def __init__(
         self,
         *,
