@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,3 +71,32 @@ def error_message(response: httpx.Response, status: int, code: int) -> str:
 
 def data_dir_of(mesh: Mesh) -> Path:
     return Path(mesh.config.data_dir)
+
+
+def processes_with(marker: str) -> list[int]:
+    """Processes of this host whose command line holds `marker` (e.g. a sandboxed program's)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if marker.encode() in Path(f"/proc/{name}/cmdline").read_bytes():
+                    found.append(int(name))
+            except OSError:
+                continue
+    return found
+
+
+def wait_until_running(marker: str) -> None:
+    """Until a process whose command line holds `marker` (the sandboxed program) runs."""
+    deadline = time.monotonic() + 10
+    while not processes_with(marker):
+        assert time.monotonic() < deadline, "the sandboxed program never showed"
+        time.sleep(0.05)
+
+
+def seconds_until_gone(marker: str, since: float) -> float:
+    """Until no process holds `marker` (at most 5 s after `since`, the hang-up); the seconds taken."""
+    while processes_with(marker):
+        assert time.monotonic() - since < 5, "the sandbox outlived its caller"
+        time.sleep(0.05)
+    return time.monotonic() - since

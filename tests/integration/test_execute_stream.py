@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import httpx
@@ -26,7 +25,14 @@ from pythonon.executor.v1 import executor_pb2, executor_pb2_grpc
 
 from services.executor.execution import RECORD_DEADLINE_SECONDS
 from services.runner.mesh import Mesh, MeshConfig
-from tests.integration.conftest import GENEROUS_LIMITS, PASSWORD, error_message, new_email
+from tests.integration.conftest import (
+    GENEROUS_LIMITS,
+    PASSWORD,
+    error_message,
+    new_email,
+    seconds_until_gone,
+    wait_until_running,
+)
 from tests.integration.test_execute_api import EXECUTION_ID, RESPONSE_FIELDS
 
 OUTPUT_BYTES = 4096
@@ -259,34 +265,6 @@ def test_a_second_run_of_a_busy_user_is_429_with_retry_after(mesh: Mesh, user: d
 
 
 # -- the caller goes away --------------------------------------------------------------------------
-
-
-def _processes_with(marker: str) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if marker.encode() in Path(f"/proc/{name}/cmdline").read_bytes():
-                    found.append(int(name))
-            except OSError:
-                continue
-    return found
-
-
-def wait_until_running(marker: str) -> None:
-    """Until a process whose command line holds `marker` (the sandboxed program) runs."""
-    deadline = time.monotonic() + 10
-    while not _processes_with(marker):
-        assert time.monotonic() < deadline, "the sandboxed program never showed"
-        time.sleep(0.05)
-
-
-def seconds_until_gone(marker: str, since: float) -> float:
-    """Until no process holds `marker` (at most 5 s after `since`, the hang-up); the seconds taken."""
-    while _processes_with(marker):
-        assert time.monotonic() - since < 5, "the sandbox outlived its caller"
-        time.sleep(0.05)
-    return time.monotonic() - since
 
 
 def test_a_client_that_hangs_up_ends_the_run(mesh: Mesh, client: httpx.Client, user: dict) -> None:

@@ -20,8 +20,13 @@ import pytest
 
 from services.executor.execution import RECORD_DEADLINE_SECONDS
 from services.runner.mesh import Mesh, MeshConfig
-from tests.integration.conftest import GENEROUS_LIMITS, PASSWORD, new_email
-from tests.integration.test_execute_stream import seconds_until_gone, wait_until_running
+from tests.integration.conftest import (
+    GENEROUS_LIMITS,
+    PASSWORD,
+    new_email,
+    seconds_until_gone,
+    wait_until_running,
+)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,6 @@ def test_a_build_past_its_time_limit_fails_saying_so_and_leaves_nothing(tmp_path
         asyncio.run(build())
     took = time.monotonic() - started
     assert str(failed.value) == "the build took longer than its time limit"
-    assert LIMIT_SECONDS - 0.5 < took < LIMIT_SECONDS + 5, (
-        took
-    )  # stopped at the limit, not the download's end
+    # Stopped at the limit, not at the end of the download.
+    assert LIMIT_SECONDS - 0.5 < took < LIMIT_SECONDS + 5, took
     assert store.keys() == [] and list(store.building.iterdir()) == []

@@ -23,13 +23,13 @@ import httpx
 import pytest
 from pythonon.secrets.v1 import secrets_pb2, secrets_pb2_grpc
 
+from services.generator.answers import NOT_CONFIGURED_MESSAGE
 from services.platform.identity import Identity, IdentitySigner
 from services.platform.service_graph import IDENTITY_HEADER
 from services.runner.mesh import Mesh, MeshConfig
 from tests.mesh_identity import mesh_channel
 
 RECOVERY_TARGET_SECONDS = 5.0
-NOT_CONFIGURED = "generation is not configured: set ANTHROPIC_API_KEY"
 PASSWORD = "correct horse battery staple"
 CLIENTS = 3
 NAMES_PER_CLIENT = 10
@@ -120,7 +120,10 @@ def _first_failing_route(client: httpx.Client, probe: int) -> str | None:
                 return f"{route}: {response.status_code} {response.text[:200]}"
             if route.startswith("POST /api/v1/execute") and response.json().get("output") != "probe\n":
                 return f"{route}: {response.text[:200]}"
-            if route.startswith("POST /api/v1/generate") and response.json().get("message") != NOT_CONFIGURED:
+            if (
+                route.startswith("POST /api/v1/generate")
+                and response.json().get("message") != NOT_CONFIGURED_MESSAGE
+            ):
                 return f"{route}: {response.text[:200]}"
     except httpx.HTTPError as error:
         return f"{type(error).__name__}: {error}"
