@@ -145,10 +145,12 @@ class UserPackages:
                 if restored is not None and restored.status == PENDING:
                     self._builds.start(restored)  # a failed build the undo made pending again
                 raise
+            # The answer is the list as changed, read before its build starts: a new set is
+            # `pending` in it, never `pending` or `building` as a race between two tasks decides.
+            state = await self._db.run(lambda session: storage.user_state(session, uid))
             if build is not None and build.status == PENDING:
                 self._builds.start(build)
             self._builds.collect_soon()
-            state = await self._db.run(lambda session: storage.user_state(session, uid))
         return _views(state)
 
     async def _apply(self, uid: str, packages: list[PackageSpec]) -> storage.BuildState | None:
