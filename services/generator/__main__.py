@@ -40,7 +40,7 @@ async def build(server: ServerSettings, settings: GeneratorSettings) -> ServiceP
     executor = ExecutorClient(settings.executor_address)
     secrets = SecretNames(settings.secrets_address)
     audit = AuditClient(settings.audit_address)
-    packages = UserPackages(settings.packages_address) if settings.packages_address else None
+    packages = UserPackages(settings.packages_address)
     generations = Generations(writer, executor, secrets, audit, packages)
 
     async def close() -> None:

@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import grpc
 from pythonon.executor.v1 import executor_pb2
 
 from services.generator.answers import NOT_CONFIGURED_MESSAGE, ModelAnswer
@@ -33,18 +32,8 @@ log = logging.getLogger("pythonon.generator")
 
 MAX_PROMPT_BYTES = 32 * 1024
 ACTION = "generator.generate"
-PACKAGES_NOT_AVAILABLE = (
-    "package installation is not available in this version (the packages API is not built); "
-    "generate without installPackages, and the packages the code needs are listed in `packages`"
-)
 # The languages whose runs import the user's Python packages (bash runs python3 too).
 LANGUAGES_WITH_PACKAGES = frozenset({"python", "bash"})
-
-
-class NotAvailable(DomainError):
-    """A feature this version does not have (HTTP 501)."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
 
 
 @dataclass(frozen=True)
@@ -65,8 +54,7 @@ class Generated:
 
 
 class Generations:
-    """`writer` None: not configured (no API key). `packages` None: the packages service is not
-    built (no user has packages; installPackages answers 501)."""
+    """`writer` None: not configured (no API key)."""
 
     def __init__(
         self,
@@ -74,7 +62,7 @@ class Generations:
         executor: ExecutorClient,
         secrets: SecretNames,
         audit: AuditClient,
-        packages: UserPackages | None = None,
+        packages: UserPackages,
     ) -> None:
         self._writer = writer
         self._executor = executor
@@ -94,11 +82,8 @@ class Generations:
         capabilities = await self._executor.capabilities()
         language = _language(request.language or "python", capabilities)
         timeout = _timeout(request.timeout_seconds, capabilities.limits)
-        if request.install_packages and self._packages is None:
-            # Refused before the model is paid for: there is no packages service to add them to.
-            raise NotAvailable(PACKAGES_NOT_AVAILABLE)
         secret_names = await self._secrets.list()
-        user_packages = await self._packages.specs() if self._packages is not None else []
+        user_packages = await self._packages.specs()
         limits = capabilities.limits
         facts = RunFacts(
             language=language,
@@ -135,7 +120,7 @@ class Generations:
         )
         have = {package_name(spec) for spec in user_packages}
         missing = [spec for spec in answer.packages if package_name(spec) not in have]
-        if request.install_packages and missing and self._packages is not None:
+        if request.install_packages and missing:
             for spec in missing:
                 await self._packages.add(spec)
             details["installed"] = missing

@@ -11,7 +11,6 @@ from __future__ import annotations
 import urllib.parse
 from dataclasses import dataclass
 
-from services.platform import service_graph
 from services.platform.settings import (
     Environment,
     ServerSettings,
@@ -61,8 +60,7 @@ class GeneratorSettings:
     executor_address: str
     secrets_address: str
     audit_address: str
-    # None while the packages service is not built: installPackages then answers 501.
-    packages_address: str | None
+    packages_address: str
 
     def __repr__(self) -> str:
         # The key never reaches a log line, not even through a repr of the settings.
@@ -89,9 +87,7 @@ class GeneratorSettings:
             executor_address=service_address(env, "executor"),
             secrets_address=service_address(env, "secrets"),
             audit_address=service_address(env, "audit"),
-            packages_address=service_address(env, "packages")
-            if service_graph.service("packages").built
-            else None,
+            packages_address=service_address(env, "packages"),
         )
 
 

@@ -18,7 +18,6 @@ import pytest
 from services.generator.instructions import RunFacts, system_prompt
 from services.generator.model import OUTPUT_CONFIG
 from services.generator.settings import DEFAULT_MODEL
-from services.platform import service_graph
 from services.runner.mesh import Mesh, MeshConfig
 from tests.anthropic_stub import (
     AnthropicStub,
@@ -230,22 +229,6 @@ def test_bad_requests_are_refused_before_the_model_is_asked(
     assert len(stub.requests) == before
 
 
-PACKAGES_BUILT = service_graph.service("packages").built
-
-
-@pytest.mark.skipif(PACKAGES_BUILT, reason="the packages service is built: installPackages adds them")
-def test_install_packages_is_501_without_a_packages_service(
-    client: httpx.Client, user: dict, stub: AnthropicStub
-) -> None:
-    before = len(stub.requests)
-    assert error_message(_generate(client, user, prompt="hello", installPackages=True), 501, 12) == (
-        "package installation is not available in this version (the packages API is not built); "
-        "generate without installPackages, and the packages the code needs are listed in `packages`"
-    )
-    assert len(stub.requests) == before
-
-
-@pytest.mark.skipif(not PACKAGES_BUILT, reason="the packages service is not built in this version")
 def test_install_packages_adds_what_the_code_needs_and_the_prompt_names_the_users_packages(
     client: httpx.Client, user: dict, stub: AnthropicStub
 ) -> None:
