@@ -186,6 +186,11 @@ class Accounts:
         return self._credentials(user, api_key, refresh_token, session_id)
 
     async def login(self, email: str, password: str) -> Credentials:
+        # A field left out is the request's mistake, not a refused credential: a 400 naming it.
+        if not email.strip():
+            raise InvalidArgument("email is required to log in")
+        if not password:
+            raise InvalidArgument("password is required to log in")
         try:
             email = normalize_email(email)
         except InvalidArgument:

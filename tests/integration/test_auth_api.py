@@ -78,6 +78,20 @@ def test_login_returns_the_same_api_key_and_new_tokens(client: httpx.Client, use
     assert body["refreshToken"] != user["refreshToken"]
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "email is required to log in"),
+        ({"email": "  ", "password": PASSWORD}, "email is required to log in"),
+        ({"email": "someone@example.com"}, "password is required to log in"),
+        ({"email": "someone@example.com", "password": ""}, "password is required to log in"),
+    ],
+    ids=["nothing", "blank email", "no password", "empty password"],
+)
+def test_login_without_a_field_is_400_naming_it(client: httpx.Client, body: dict, message: str) -> None:
+    assert error_message(client.post("/api/login", json=body), 400, 3) == message
+
+
 def test_login_refusals_are_identical_for_wrong_password_and_unknown_email(
     client: httpx.Client, user: dict
 ) -> None:
