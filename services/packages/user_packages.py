@@ -147,10 +147,13 @@ class UserPackages:
                 raise
             # The answer is the list as changed, read before its build starts: a new set is
             # `pending` in it, never `pending` or `building` as a race between two tasks decides.
-            state = await self._db.run(lambda session: storage.user_state(session, uid))
-            if build is not None and build.status == PENDING:
-                self._builds.start(build)
-            self._builds.collect_soon()
+            # The build starts even if that read fails: the change is made and recorded.
+            try:
+                state = await self._db.run(lambda session: storage.user_state(session, uid))
+            finally:
+                if build is not None and build.status == PENDING:
+                    self._builds.start(build)
+                self._builds.collect_soon()
         return _views(state)
 
     async def _apply(self, uid: str, packages: list[PackageSpec]) -> storage.BuildState | None:
